@@ -1,0 +1,71 @@
+"""The ``lmlab`` command line: one subcommand per job, each a thin wrapper over the library.
+
+    lmlab prepare   --corpus PATH ... --out DIR      corpus -> tokenizer -> token shards
+    lmlab corrupt   --objective span                 show a pre-training objective on a sentence
+    lmlab pretrain  --data DIR --objective span ...  train T5 / BERT / GPT
+    lmlab quantize  MODEL_DIR --method nf4 ...       LLM.int8() / NF4 / FP4 a saved model
+    lmlab quickstart                                 the README's main job, end to end
+
+Each subcommand lives in the package of its concern as a module with two functions,
+``configure(parser)`` (adds its arguments; imports nothing heavy) and ``run(args) -> int``.
+A user's mistake raises :class:`lmlab.errors.LmlabError` and is printed here as one line with
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from lmlab import __version__
+from lmlab.errors import LmlabError
+
+# name -> (module with configure/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("lmlab.data.cli", "turn a text corpus into a tokenizer and token shards"),
+    "corrupt": ("lmlab.objectives.cli", "show what a pre-training objective does to a sentence"),
+    "pretrain": ("lmlab.train.cli", "pre-train a T5, BERT or GPT model with any objective"),
+    "quantize": ("lmlab.quant.cli", "quantize a saved model with LLM.int8(), NF4 or FP4"),
+    "quickstart": ("lmlab.quickstart", "the main job on the embedded default corpus, end to end"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmlab",
+        description="Pre-train, evaluate and quantize language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).configure(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except LmlabError as e:
+        print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `lmlab ... | head` closed the pipe: not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Corpus → tokenizer → token shards (``lmlab prepare``) and the readers training uses.
+
+See :mod:`lmlab.data.shards` for the on-disk format and :mod:`lmlab.data.tokenizer` for the
+vocabulary layout (T5's: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``<mask>``=3, sentinels on top).
+"""
+
+from lmlab.data.shards import load_meta, load_tokens, token_dtype
+from lmlab.data.tokenizer import (
+    EOS,
+    MASK,
+    NUM_SENTINELS,
+    PAD,
+    SENTINELS,
+    UNK,
+    load_tokenizer,
+    read_tokenizer,
+    special_ids,
+    train_tokenizer,
+)
+
+__all__ = [
+    "EOS",
+    "MASK",
+    "NUM_SENTINELS",
+    "PAD",
+    "SENTINELS",
+    "UNK",
+    "load_meta",
+    "load_tokenizer",
+    "load_tokens",
+    "read_tokenizer",
+    "special_ids",
+    "token_dtype",
+    "train_tokenizer",
+]
