@@ -4,6 +4,7 @@ See :mod:`lmlab.data.shards` for the on-disk format and :mod:`lmlab.data.tokeniz
 vocabulary layout (T5's: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``<mask>``=3, sentinels on top).
 """
 
+from lmlab.data.pipeline import PrepareResult, default_data_dir, ensure_default_data, prepare
 from lmlab.data.shards import load_meta, load_tokens, token_dtype
 from lmlab.data.tokenizer import (
     EOS,
@@ -19,6 +20,10 @@ from lmlab.data.tokenizer import (
 )
 
 __all__ = [
+    "PrepareResult",
+    "default_data_dir",
+    "ensure_default_data",
+    "prepare",
     "EOS",
     "MASK",
     "NUM_SENTINELS",

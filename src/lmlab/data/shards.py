@@ -41,7 +41,9 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise LmlabError(f"data directory {data_dir} does not exist (make one with `lmlab prepare`)")
     p = d / META_NAME
     if not p.is_file():
-        raise LmlabError(f"{data_dir} has no {META_NAME}: not a prepared directory, or `prepare` did not finish")
+        raise LmlabError(
+            f"{data_dir} has no {META_NAME}: not a prepared directory, or `prepare` did not finish"
+        )
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

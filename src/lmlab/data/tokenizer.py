@@ -35,6 +35,19 @@ DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = len(BASE_SPECIALS) + NUM_SENTINELS + 64
 
 
+def check_settings(vocab_size: int, kind: str) -> None:
+    """One-line errors for a tokenizer that cannot be built, before any text is read."""
+    if kind not in TOKENIZER_TYPES:
+        raise LmlabError(f"unknown tokenizer type {kind!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise LmlabError(
+            f"--vocab-size {vocab_size} is too small: the {len(BASE_SPECIALS)} special tokens and "
+            f"{NUM_SENTINELS} sentinels need at least {MIN_VOCAB_SIZE}"
+        )
+    if vocab_size > 1 << 32:
+        raise LmlabError(f"--vocab-size {vocab_size} does not fit in 32-bit token ids")
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -49,13 +62,7 @@ def train_tokenizer(
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    if kind not in TOKENIZER_TYPES:
-        raise LmlabError(f"unknown tokenizer type {kind!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise LmlabError(
-            f"--vocab-size {vocab_size} is too small: the {len(BASE_SPECIALS)} special tokens and "
-            f"{NUM_SENTINELS} sentinels need at least {MIN_VOCAB_SIZE}"
-        )
+    check_settings(vocab_size, kind)
     learned = vocab_size - NUM_SENTINELS
     if kind == "unigram":
         tok = Tokenizer(models.Unigram())
@@ -89,10 +96,30 @@ def train_tokenizer(
             show_progress=show_progress,
         )
     tok.train_from_iterator(texts, trainer=trainer)
+    if kind == "unigram":
+        tok = _demote_special_pieces(tok)
     # Added in reverse so that <extra_id_0> lands on the highest id (T5's convention).
     tok.add_special_tokens(list(reversed(SENTINELS)))
     _check_layout(tok)
     return tok
+
+
+def _demote_special_pieces(tok: Tokenizer) -> Tokenizer:
+    """Give the special tokens' Unigram pieces the lowest score.
+
+    The trainer stores them with log-probability 0, the best score a piece can have, so with
+    ``encode_special_tokens`` (how ``prepare`` encodes documents) the literal text "</s>" would
+    still become the end-of-document id.  Demoted, such text is spelled out in ordinary pieces.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    floor = min(score for _, score in vocab) - 1000.0
+    for entry in vocab:
+        if entry[0] in BASE_SPECIALS:
+            entry[1] = floor
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:

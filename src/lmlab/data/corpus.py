@@ -1,0 +1,249 @@
+"""Reading a text corpus as a stream of documents, and the embedded default corpus.
+
+Sources: plain text files (``.txt``, ``.md``, ``.rst`` or any other name), JSON Lines files
+(``.jsonl``, one object per line with a ``text`` field), either of them gzip-compressed (``.gz``),
+and directories, searched recursively for files with those suffixes in sorted order.
+
+Plain text is split into documents at blank lines (one or more lines holding only whitespace),
+or with ``doc_sep="line"`` one document per line; each JSON line is one document.  A document
+is cut at the first line end past :data:`MAX_DOC_CHARS` characters (a longer line is read in
+pieces of that size), so neither a file without blank lines nor one giant line can blow up
+memory, and the validation split stays fine-grained.  Bytes that are not UTF-8 are
+replaced with U+FFFD and counted.
+
+The embedded default corpus is the English that ships with every CPython: the ``pydoc`` topic
+texts (``pydoc_data.topics``) and the docstrings of the standard library's modules, classes
+and functions (read with :mod:`ast`, nothing is imported).  It is extracted once into the cache
+directory as JSON Lines, so the quickstart needs no download.
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+from lmlab.io import atomic_open
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+JSONL_SUFFIXES = (".jsonl",)
+MAX_DOC_CHARS = 1 << 16
+DOC_SEPARATORS = ("blank", "line")
+_READ_CHUNK = 1 << 20
+
+
+@dataclass
+class SourceStats:
+    """What was read from one source file; filled in while its documents are streamed."""
+
+    path: str
+    bytes: int = 0
+    sha256: str = ""
+    documents: int = 0
+    undecodable_bytes: int = 0
+    _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
+
+    def as_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "documents": self.documents,
+            "undecodable_bytes": self.undecodable_bytes,
+        }
+
+
+class _HashingReader(io.RawIOBase):
+    """A raw reader that hashes and counts the bytes of the file as they are read."""
+
+    def __init__(self, f, stats: SourceStats):
+        self._f = f
+        self._stats = stats
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        if n:
+            self._stats._hash.update(memoryview(b)[:n])
+            self._stats.bytes += n
+        return n
+
+
+# The decoder's error handler counts the undecodable bytes of the source being read.
+_current: list[SourceStats] = []
+
+
+def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    if _current:
+        _current[-1].undecodable_bytes += exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error("lmlab-count", _count_and_replace)
+
+
+def _strip_gz(name: str) -> str:
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def is_jsonl(path: Path) -> bool:
+    return _strip_gz(path.name).endswith(JSONL_SUFFIXES)
+
+
+def resolve_sources(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand directories (recursively, sorted) and check that every path exists.
+
+    Explicitly named files are taken whatever their suffix; inside directories only text and
+    JSON Lines files (optionally ``.gz``) are taken.
+    """
+    out: list[Path] = []
+    wanted = TEXT_SUFFIXES + JSONL_SUFFIXES
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise LmlabError(f"corpus path {raw} does not exist")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _strip_gz(f.name).endswith(wanted))
+            if not found:
+                raise LmlabError(
+                    f"corpus directory {raw} holds no {', '.join(wanted)} files (or .gz of them)"
+                )
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise LmlabError(f"corpus path {raw} is not a regular file or directory")
+    return out
+
+
+def _open_text(path: Path, stats: SourceStats) -> io.TextIOWrapper:
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned wrapper
+    hashed: io.BufferedIOBase = io.BufferedReader(_HashingReader(raw, stats), _READ_CHUNK)
+    if path.name.endswith(".gz"):
+        hashed = gzip.GzipFile(fileobj=hashed, mode="rb")
+    return io.TextIOWrapper(hashed, encoding="utf-8", errors="lmlab-count", newline=None)
+
+
+def _plain_documents(f: io.TextIOWrapper, doc_sep: str) -> Iterator[str]:
+    lines: list[str] = []
+    size = 0
+    for piece in iter(lambda: f.readline(MAX_DOC_CHARS), ""):
+        blank = not piece.strip()
+        if not blank:
+            lines.append(piece)
+            size += len(piece)
+        at_line_end = piece.endswith("\n")
+        end = (
+            blank
+            or (doc_sep == "line" and at_line_end)
+            or (size >= MAX_DOC_CHARS and at_line_end)
+            or size >= 2 * MAX_DOC_CHARS  # one enormous line: cut it in pieces
+        )
+        if end and lines:
+            doc = "".join(lines).strip()
+            lines, size = [], 0
+            if doc:
+                yield doc
+    if lines and (doc := "".join(lines).strip()):
+        yield doc
+
+
+def _jsonl_documents(f: io.TextIOWrapper, path: Path) -> Iterator[str]:
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise LmlabError(f'{path}:{lineno}: expected an object with a string "text" field')
+        text = text.strip()
+        if text:
+            yield text
+
+
+def iter_documents(path: Path, stats: SourceStats | None = None, doc_sep: str = "blank") -> Iterator[str]:
+    """Stream the non-empty documents of one source file; fills ``stats`` as it goes."""
+    if doc_sep not in DOC_SEPARATORS:
+        raise LmlabError(f"unknown document separator {doc_sep!r}; choose one of {', '.join(DOC_SEPARATORS)}")
+    stats = stats if stats is not None else SourceStats(str(path))
+    _current.append(stats)
+    try:
+        with _open_text(path, stats) as f:
+            docs = _jsonl_documents(f, path) if is_jsonl(path) else _plain_documents(f, doc_sep)
+            for doc in docs:
+                stats.documents += 1
+                yield doc
+            # Drain whatever the decoder has not consumed so the hash covers the whole file.
+            f.buffer.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise LmlabError(f"cannot read {path}: {e}") from None
+    finally:
+        _current.remove(stats)
+    stats.sha256 = stats._hash.hexdigest()
+
+
+# --- the embedded default corpus -------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$LMLAB_CACHE``, else ``$XDG_CACHE_HOME/lmlab``, else ``~/.cache/lmlab``."""
+    if os.environ.get("LMLAB_CACHE"):
+        return Path(os.environ["LMLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lmlab"
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        parts = path.relative_to(stdlib).parts
+        if parts[0] == "site-packages" or any(p in ("test", "tests", "idle_test") for p in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue  # a few stdlib files are deliberately invalid (e.g. lib2to3 test data)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                # One-liners ("Return x.") are too short to teach a model much.
+                if doc and len(doc) >= 40:
+                    yield doc
+
+
+def default_corpus_path() -> Path:
+    """The embedded default corpus as JSON Lines, extracted on first use (a few seconds)."""
+    v = sys.version_info
+    path = cache_dir() / f"default-corpus-py{v.major}.{v.minor}.{v.micro}.jsonl"
+    if path.is_file():
+        return path
+    import pydoc_data.topics
+
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for name in sorted(pydoc_data.topics.topics):
+            f.write(json.dumps({"text": pydoc_data.topics.topics[name].strip()}) + "\n")
+        for doc in _stdlib_docstrings():
+            f.write(json.dumps({"text": doc}) + "\n")
+    return path

@@ -1,0 +1,105 @@
+import gzip
+import hashlib
+import json
+
+import pytest
+
+from lmlab.data.corpus import (
+    MAX_DOC_CHARS,
+    SourceStats,
+    default_corpus_path,
+    iter_documents,
+    resolve_sources,
+)
+from lmlab.errors import LmlabError
+
+
+def docs_of(path, **kw):
+    return list(iter_documents(path, **kw))
+
+
+def test_blank_lines_split_documents(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_bytes(b"First line\nsame doc\n\n\n  \t\nSecond doc\r\n\r\nThird")
+    assert docs_of(p) == ["First line\nsame doc", "Second doc", "Third"]
+    assert docs_of(p, doc_sep="line") == ["First line", "same doc", "Second doc", "Third"]
+
+
+def test_gzip_and_jsonl_give_the_same_documents(tmp_path):
+    text = "one two\n\nthree four\n"
+    (tmp_path / "a.txt").write_text(text)
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write(text)
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"text": "one two", "id": 1}) + "\n\n" + json.dumps({"text": "three four"}) + "\n"
+    )
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "one two"}) + "\n" + json.dumps({"text": " three four "}) + "\n")
+    for name in ("a.txt", "b.txt.gz", "c.jsonl", "d.jsonl.gz"):
+        assert docs_of(tmp_path / name) == ["one two", "three four"], name
+
+
+def test_stats_hash_the_whole_file(tmp_path):
+    p = tmp_path / "a.txt"
+    data = b"alpha\n\nbeta\n\n\n"
+    p.write_bytes(data)
+    st = SourceStats(str(p))
+    assert docs_of(p, stats=st) == ["alpha", "beta"]
+    assert st.bytes == len(data)
+    assert st.sha256 == hashlib.sha256(data).hexdigest()
+    assert st.documents == 2
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(
+        b"caf\xe9 ok\n\n\xff\xfe tail \xe2\x82\xac"
+    )  # latin-1 e-acute, two stray bytes, a valid euro
+    st = SourceStats(str(p))
+    docs = docs_of(p, stats=st)
+    assert docs == ["caf\ufffd ok", "\ufffd\ufffd tail \u20ac"]
+    assert st.undecodable_bytes == 3
+
+
+def test_long_documents_are_cut(tmp_path):
+    p = tmp_path / "long.txt"
+    line = "word " * 1000 + "\n"  # 5001 chars per line, no blank lines at all
+    p.write_text(line * 100)
+    docs = docs_of(p)
+    assert len(docs) > 1
+    assert all(len(d) <= 2 * MAX_DOC_CHARS for d in docs)
+    assert " ".join(docs).split() == (line * 100).split()  # cut at line ends: no word is split
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(LmlabError, match=r"x.jsonl:2: .*\"text\""):
+        docs_of(p)
+    p.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(LmlabError, match=r"x.jsonl:2: not valid JSON"):
+        docs_of(p)
+
+
+def test_resolve_sources(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/b.txt", "d/a.md", "d/sub/c.rst", "d/sub/e.jsonl", "d/sub/f.txt.gz", "d/skip.py"):
+        (tmp_path / name).write_text("x")
+    got = [p.relative_to(tmp_path).as_posix() for p in resolve_sources([tmp_path / "d"])]
+    assert got == ["d/a.md", "d/b.txt", "d/sub/c.rst", "d/sub/e.jsonl", "d/sub/f.txt.gz"]
+    with pytest.raises(LmlabError, match="does not exist"):
+        resolve_sources([tmp_path / "missing.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LmlabError, match="holds no"):
+        resolve_sources([tmp_path / "empty"])
+
+
+def test_default_corpus_is_english_from_python():
+    p = default_corpus_path()
+    assert p.is_file() and p.stat().st_size > 500_000
+    assert default_corpus_path() == p  # cached
+    docs = docs_of(p)
+    assert len(docs) > 3000
+    text = " ".join(docs[:200]).lower()
+    for word in (" the ", " and ", " of "):
+        assert word in text

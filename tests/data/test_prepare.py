@@ -1,0 +1,171 @@
+import json
+
+import numpy as np
+import pytest
+
+from lmlab.data import load_meta, load_tokenizer, load_tokens, prepare, token_dtype
+from lmlab.data import pipeline as prepare_mod
+from lmlab.data.corpus import default_corpus_path, iter_documents
+from lmlab.data.shards import ShardWriter
+from lmlab.errors import LmlabError
+
+PARAS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A second paragraph,\nwith two lines.",
+    "Numbers like 3.14 and 2718 appear too.",
+    "Markup such as </s> and <extra_id_0> or <pad> is only text here.",
+]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """About 300 KB of the default corpus plus a few hand-written paragraphs, as a .txt file."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [doc for _, doc in zip(range(1500), iter_documents(default_corpus_path()), strict=False)]
+    text = "\n\n".join(PARAS + docs) + "\n"
+    (d / "a.txt").write_text(text, encoding="utf-8")
+    return d / "a.txt"
+
+
+@pytest.fixture(scope="module")
+def prepared(small_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    return prepare([small_corpus], out, vocab_size=1000, val_fraction=0.1, progress=False)
+
+
+def split_docs(ids: np.ndarray, eos: int) -> list[np.ndarray]:
+    assert ids.size == 0 or ids[-1] == eos
+    ends = np.flatnonzero(ids == eos)
+    return np.split(ids, ends + 1)[:-1]
+
+
+def test_outputs_and_meta(prepared, small_corpus):
+    out, meta = prepared.out_dir, prepared.meta
+    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "train.bin", "val.bin", "meta.json"}
+    assert meta == load_meta(out)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 1000
+    assert meta["special_ids"]["sentinel_0"] == 999 and meta["special_ids"]["eos"] == 1
+    for split in ("train", "val"):
+        ids = load_tokens(out, split)
+        assert ids.dtype == np.uint16 and ids.size == meta[split]["tokens"]
+        assert (ids < 1000).all()
+        assert len(split_docs(np.asarray(ids), 1)) == meta[split]["documents"]
+    n = meta["train"]["documents"] + meta["val"]["documents"]
+    assert n == meta["sources"][0]["documents"] == len(list(iter_documents(small_corpus))) > 1500
+    assert 0.06 < meta["val"]["documents"] / n < 0.14  # hash split near val_fraction = 0.1
+    src = meta["sources"][0]
+    assert len(src["sha256"]) == 64 and src["bytes"] > 200_000 and meta["undecodable_bytes"] == 0
+
+
+def test_shards_decode_to_the_documents(prepared, small_corpus):
+    tok = load_tokenizer(prepared.out_dir)
+    docs = list(iter_documents(small_corpus))
+    got = [
+        tok.decode(d[:-1].tolist()) for d in split_docs(np.asarray(load_tokens(prepared.out_dir, "train")), 1)
+    ]
+    got += [
+        tok.decode(d[:-1].tolist()) for d in split_docs(np.asarray(load_tokens(prepared.out_dir, "val")), 1)
+    ]
+    # NFKC and collapsed runs of spaces are the tokenizer's only normalisation.
+    import re
+    import unicodedata
+
+    norm = [re.sub(r"[ \t]+", " ", unicodedata.normalize("NFKC", d)) for d in docs]
+    assert sorted(got) == sorted(norm)
+    # Markup in the text stays text: no special ids inside a document.
+    for split in ("train", "val"):
+        for d in split_docs(np.asarray(load_tokens(prepared.out_dir, split)), 1):
+            body = d[:-1]
+            assert not ((body < 4) & (body != 2)).any() and not (body >= 900).any()
+
+
+def test_split_is_stable_when_documents_are_added(prepared, small_corpus, tmp_path):
+    bigger = tmp_path / "more.txt"
+    bigger.write_text(
+        "".join(f"Brand new document number {i}, about ships and the sea.\n\n" for i in range(300))
+    )
+    res = prepare(
+        [small_corpus, bigger], tmp_path / "out", tokenizer=prepared.out_dir, val_fraction=0.1, progress=False
+    )
+    assert res.meta["tokenizer"]["trained"] is False
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        prepared.out_dir / "tokenizer.json"
+    ).read_bytes()
+    old_val = np.asarray(load_tokens(prepared.out_dir, "val"))
+    new_val = np.asarray(load_tokens(tmp_path / "out", "val"))
+    # The old validation documents come first and unchanged; new ones only add to the end.
+    assert np.array_equal(new_val[: old_val.size], old_val)
+    old_train = np.asarray(load_tokens(prepared.out_dir, "train"))
+    assert np.array_equal(np.asarray(load_tokens(tmp_path / "out", "train"))[: old_train.size], old_train)
+
+
+def test_killed_prepare_leaves_no_complete_looking_output(prepared, small_corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False)
+    load_meta(out)
+    calls = {"n": 0}
+    real = prepare_mod.encode_documents
+
+    def dies_midway(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if killed part-way through the shards
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare_mod, "encode_documents", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False)
+    with pytest.raises(LmlabError, match="did not finish"):
+        load_meta(out)
+    assert not list(out.glob(".*.tmp"))  # temporary files were cleaned up
+
+
+def test_truncated_shard_is_detected(prepared, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(prepared.out_dir, d)
+    with open(d / "train.bin", "r+b") as f:
+        f.truncate((d / "train.bin").stat().st_size - 2)
+    with pytest.raises(LmlabError, match="incomplete or corrupt"):
+        load_tokens(d, "train")
+
+
+def test_bad_inputs(tmp_path, small_corpus):
+    with pytest.raises(LmlabError, match="does not exist"):
+        prepare([tmp_path / "nope.txt"], tmp_path / "o")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\t\n")
+    with pytest.raises(LmlabError, match="empty"):
+        prepare([blank], tmp_path / "o", vocab_size=300, progress=False)
+    with pytest.raises(LmlabError, match="too small"):
+        prepare([small_corpus], tmp_path / "o", vocab_size=50)
+    with pytest.raises(LmlabError, match="val-fraction"):
+        prepare([small_corpus], tmp_path / "o", val_fraction=1.5)
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_undecodable_bytes_counted_in_meta(tmp_path, prepared):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"caf\xe9 au lait\n\nna\xefve text\n")
+    res = prepare([p], tmp_path / "o", tokenizer=prepared.out_dir, val_fraction=0, progress=False)
+    assert res.meta["undecodable_bytes"] == 2 and res.meta["sources"][0]["undecodable_bytes"] == 2
+
+
+def test_token_dtype_and_writer(tmp_path):
+    assert token_dtype(65536) == np.dtype("<u2") and token_dtype(65537) == np.dtype("<u4")
+    with ShardWriter(tmp_path / "x.bin", np.dtype("<u4")) as w:
+        w.write(np.array([1, 70000, 3]))
+        w.commit()
+    assert np.fromfile(tmp_path / "x.bin", dtype="<u4").tolist() == [1, 70000, 3]
+
+
+def test_real_corpus_moby_dick(tmp_path, corpus_file):
+    src = corpus_file("moby_dick.txt")
+    res = prepare([src], tmp_path / "md", vocab_size=2000, progress=False)
+    m = res.meta
+    assert m["sources"][0]["bytes"] == src.stat().st_size
+    total = m["train"]["tokens"] + m["val"]["tokens"]
+    # A 2k-piece Unigram model spends roughly 3-5 bytes of English per token.
+    assert 3.0 < src.stat().st_size / total < 5.0
+    assert json.loads((tmp_path / "md" / "meta.json").read_text())["val"]["documents"] > 0

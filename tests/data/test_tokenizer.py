@@ -1,0 +1,63 @@
+import pytest
+
+from lmlab.data.corpus import default_corpus_path, iter_documents
+from lmlab.data.tokenizer import (
+    MIN_VOCAB_SIZE,
+    SENTINELS,
+    load_tokenizer,
+    read_tokenizer,
+    save_tokenizer,
+    special_ids,
+    train_tokenizer,
+)
+from lmlab.errors import LmlabError
+
+
+@pytest.fixture(scope="module")
+def texts():
+    docs = iter_documents(default_corpus_path())
+    return [d for _, d in zip(range(800), docs, strict=False)]
+
+
+@pytest.mark.parametrize("kind", ["unigram", "bpe"])
+def test_t5_layout(texts, kind, tmp_path):
+    tok = train_tokenizer(texts, vocab_size=600, kind=kind)
+    v = tok.get_vocab_size()
+    assert v == 600
+    ids = special_ids(tok)
+    assert (ids["pad"], ids["eos"], ids["unk"], ids["mask"]) == (0, 1, 2, 3)
+    assert [tok.token_to_id(s) for s in SENTINELS] == list(range(v - 1, v - 101, -1))
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    hf = load_tokenizer(tmp_path)
+    sentence = "Return the number of items in a container.\nRaise ValueError if it is empty."
+    assert plain(sentence).input_ids == hf(sentence).input_ids == tok.encode(sentence).ids
+    assert (hf.pad_token_id, hf.eos_token_id, hf.unk_token_id, hf.mask_token_id) == (0, 1, 2, 3)
+    assert hf.convert_tokens_to_ids("<extra_id_0>") == v - 1
+    assert hf.decode(hf(sentence).input_ids) == sentence
+    # A sentinel in the text is one token, as in T5.
+    assert hf("a <extra_id_3> b").input_ids.count(v - 4) == 1
+
+
+def test_vocab_too_small(texts):
+    with pytest.raises(LmlabError, match="too small"):
+        train_tokenizer(texts, vocab_size=MIN_VOCAB_SIZE - 1)
+    with pytest.raises(LmlabError, match="unknown tokenizer type"):
+        train_tokenizer(texts, vocab_size=600, kind="wordpiece")
+
+
+def test_foreign_tokenizer_is_rejected(tmp_path, texts):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(LmlabError, match="not a valid tokenizer.json"):
+        read_tokenizer(tmp_path)
+    from tokenizers import Tokenizer, models
+
+    t = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    t.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(LmlabError, match="layout"):
+        read_tokenizer(tmp_path)
+    with pytest.raises(LmlabError, match="no tokenizer"):
+        read_tokenizer(tmp_path / "nowhere")
