@@ -1,0 +1,201 @@
+"""Model presets: named sizes of T5, BERT and GPT built from Hugging Face ``transformers`` configs.
+
+Every preset is a plain ``transformers`` model, so a trained one saves with ``save_pretrained``
+and loads with ``AutoModelForSeq2SeqLM`` / ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM``.
+
+* ``t5-*``: T5 v1.1 shapes (Raffel et al. 2020, and the v1.1 release notes): gated-GELU
+  feed-forward, no dropout during pre-training, relative position buckets 32 / distance 128.
+  ``t5-small`` (d_model 512, d_ff 1024, 8 + 8 layers, 6 heads) and ``t5-base`` (768, 2048,
+  12 + 12, 12 heads) are v1.1's sizes; ``t5-tiny`` (a few million parameters) trains on a
+  laptop CPU in minutes.  One deviation: transformers 5 always ties T5's input and output
+  embeddings (``T5Config`` forces ``tie_word_embeddings``), so the decoder output keeps T5 1.0's
+  d_model^-0.5 rescaling that tied embeddings need, where v1.1 had a separate output matrix.
+* ``bert-*``: ``BertForMaskedLM`` at the compact sizes of Turc et al. 2019 ("Well-Read Students
+  Learn Better"), with BERT's own dropout 0.1 (Devlin et al. 2019).
+* ``gpt-*``: GPT-2 style decoders (Radford et al. 2019); ``gpt`` is the 124M model (768 wide,
+  12 layers, 12 heads, 1024 positions), without dropout as in nanoGPT's pre-training runs.
+
+The vocabulary size and special ids come from the prepared data's tokenizer, not the preset.
+Nothing here imports torch or transformers until a model is built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmlab.errors import LmlabError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ENCODER_DECODER, ENCODER, DECODER = "encoder-decoder", "encoder", "decoder"
+FAMILIES = (ENCODER_DECODER, ENCODER, DECODER)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model size: its family, the ``transformers`` config class and its arguments."""
+
+    name: str
+    family: str  # one of FAMILIES
+    config: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 512  # the default --seq-len (inputs length) for this preset
+    max_len: int | None = None  # learned position tables cap the length; T5's relative bias does not
+
+
+def _t5(name: str, d_model: int, d_ff: int, d_kv: int, layers: int, heads: int, seq_len: int) -> Preset:
+    return Preset(
+        name,
+        ENCODER_DECODER,
+        dict(
+            d_model=d_model,
+            d_ff=d_ff,
+            d_kv=d_kv,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        ),
+        seq_len=seq_len,
+    )
+
+
+def _bert(name: str, hidden: int, layers: int, heads: int) -> Preset:
+    return Preset(
+        name,
+        ENCODER,
+        dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=512,
+        ),
+        seq_len=128 if hidden < 512 else 512,
+        max_len=512,
+    )
+
+
+def _gpt(name: str, n_embd: int, layers: int, heads: int, seq_len: int) -> Preset:
+    return Preset(
+        name,
+        DECODER,
+        dict(
+            n_embd=n_embd,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=1024,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+        seq_len=seq_len,
+        max_len=1024,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        _t5("t5-tiny", 128, 384, 32, 2, 4, seq_len=128),
+        _t5("t5-small", 512, 1024, 64, 8, 6, seq_len=512),
+        _t5("t5-base", 768, 2048, 64, 12, 12, seq_len=512),
+        _bert("bert-tiny", 128, 2, 2),
+        _bert("bert-mini", 256, 4, 4),
+        _bert("bert-small", 512, 4, 8),
+        _bert("bert-medium", 512, 8, 8),
+        _bert("bert-base", 768, 12, 12),
+        _gpt("gpt-tiny", 128, 4, 4, seq_len=128),
+        _gpt("gpt-mini", 384, 6, 6, seq_len=256),
+        _gpt("gpt", 768, 12, 12, seq_len=1024),
+    )
+}
+
+MODEL_TYPE_FAMILY = {"t5": ENCODER_DECODER, "mt5": ENCODER_DECODER, "bert": ENCODER, "gpt2": DECODER}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise LmlabError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def hf_config(preset: str | Preset, vocab_size: int, special_ids: dict[str, int] | None = None, **overrides):
+    """The ``transformers`` config of a preset for a vocabulary of ``vocab_size`` ids."""
+    from transformers import BertConfig, GPT2Config, T5Config
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    ids = {"pad": 0, "eos": 1, **(special_ids or {})}
+    kw = {**p.config, **overrides, "vocab_size": int(vocab_size)}
+    if p.family == ENCODER_DECODER:
+        # T5 starts the decoder with the pad id (Raffel et al. 2020, and the released models).
+        return T5Config(
+            **kw, pad_token_id=ids["pad"], eos_token_id=ids["eos"], decoder_start_token_id=ids["pad"]
+        )
+    if p.family == ENCODER:
+        return BertConfig(**kw, pad_token_id=ids["pad"])
+    return GPT2Config(**kw, bos_token_id=ids["eos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+
+
+def build_model(
+    preset: str | Preset,
+    vocab_size: int,
+    special_ids: dict[str, int] | None = None,
+    seed: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """A freshly initialised model of ``preset`` (``transformers``' own initialisation).
+
+    ``seed`` seeds the initialisation without touching the caller's global RNG state.
+    """
+    import torch
+    from transformers import BertForMaskedLM, GPT2LMHeadModel, T5ForConditionalGeneration
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    config = hf_config(p, vocab_size, special_ids, **overrides)
+    cls = {ENCODER_DECODER: T5ForConditionalGeneration, ENCODER: BertForMaskedLM, DECODER: GPT2LMHeadModel}[
+        p.family
+    ]
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(config)
+
+
+def model_family(model_or_config: Any) -> str:
+    """``encoder-decoder``, ``encoder`` or ``decoder`` for a model or a ``transformers`` config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    t = getattr(config, "model_type", None)
+    if t in MODEL_TYPE_FAMILY:
+        return MODEL_TYPE_FAMILY[t]
+    if getattr(config, "is_encoder_decoder", False):
+        return ENCODER_DECODER
+    raise LmlabError(f"model type {t!r} is not one lmlab trains (T5, BERT or GPT-2 style)")
+
+
+def load_model(model_dir: str | os.PathLike) -> nn.Module:
+    """Load a saved model (a run's ``final/`` or any ``save_pretrained`` directory) with its Auto class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise LmlabError(f"{model_dir} is not a saved model (no config.json); pass a run's final/ directory")
+    config = AutoConfig.from_pretrained(d)
+    auto = {
+        ENCODER_DECODER: AutoModelForSeq2SeqLM,
+        ENCODER: AutoModelForMaskedLM,
+        DECODER: AutoModelForCausalLM,
+    }[model_family(config)]
+    return auto.from_pretrained(d)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input the model's position table allows (None for T5's relative buckets)."""
+    c = model.config
+    return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)

@@ -1,0 +1,146 @@
+"""Checkpoints that survive a kill: atomic, checksummed, loaded without running pickled code.
+
+``RUN_DIR/checkpoints/step-00000100/`` holds
+
+    model.safetensors   the model's state dict (tied tensors stored once per name)
+    optimizer.pt        the optimizer's state dict       (torch.load(weights_only=True))
+    state.pt            scheduler state and RNG states   (torch.load(weights_only=True))
+    trainer.json        step, tokens seen, loss, the data position
+    manifest.json       sha256 and size of every file above, written last
+
+The directory is built under a temporary name and renamed into place (:func:`lmlab.io.atomic_dir`),
+so a killed writer leaves either the previous checkpoint set or a complete new one.  A checkpoint
+whose manifest is missing or whose files do not match it is reported by name and skipped in
+favour of the one before it.  The last ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.io import atomic_dir
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint directory, oldest first (temporary dirs excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied embeddings); give each name its own copy.
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone().contiguous() if ptr in seen or not v.is_contiguous() else v
+        seen.add(ptr)
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    extra_state: dict[str, Any],
+    trainer: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    path = checkpoint_dir(run_dir, step)
+    with atomic_dir(path) as tmp:
+        save_file(_plain_state_dict(model_state), str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(extra_state, tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer}, indent=2) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+        }
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong, in a few words."""
+    m = path / MANIFEST
+    if not m.is_file():
+        return f"{MANIFEST} is missing"
+    try:
+        manifest = json.loads(m.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in manifest.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} is truncated ({p.stat().st_size} of {want['bytes']} bytes)"
+        if _sha256(p) != want["sha256"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The parts of a verified checkpoint: ``model``, ``optimizer``, ``state``, ``trainer``."""
+    from safetensors.torch import load_file
+
+    return {
+        "model": load_file(str(path / "model.safetensors"), device=str(map_location)),
+        "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
+        "state": torch.load(path / "state.pt", map_location="cpu", weights_only=True),
+        "trainer": json.loads((path / "trainer.json").read_text()),
+        "path": path,
+    }
+
+
+def latest_checkpoint(run_dir: str | Path, log=None) -> Path | None:
+    """The newest checkpoint that verifies; a corrupt newer one is named and skipped."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    found = list_checkpoints(run_dir)
+    for step, path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log(f"lmlab pretrain: checkpoint {path} is corrupt ({problem}); falling back to the one before it")
+    if found:
+        raise LmlabError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINTS}: every one is corrupt")
+    return None

@@ -1,0 +1,171 @@
+"""The settings of one pre-training run, as a dataclass that mirrors ``lmlab pretrain``'s flags.
+
+Validated in ``__post_init__`` so a bad value fails before any data or model is touched.  The
+run directory keeps these settings in ``config.json``; ``--resume`` reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "inverse-sqrt", "constant")
+# Peak learning rates when --lr is not given: AdamW's usual small-model value, and T5's Adafactor 1e-2.
+DEFAULT_LR = {"adamw": 1e-3, "adafactor": 1e-2}
+
+
+@dataclass
+class PretrainConfig:
+    """One run.  ``batch_size`` is the *global* batch in rows per optimizer step: it is split over
+    ``grad_accum`` micro-steps and the data-parallel ranks, so a run means the same whatever
+    the number of processes.  ``seq_len`` is the model's input length; the objective decides
+    how many raw corpus tokens a row needs for it (span corruption: 512 -> 568)."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    objective: str = "span"
+    model: str = "t5-tiny"
+    steps: int | None = None
+    tokens: int | None = None
+    batch_size: int = 32
+    seq_len: int | None = None  # None: the preset's default
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    min_lr_ratio: float = 0.1
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup: int | None = None  # None: 5% of the steps, at most 1000
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    clip: float | None = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    keep: int = 3
+    log_every: int = 1
+    compile: bool = False
+    fsdp: bool = False
+    init: str | None = None
+    mix_alpha: float = 1.0
+    seed: int = 0
+    workers: int = 1
+    device: str | None = None  # None: cuda when available, else cpu
+    objective_args: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    resume: bool = False  # continue the run in ``out`` from its newest good checkpoint
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str | Path):
+            self.data = [self.data]
+        self.data = [str(d) for d in self.data]
+        self.out = str(self.out)
+        if self.init is not None:
+            self.init = str(self.init)
+        if self.optimizer not in OPTIMIZERS:
+            raise LmlabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise LmlabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.steps is not None and self.tokens is not None:
+            raise LmlabError("give --steps or --tokens, not both")
+        positive = {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "grad_accum": self.grad_accum,
+            "eval_every": self.eval_every,
+            "save_every": self.save_every,
+            "keep": self.keep,
+            "log_every": self.log_every,
+            "eval_batches": self.eval_batches,
+        }
+        for k, v in positive.items():
+            if v is not None and int(v) <= 0:
+                raise LmlabError(f"--{k.replace('_', '-')} must be positive, got {v}")
+        if self.lr is not None and not self.lr > 0:
+            raise LmlabError(f"--lr must be positive, got {self.lr}")
+        if self.warmup is not None and self.warmup < 0:
+            raise LmlabError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.clip is not None and not self.clip > 0:
+            raise LmlabError(f"--clip must be positive (or omitted), got {self.clip}")
+        if self.workers < 0:
+            raise LmlabError(f"--workers must be >= 0, got {self.workers}")
+        if not self.mix_alpha >= 0:
+            raise LmlabError(f"--mix-alpha must be >= 0, got {self.mix_alpha}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LmlabError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.batch_size % self.grad_accum:
+            raise LmlabError(
+                f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}"
+            )
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def resume_from(cls, run_dir: str | Path, **overrides: Any) -> PretrainConfig:
+        """The saved settings of the run in ``run_dir``, with ``overrides`` (only those in
+        :data:`RESUME_OVERRIDABLE`, e.g. a larger ``steps``) applied, ready to resume."""
+        saved = read_run_config(run_dir)
+        bad = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and v != saved.get(k))
+        if bad:
+            raise LmlabError(
+                f"--resume continues {run_dir} with its own settings; {', '.join(bad)} cannot change "
+                f"(only {', '.join(sorted(RESUME_OVERRIDABLE))} can)"
+            )
+        if overrides.get("steps") is not None:
+            saved["tokens"] = None
+        if overrides.get("tokens") is not None:
+            saved["steps"] = None
+        return cls.from_dict({**saved, **overrides, "out": str(run_dir), "resume": True})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise LmlabError(f"run config has unknown settings {sorted(unknown)} (written by another lmlab?)")
+        return cls(**d)
+
+
+RUN_CONFIG = "config.json"
+# Settings a resumed run may change: how long it runs and how it reports, never what it computes.
+RESUME_OVERRIDABLE = frozenset(
+    {
+        "steps",
+        "tokens",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep",
+        "log_every",
+        "workers",
+        "device",
+        "progress",
+        "compile",
+        "out",
+        "resume",
+    }
+)
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The ``PretrainConfig`` fields saved in ``RUN_DIR/config.json``."""
+    import json
+
+    p = Path(run_dir) / RUN_CONFIG
+    if not p.is_file():
+        raise LmlabError(f"{run_dir} is not an lmlab run directory (no {RUN_CONFIG}); nothing to resume")
+    try:
+        saved = json.loads(p.read_text(encoding="utf-8"))["config"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{p} is unreadable ({e})") from None
+    return saved

@@ -1,0 +1,635 @@
+"""The pre-training loop: ``pretrain(cfg)`` trains, evaluates, checkpoints and resumes.
+
+    lmlab pretrain --data data/ --objective span --model t5-tiny --steps 2000 --out runs/t5
+    torchrun --nproc_per_node 8 -m lmlab pretrain --data data/ --objective causal --model gpt ...
+
+One optimizer step: ``grad_accum`` micro-batches (this rank's slice of the global batch, built by
+the objective in DataLoader workers), each loss the *sum* of token cross-entropies divided by the
+number of scored tokens in the whole global batch, so the gradient is the same however the batch
+is split over micro-steps and ranks; bf16 autocast on CUDA; clipping; one optimizer and scheduler
+step.  Recipes: T5 (Raffel et al. 2020 §3.1: span corruption, Adafactor, inverse-square-root),
+continued pre-training from ``--init`` (Gururangan et al. 2020), mixing of several sources
+∝ n^α (Xue et al. 2021 §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+from lmlab.io import atomic_dir, atomic_write_json
+from lmlab.models import (
+    DECODER,
+    ENCODER_DECODER,
+    build_model,
+    flops_per_step,
+    get_preset,
+    load_model,
+    max_positions,
+    model_family,
+    peak_flops,
+)
+from lmlab.train import checkpoint as ckpt
+from lmlab.train import distributed as ddp
+from lmlab.train.config import RUN_CONFIG, PretrainConfig, read_run_config
+from lmlab.train.data import (
+    BatchPlan,
+    ObjectiveBatches,
+    Sources,
+    StepSampler,
+    check_same_tokenizer,
+    make_loader,
+    mixing_rates,
+    val_keys,
+)
+from lmlab.train.optim import build_optimizer, build_scheduler
+
+IGNORE_INDEX = -100
+METRICS = "metrics.csv"
+METRIC_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed_s")
+FINAL = "final"
+# Settings a resumed run must share with the run it continues (the rest only affect reporting/length).
+_IDENTITY = ("data", "objective", "model", "batch_size", "seq_len", "lr", "min_lr_ratio", "optimizer",
+             "schedule", "warmup", "weight_decay", "grad_accum", "clip", "fsdp", "init", "mix_alpha", "seed",
+             "objective_args")  # fmt: skip
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    final_dir: Path | None  # None when the run stopped early on a signal
+    step: int
+    train_loss: float | None
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) as logged
+    tokens_per_s: float | None = None  # raw corpus tokens per second over the whole run (all ranks)
+    mfu: float | None = None  # on GPUs with a known peak
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+
+
+# ---------------------------------------------------------------------------------------------- objective
+
+
+def make_objective(name: str, tokenizer, family: str, kwargs: dict[str, Any] | None = None):
+    """The objective ``name`` for a model of ``family``; a clear error on a mismatch."""
+    from lmlab.objectives import get_objective
+
+    kw = dict(kwargs or {})
+    if name == "prefix" and family == DECODER:
+        kw.setdefault("decoder_only", True)
+    obj = get_objective(name, tokenizer, **kw)
+    archs = set(getattr(obj, "architectures", ()))
+    if family not in archs:
+        suits = {"encoder-decoder": "t5-*", "encoder": "bert-*", "decoder": "gpt-*"}
+        want = " or ".join(f"{a} ({suits.get(a, a)})" for a in sorted(archs)) or "no model lmlab has"
+        raise LmlabError(
+            f"objective {name!r} trains {want} models, but the model is {family} ({suits[family]})"
+        )
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def _shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
+    out = labels.new_full(labels.shape, start)
+    out[:, 1:] = labels[:, :-1]
+    return out.masked_fill(out == IGNORE_INDEX, start)
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str, start_id: int = 0):
+    """Sum of the token cross-entropies of the batch's scored labels, fp32 scalar.
+
+    ``input_ids`` / ``labels``: (B, T) int64 (``labels`` −100 where unscored).  For decoder-only
+    models position t predicts label t+1 (Hugging Face's convention), so both are shifted here.
+    """
+    kw: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kw["attention_mask"] = batch["attention_mask"]
+    labels = batch["labels"]
+    if family == ENCODER_DECODER:
+        dec = batch.get("decoder_input_ids")
+        kw["decoder_input_ids"] = dec if dec is not None else _shift_right(labels, start_id)
+        kw["use_cache"] = False
+    elif family == DECODER:
+        kw["use_cache"] = False
+    logits = model(**kw).logits  # (B, T, V)
+    if family == DECODER:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    V = logits.shape[-1]
+    return F.cross_entropy(
+        logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _eval_pass(
+    model, loader, family: str, device: torch.device, d: ddp.Dist, start_id: int
+) -> tuple[float, int]:
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for batch in loader:
+            batch = _to(batch, device)
+            n = batch.pop("n_targets")
+            batch.pop("n_raw")
+            with _autocast(device):
+                s = loss_sum(model, batch, family, start_id)
+            total += torch.stack([s.double(), n.double()])
+    finally:
+        model.train(was_training)
+    ddp.all_reduce_sum(total, d)
+    return float(total[0]), int(total[1])
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data_dir: str | os.PathLike | list,
+    objective: Any,
+    *,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    max_batches: int = 20,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+) -> dict[str, float]:
+    """Validation loss of ``model`` on the ``val`` split under ``objective`` (a name or an object).
+
+    Returns ``loss`` (mean cross-entropy per scored target token, nats), ``perplexity``
+    (``exp(loss)``: the perplexity of the objective's targets, e.g. the spans for span
+    corruption), ``tokens`` (scored targets) and ``rows``.  The rows and the noise are fixed by
+    ``seed``, so an untrained and a trained model are measured on the very same batches.
+    """
+    from lmlab.data import load_tokenizer
+
+    dirs = [str(x) for x in data_dir] if isinstance(data_dir, list | tuple) else [str(data_dir)]
+    check_same_tokenizer(dirs)
+    family = model_family(model)
+    if isinstance(objective, str):
+        objective = make_objective(objective, load_tokenizer(dirs[0]), family)
+    seq_len = seq_len or getattr(model.config, "lmlab_seq_len", None) or min(512, max_positions(model) or 512)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    sources = Sources(dirs, int(objective.raw_length(seq_len)), split="val")
+    dataset = ObjectiveBatches(sources, objective, seed, shift_labels=family == DECODER)
+    keys = val_keys(sources.n_rows, batch_size, max_batches, 0, 1)
+    loader = make_loader(dataset, keys, workers, pin_memory=False)
+    model.to(dev)
+    start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
+    s, n = _eval_pass(model, loader, family, dev, ddp.Dist(device=dev), start_id)
+    loss = s / max(n, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": n,
+        "rows": sum(len(k[2]) for k in keys),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag the loop checks between steps; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class _Metrics:
+    """``metrics.csv`` (always) and TensorBoard (when installed), rank 0 only."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool, log: Callable[[str], None]):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        path = run_dir / METRICS
+        rows = []
+        if resume_step is not None and path.is_file():
+            # A killed run may have logged steps past its last checkpoint: those are redone.
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.f = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.w = csv.DictWriter(self.f, fieldnames=METRIC_FIELDS)
+        self.w.writeheader()
+        self.w.writerows(rows)
+        self.f.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        except ImportError:
+            log("lmlab pretrain: tensorboard is not installed; logging to metrics.csv only")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+        self.f.flush()
+        if self.tb is not None:
+            for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if row.get(k) is not None:
+                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", row[k], row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _resolve_steps(cfg: PretrainConfig, tokens_per_step: int) -> int:
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    if cfg.tokens is not None:
+        return max(1, math.ceil(cfg.tokens / tokens_per_step))
+    return 1000
+
+
+def _check_resume(cfg: PretrainConfig, run_dir: Path) -> None:
+    saved = read_run_config(run_dir)
+    now = cfg.to_dict()
+    diff = [k for k in _IDENTITY if saved.get(k) != now.get(k)]
+    if diff:
+        raise LmlabError(
+            f"--resume {run_dir}: settings differ from the run's own ({', '.join(diff)}); "
+            "resume with the saved settings (PretrainConfig.resume_from) or start a new --out"
+        )
+
+
+def pretrain(
+    cfg: PretrainConfig, on_step: Callable[[int, float | None], None] | None = None
+) -> PretrainResult:
+    """Run (or, with ``cfg.resume``, continue) one pre-training run; see :class:`PretrainConfig`.
+
+    ``on_step(step, loss)`` is called on every rank after each optimizer step (loss None on
+    steps that are not logged).  Returns a :class:`PretrainResult`; the trained model is in
+    ``result.final_dir`` (``AutoModelFor*.from_pretrained`` and ``lmlab.data.load_tokenizer`` load it).
+    """
+    if not cfg.data:
+        raise LmlabError("no --data directory given")
+    if not cfg.out:
+        raise LmlabError("no --out run directory given")
+    d = ddp.setup(cfg.device)
+    try:
+        return _Run(cfg, d, on_step).run()
+    finally:
+        ddp.teardown(d)
+
+
+class _Run:
+    def __init__(self, cfg: PretrainConfig, d: ddp.Dist, on_step):
+        self.cfg, self.d, self.on_step = cfg, d, on_step
+        self.run_dir = Path(cfg.out)
+        self.log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.is_main else (lambda msg: None)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _check_out(self) -> None:
+        cfg, run_dir = self.cfg, self.run_dir
+        if cfg.resume:
+            _check_resume(cfg, run_dir)
+        elif (run_dir / RUN_CONFIG).exists() or ckpt.list_checkpoints(run_dir):
+            raise LmlabError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+            )
+
+    def _build(self) -> None:
+        from lmlab.data import load_tokenizer
+
+        cfg, d = self.cfg, self.d
+        meta = check_same_tokenizer(cfg.data)
+        self.tokenizer = load_tokenizer(cfg.data[0])
+        vocab = int(meta["vocab_size"])
+        specials = meta.get("special_ids", {})
+        if cfg.init:
+            model = load_model(cfg.init)
+            if model.config.vocab_size != vocab:
+                raise LmlabError(
+                    f"--init {cfg.init} has a vocabulary of {model.config.vocab_size} ids but the data's "
+                    f"tokenizer has {vocab}; continue pre-training on data prepared with the model's tokenizer"
+                )
+            default_len = getattr(model.config, "lmlab_seq_len", None) or 512
+        else:
+            preset = get_preset(cfg.model)
+            model = build_model(preset, vocab, specials, seed=cfg.seed)
+            default_len = preset.seq_len
+        self.family = model_family(model)
+        self.seq_len = int(cfg.seq_len or default_len)
+        limit = max_positions(model)
+        if limit is not None and self.seq_len > limit:
+            raise LmlabError(f"--seq-len {self.seq_len} exceeds the model's {limit} positions")
+        self.objective = make_objective(cfg.objective, self.tokenizer, self.family, cfg.objective_args)
+        self.raw_len = int(self.objective.raw_length(self.seq_len))
+        model.config.lmlab_seq_len = self.seq_len
+        model.config.lmlab_objective = cfg.objective
+        self.start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
+
+        if cfg.batch_size % (cfg.grad_accum * d.world):
+            raise LmlabError(
+                f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} × "
+                f"{d.world} processes"
+            )
+        self.sources = Sources(cfg.data, self.raw_len)
+        sizes = [len(t) for t in self.sources.tokens]
+        self.rates = mixing_rates(sizes, cfg.mix_alpha)
+        self.plan = BatchPlan(self.sources.n_rows, self.rates, cfg.batch_size, cfg.seed)
+        self.tokens_per_step = cfg.batch_size * self.raw_len
+        self.total = _resolve_steps(cfg, self.tokens_per_step)
+        self.warmup = cfg.warmup if cfg.warmup is not None else min(1000, self.total // 20)
+
+        self.base = model.to(d.device)
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = ddp.wrap(self.base, d, cfg.fsdp)
+        self.optimizer = build_optimizer(self.model, cfg, d.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total, self.warmup)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.dataset = ObjectiveBatches(
+            self.sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
+        )
+        self.val_sources = Sources(cfg.data, self.raw_len, split="val")
+        self.val_dataset = ObjectiveBatches(
+            self.val_sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
+        )
+
+    def _restore(self) -> int:
+        if not self.cfg.resume:
+            return 0
+        path = ckpt.latest_checkpoint(self.run_dir, self.log)
+        if path is None:
+            self.log(f"lmlab pretrain: {self.run_dir} has no checkpoint yet; starting from step 0")
+            return 0
+        state = ckpt.load_checkpoint(path, map_location=self.d.device)
+        ddp.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.cfg.fsdp)
+        self.scheduler.load_state_dict(state["state"]["scheduler"])
+        rng = state["state"]["rng"]
+        torch.set_rng_state(rng["cpu"])
+        if self.d.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.d.device)
+        step = int(state["trainer"]["step"])
+        self.log(f"lmlab pretrain: resuming {self.run_dir} from {path.name}")
+        return step
+
+    def _write_run_files(self) -> None:
+        if not self.d.is_main:
+            return
+        resolved = {
+            "seq_len": self.seq_len,
+            "raw_len": self.raw_len,
+            "total_steps": self.total,
+            "warmup": self.warmup,
+            "family": self.family,
+            "world_size": self.d.world,
+            "mixing_rates": {d: float(p) for d, p in zip(self.cfg.data, self.rates, strict=True)},
+        }
+        atomic_write_json(self.run_dir / RUN_CONFIG, {"config": self.cfg.to_dict(), "resolved": resolved})
+        shutil.copyfile(Path(self.cfg.data[0]) / "tokenizer.json", self.run_dir / "tokenizer.json")
+
+    # -- state ------------------------------------------------------------------------------------
+    def _save(self, step: int, tokens: int, loss: float | None) -> Path | None:
+        model_state, optim_state = ddp.full_state(self.model, self.optimizer, self.cfg.fsdp)
+        path = None
+        if self.d.is_main:
+            rng = {"cpu": torch.get_rng_state()}
+            if self.d.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
+            extra = {"scheduler": self.scheduler.state_dict(), "rng": rng}
+            trainer = {"tokens": tokens, "loss": loss, "data": {"next_step": step, "seed": self.cfg.seed}}
+            if self.cfg.fsdp or self.d.world == 1:
+                state = model_state
+            else:
+                state = self.base.state_dict()
+            path = ckpt.save_checkpoint(self.run_dir, step, state, optim_state, extra, trainer, self.cfg.keep)
+        if self.d.world > 1:
+            torch.distributed.barrier()
+        return path
+
+    def _save_final(self) -> Path:
+        final = self.run_dir / FINAL
+        model_state, _ = ddp.full_state(self.model, self.optimizer, True) if self.cfg.fsdp else (None, None)
+        if self.d.is_main:
+            with atomic_dir(final) as tmp:
+                if self.cfg.fsdp and torch.distributed.is_initialized():
+                    self.base.save_pretrained(tmp, state_dict=model_state)
+                else:
+                    self.base.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                # The data's own tokenizer.json, byte for byte, so load_tokenizer(final) sees lmlab's layout.
+                shutil.copyfile(Path(self.cfg.data[0]) / "tokenizer.json", tmp / "tokenizer.json")
+        if self.d.world > 1:
+            torch.distributed.barrier()
+        return final
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _evaluate(self) -> float:
+        keys = val_keys(self.val_sources.n_rows, self.cfg.batch_size // self.d.world, self.cfg.eval_batches,
+                        self.d.rank, self.d.world)  # fmt: skip
+        loader = make_loader(self.val_dataset, keys, 0, pin_memory=False)
+        s, n = _eval_pass(self.forward_model, loader, self.family, self.d.device, self.d, self.start_id)
+        return s / max(n, 1)
+
+    def run(self) -> PretrainResult:
+        cfg, d = self.cfg, self.d
+        self._check_out()
+        self._build()
+        start = self._restore()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_files()
+        if start >= self.total:
+            self.log(f"lmlab pretrain: {self.run_dir} already reached step {start} of {self.total}")
+        metrics = _Metrics(self.run_dir, start if cfg.resume else None, d.is_main, self.log)
+        result = PretrainResult(self.run_dir, None, start, None)
+        try:
+            self._loop(start, metrics, result)
+        finally:
+            metrics.close()
+        return result
+
+    def _loop(self, start: int, metrics: _Metrics, result: PretrainResult) -> None:
+        cfg, d, dev = self.cfg, self.d, self.d.device
+        sampler = StepSampler(self.plan, start, self.total, d.rank, d.world, cfg.grad_accum)
+        loader = make_loader(self.dataset, sampler, cfg.workers, pin_memory=dev.type == "cuda")
+        batches = iter(loader)
+        peak = peak_flops(dev)
+        flops = None
+        bar = None
+        if d.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+        tokens = start * self.tokens_per_step
+        saved_step = start if cfg.resume else -1
+        last_loss: float | None = None
+        t_mark, tok_mark = time.perf_counter(), tokens
+        timed_tokens, timed_s = 0, 0.0
+        t_begin = time.perf_counter()
+        step = start
+        self.model.train()
+        with _Stop() as stop:
+            while step < self.total:
+                micro = None
+                if stop.signum is None:
+                    try:
+                        micro = [next(batches) for _ in range(cfg.grad_accum)]
+                    except RuntimeError:
+                        # A terminal's Ctrl-C also reaches the DataLoader workers, which then exit.
+                        if stop.signum is None:
+                            raise
+                n_local = sum(int(b["n_targets"]) for b in micro) if micro else 0
+                # One small collective per step: the global count of scored tokens, and whether any rank
+                # was asked to stop (so all ranks stop after the same step).
+                agree = torch.tensor([n_local, 1 if stop.signum else 0], dtype=torch.float64, device=dev)
+                ddp.all_reduce_sum(agree, d)
+                if agree[1] > 0 or micro is None:
+                    stop.signum = stop.signum or signal.SIGTERM
+                    break
+                count = max(int(agree[0]), 1)
+                step_loss = torch.zeros((), dtype=torch.float32, device=dev)
+                for i, b in enumerate(micro):
+                    b = _to(b, dev)
+                    b.pop("n_targets")
+                    b.pop("n_raw")
+                    if flops is None:
+                        tgt = b["labels"].shape[1] if self.family == ENCODER_DECODER else None
+                        flops = flops_per_step(self.base, cfg.batch_size, b["input_ids"].shape[1], tgt)
+                    with ddp.no_sync(self.model, cfg.fsdp, i == len(micro) - 1), _autocast(dev):
+                        s = loss_sum(self.forward_model, b, self.family, self.start_id)
+                        (s * (d.world / count)).backward()
+                    step_loss += s.detach()
+                grad_norm = None
+                if cfg.clip is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += self.tokens_per_step
+
+                is_log = step % cfg.log_every == 0 or step == self.total
+                is_eval = step % cfg.eval_every == 0 or step == self.total
+                is_save = step % cfg.save_every == 0
+                loss_value = None
+                if is_log or is_save or is_eval:
+                    ddp.all_reduce_sum(step_loss, d)
+                    loss_value = float(step_loss) / count
+                    if not math.isfinite(loss_value):
+                        last = ckpt.list_checkpoints(self.run_dir)
+                        where = (
+                            f"the last good checkpoint is {last[-1][1]}"
+                            if last
+                            else "no checkpoint was written"
+                        )
+                        raise LmlabError(
+                            f"the training loss became {loss_value} at step {step}; stopping ({where}). "
+                            "Lower --lr, raise --warmup or set --clip"
+                        )
+                    last_loss = loss_value
+                    result.losses.append((step, loss_value))
+                row: dict[str, Any] | None = None
+                if is_log:
+                    now = time.perf_counter()
+                    tps = (tokens - tok_mark) / max(now - t_mark, 1e-9)
+                    if step - start > 1 or step == self.total:  # the first step pays for start-up
+                        timed_tokens += tokens - tok_mark
+                        timed_s += now - t_mark
+                    mfu = flops * (tps / self.tokens_per_step) / (peak * d.world) if peak and flops else None
+                    gn = float(grad_norm) if grad_norm is not None else None
+                    row = dict(step=step, loss=round(loss_value, 6), lr=lr, grad_norm=gn, tokens=tokens,
+                               tokens_per_s=round(tps, 1), mfu=round(mfu, 4) if mfu else None,
+                               elapsed_s=round(now - t_begin, 3))  # fmt: skip
+                    if bar is not None:
+                        post = {"loss": f"{loss_value:.4f}", "tok/s": f"{tps:,.0f}"}
+                        if mfu is not None:
+                            post["mfu"] = f"{100 * mfu:.1f}%"
+                        bar.set_postfix(post, refresh=False)
+                if is_eval:
+                    val = self._evaluate()
+                    result.evals.append((step, val))
+                    row = row or dict(step=step, loss=round(loss_value, 6), lr=lr, tokens=tokens)
+                    row["val_loss"] = round(val, 6)
+                    self.log(f"lmlab pretrain: step {step}: val loss {val:.4f}")
+                if row is not None:
+                    metrics.write(row)
+                if is_save and step < self.total:
+                    self._save(step, tokens, loss_value)
+                    saved_step = step
+                if bar is not None:
+                    bar.update(1)
+                if is_log or is_eval or is_save:
+                    t_mark, tok_mark = time.perf_counter(), tokens
+                if self.on_step is not None:
+                    self.on_step(step, loss_value)
+            del batches
+            if bar is not None:
+                bar.close()
+            result.step = step
+            result.train_loss = last_loss
+            result.tokens_per_s = timed_tokens / timed_s if timed_s > 0 else None
+            if result.tokens_per_s and peak and flops:
+                result.mfu = flops * (result.tokens_per_s / self.tokens_per_step) / (peak * d.world)
+            if stop.signum is not None:
+                name = signal.Signals(stop.signum).name
+                if saved_step != step:
+                    self._save(step, tokens, last_loss)
+                result.stopped_by = name
+                self.log(
+                    f"lmlab pretrain: stopped by {name} after step {step}; checkpoint written. "
+                    f"Continue with: lmlab pretrain --resume {self.run_dir}"
+                )
+                return
+        if saved_step != step:
+            self._save(step, tokens, last_loss)
+        result.final_dir = self._save_final()
+        self.log(f"lmlab pretrain: done, {step} steps; model in {result.final_dir}")
