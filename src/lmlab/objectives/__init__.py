@@ -1,0 +1,39 @@
+"""Pre-training objectives as pure, vectorised batch transforms (Raffel et al. 2020 §3.3; Devlin et al. 2019 §3.1).
+
+Each objective is a frozen dataclass built from token ids (or ``from_tokenizer(tok, **kw)``) and
+called on a ``(B, L)`` int64 batch of raw token ids::
+
+    objective = get_objective("span", load_tokenizer("data/"))
+    batch = objective(tokens, attention_mask=None, generator=g)   # dict of new tensors
+
+The batch uses Hugging Face's keys: ``input_ids``, ``attention_mask``, ``labels`` (-100 =
+``IGNORE_INDEX`` where there is no loss) and, for encoder–decoder objectives,
+``decoder_input_ids`` (``labels`` shifted right after the decoder start id, T5's pad id 0).
+Inputs are never modified; the same generator seed gives the same batch; outputs live on the
+inputs' device.  ``objective.architectures`` names the model kinds it trains and
+``objective.raw_length(inputs_length)`` how many raw tokens a row needs.
+"""
+
+from lmlab.objectives.base import IGNORE_INDEX
+from lmlab.objectives.language_modeling import CausalLM, Deshuffle, PrefixLM
+from lmlab.objectives.masked_lm import BertMLM, BertStyle, MassStyle
+from lmlab.objectives.noise import iid_noise_mask, random_spans_noise_mask, span_corruption_lengths
+from lmlab.objectives.registry import OBJECTIVES, get_objective
+from lmlab.objectives.span_corruption import DropTokens, SpanCorruption
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "BertMLM",
+    "BertStyle",
+    "CausalLM",
+    "Deshuffle",
+    "DropTokens",
+    "MassStyle",
+    "PrefixLM",
+    "SpanCorruption",
+    "get_objective",
+    "iid_noise_mask",
+    "random_spans_noise_mask",
+    "span_corruption_lengths",
+]

@@ -1,0 +1,167 @@
+"""What every objective shares: the batch vocabulary, row lengths and the tokenizer's special ids.
+
+Objectives follow the Hugging Face batch vocabulary (``input_ids``, ``attention_mask``, ``labels``
+with ``IGNORE_INDEX`` = -100 where no loss is wanted, ``decoder_input_ids`` for encoder–decoder
+models), so that any ``transformers`` model trains on their output unchanged.
+
+Rows may be ragged: an optional ``(B, L)`` attention mask marks each row's tokens, and rows must be
+right-padded (ones, then zeros), which is what every lmlab loader produces.  Without a mask every
+position is a token, a literal pad id included (T5's HF port dropped those by filtering ``> 0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError
+
+IGNORE_INDEX = -100
+ARCHITECTURES = ("encoder-decoder", "encoder", "decoder")
+SENTINEL_FORMAT = "<extra_id_{}>"
+
+
+def row_lengths(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's number of tokens, ``(B,) int64``, or ``None`` when every row is full.
+
+    ``tokens`` is ``(B, L)`` int64; ``attention_mask`` is ``(B, L)`` (bool or integer) and must
+    be right-padded.  A mask of all ones gives ``None`` so that the fast full-row path runs.
+    """
+    if tokens.dim() != 2:
+        raise LmlabError(f"tokens must be a (batch, length) tensor, got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise LmlabError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != tokens.shape:
+        raise LmlabError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have {tuple(tokens.shape)}"
+        )
+    if attention_mask.device != tokens.device:
+        raise LmlabError(f"attention_mask is on {attention_mask.device} but tokens are on {tokens.device}")
+    valid = attention_mask != 0
+    lengths = valid.sum(dim=1)
+    L = tokens.shape[1]
+    if bool((lengths == L).all()):
+        return None
+    positions = torch.arange(L, device=tokens.device)
+    if not torch.equal(valid, positions < lengths[:, None]):
+        raise LmlabError("attention_mask must be right-padded: each row ones, then zeros")
+    return lengths
+
+
+def valid_mask(lengths: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(B, L)`` bool: True on each row's tokens."""
+    if lengths is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return torch.arange(shape[1], device=device) < lengths[:, None]
+
+
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width)`` bool: True on the first ``lengths[b]`` positions of row ``b``."""
+    return torch.arange(width, device=lengths.device) < lengths[:, None]
+
+
+def seq2seq_batch(
+    inputs: torch.Tensor,
+    input_lengths: torch.Tensor | None,
+    targets: torch.Tensor,
+    target_lengths: torch.Tensor | None,
+    pad_id: int,
+    decoder_start_id: int,
+) -> dict[str, torch.Tensor]:
+    """The encoder–decoder batch from padded ``inputs`` ``(B, S)`` and ``targets`` ``(B, T)``.
+
+    ``inputs`` and ``targets`` hold ``pad_id`` past each row's length (``None`` = full rows).
+    ``decoder_input_ids`` is ``targets`` shifted right (padding stays pad, as HF's
+    ``shift_tokens_right`` gives), so a literal pad id inside a target is still a label.
+    """
+    B, S = inputs.shape
+    if input_lengths is None:
+        attention_mask = torch.ones((B, S), dtype=torch.long, device=inputs.device)
+    else:
+        attention_mask = length_mask(input_lengths, S).long()
+    if target_lengths is None:
+        labels = targets.clone()
+    else:
+        labels = targets.masked_fill(~length_mask(target_lengths, targets.shape[1]), IGNORE_INDEX)
+    decoder_input_ids = targets.new_empty(targets.shape)
+    decoder_input_ids[:, :1] = decoder_start_id
+    decoder_input_ids[:, 1:] = targets[:, :-1]
+    return {
+        "input_ids": inputs,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "decoder_input_ids": decoder_input_ids,
+    }
+
+
+def check_fraction(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a one-line error unless ``value`` is a probability (with optional open ends)."""
+    ok = (value > 0.0 if low_open else value >= 0.0) and (value < 1.0 if high_open else value <= 1.0)
+    if not ok:
+        lo = "(0" if low_open else "[0"
+        hi = "1)" if high_open else "1]"
+        raise LmlabError(f"{name} must be in {lo}, {hi}, got {value}")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids an objective needs from a tokenizer (lmlab's layout: pad 0, eos 1, unk 2, mask 3,
+    ``<extra_id_k>`` = vocab_size - 1 - k)."""
+
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    mask_id: int | None
+    sentinel_id: int | None  # <extra_id_0>; later sentinels count down from it
+    num_sentinels: int
+    special_ids: tuple[int, ...]  # every id never to corrupt or sample as a random token
+
+
+def special_ids_of(tok: Any) -> SpecialIds:
+    """Read :class:`SpecialIds` from a ``transformers`` tokenizer or a raw ``tokenizers.Tokenizer``."""
+    if hasattr(tok, "get_vocab_size"):  # tokenizers.Tokenizer
+        vocab = tok.get_vocab(with_added_tokens=True)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        extra: set[int] = set()
+        pad, eos, unk, mask = (vocab.get(t) for t in ("<pad>", "</s>", "<unk>", "<mask>"))
+    elif hasattr(tok, "convert_tokens_to_ids"):  # transformers tokenizer
+        vocab = tok.get_vocab()
+        vocab_size = len(tok)
+        extra = set(getattr(tok, "all_special_ids", ()) or ())
+        pad, eos, unk, mask = tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id
+    else:
+        raise LmlabError(f"expected a transformers or tokenizers tokenizer, got {type(tok).__name__}")
+    if pad is None or eos is None:
+        raise LmlabError("the tokenizer has no pad or eos token (lmlab needs <pad> and </s>)")
+    sentinel = vocab.get(SENTINEL_FORMAT.format(0))
+    num_sentinels = 0
+    if sentinel is not None:
+        while vocab.get(SENTINEL_FORMAT.format(num_sentinels)) == sentinel - num_sentinels:
+            num_sentinels += 1
+    specials = {pad, eos} | extra
+    specials |= {i for i in (unk, mask) if i is not None}
+    if sentinel is not None:
+        specials |= set(range(sentinel - num_sentinels + 1, sentinel + 1))
+    return SpecialIds(
+        vocab_size=int(vocab_size),
+        pad_id=int(pad),
+        eos_id=int(eos),
+        mask_id=None if mask is None else int(mask),
+        sentinel_id=None if sentinel is None else int(sentinel),
+        num_sentinels=num_sentinels,
+        special_ids=tuple(sorted(int(i) for i in specials)),
+    )
+
+
+def check_ids_in_range(tokens: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Raise unless every id lies in ``[low, high)`` (one pass; skipped for an empty batch)."""
+    if tokens.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tokens)
+    if int(lo) < low or int(hi) >= high:
+        bad = int(lo) if int(lo) < low else int(hi)
+        raise LmlabError(f"token id {bad} is outside {what} [{low}, {high})")

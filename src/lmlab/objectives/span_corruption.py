@@ -1,0 +1,438 @@
+"""T5's sentinel objectives: "replace corrupted spans" and "drop corrupted tokens".
+
+Raffel et al. 2020, §3.3.2 (Table 3 shows both on one sentence; Table 4 compares them), §3.3.3–3.3.4
+(corruption rate and span length; Table 7) and §3.1.4 (the final span-corruption objective: 15%
+noise, mean span length 3).
+
+* :class:`SpanCorruption`: every noise span in the input becomes one sentinel, unique within the
+  row (``<extra_id_0>`` = the highest id for the first span, then downward); the targets are each
+  noise span preceded by its sentinel, then EOS; the inputs end in EOS too.  With T5's span law
+  (``noise="spans"``) the lengths are exact: ``span_corruption_lengths(512) == (568, 114)`` and a
+  ``(B, 568)`` batch gives ``(B, 512)`` inputs and ``(B, 114)`` targets with no padding.  With
+  ``noise="iid"`` (the objective named ``iid-span``: §3.3.2's "replace corrupted spans", whose
+  spans are runs of i.i.d. noise) lengths vary and the batch is padded to its longest row.
+  The sentinels of inputs and targets always agree, even when a row starts with noise (T5's own
+  i.i.d. code numbers the target sentinels by non-noise runs and gets this case wrong).
+* :class:`DropTokens`: the noise tokens are removed from the input and are the target (EOS on both).
+
+Both are built from pure functions over a given noise mask, :func:`replace_noise_spans` and
+:func:`drop_noise_tokens`, so the tests can feed a hand-made mask (Table 3's golden example).
+
+Vectorisation: every output token's position is a running count (non-noise tokens so far plus
+spans so far), so each output is one ``scatter_`` into a flat buffer whose last slot absorbs the
+tokens a row does not keep.
+
+    .venv/bin/lmlab corrupt --objective span
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.objectives.base import (
+    SpecialIds,
+    check_ids_in_range,
+    row_lengths,
+    seq2seq_batch,
+    special_ids_of,
+)
+from lmlab.objectives.noise import (
+    check_span_args,
+    iid_noise_mask,
+    noise_span_counts,
+    random_span_segmentation,
+    random_spans_noise_mask,
+    span_corruption_lengths,
+)
+
+NOISE_LAWS = ("spans", "iid")
+
+
+def _compact(
+    values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, width: int, fill: int
+) -> torch.Tensor:
+    """``out[b, positions[b, i]] = values[b, i]`` where ``keep``, else ``fill``: ``(B, width)``.
+
+    What a row does not keep goes to a spare last column, which is then cut off.
+    """
+    out = values.new_full((values.shape[0], width + 1), fill)
+    out.scatter_(1, torch.where(keep, positions, width), values)
+    return out[:, :width].contiguous()
+
+
+def _place_eos(out: torch.Tensor, lengths: torch.Tensor, eos_id: int) -> None:
+    """``out[b, lengths[b]] = eos_id`` for every row (in place on a tensor we own)."""
+    out.scatter_(1, lengths[:, None], eos_id)
+
+
+def replace_noise_spans(
+    tokens: torch.Tensor,
+    noise_mask: torch.Tensor,
+    *,
+    sentinel_id: int,
+    eos_id: int,
+    pad_id: int,
+    num_sentinels: int,
+    lengths: torch.Tensor | None = None,
+    inputs_width: int | None = None,
+    targets_width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T5's span corruption for a given noise mask.
+
+    ``tokens`` ``(B, L)`` int64, ``noise_mask`` ``(B, L)`` bool (False past each row's length),
+    ``lengths`` ``(B,)`` int64 or ``None`` for full rows.  Returns ``(inputs, input_lengths,
+    targets, target_lengths)``: inputs ``(B, S)`` are the non-noise tokens with each noise span
+    replaced by the next sentinel (``sentinel_id``, ``sentinel_id - 1``, …), then EOS; targets
+    ``(B, T)`` are each span preceded by its sentinel, then EOS; both padded with ``pad_id``.
+    ``S`` and ``T`` default to the batch's longest row.  Raises when a row has more spans than
+    ``num_sentinels``.
+    """
+    B, L = tokens.shape
+    device = tokens.device
+    noise = noise_mask
+    first = noise.clone()
+    first[:, 1:] &= ~noise[:, :-1]  # (B, L) the first token of each span
+    span_no = first.cumsum(dim=1)  # (B, L) spans begun so far, this one included
+    # Padding counts as non-noise here: it then lands past each row's EOS (see below).
+    nonnoise_no = (~noise).cumsum(dim=1)  # (B, L) non-noise tokens so far, this one included
+    noise_no = torch.arange(1, L + 1, device=device) - nonnoise_no  # (B, L) noise tokens so far
+    if L:
+        num_spans, n_noise = span_no[:, -1], noise_no[:, -1]
+    else:
+        num_spans = n_noise = torch.zeros(B, dtype=torch.long, device=device)
+    n_keep = (L - n_noise) if lengths is None else (lengths - n_noise)
+    if B and L and int(num_spans.max()) > num_sentinels:
+        raise LmlabError(
+            f"a row needs {int(num_spans.max())} noise spans but the vocabulary has only {num_sentinels} "
+            f"sentinels; use shorter rows, a lower noise_density or longer spans"
+        )
+    input_lengths = n_keep + num_spans + 1
+    target_lengths = n_noise + num_spans + 1
+    S = inputs_width if inputs_width is not None else int(input_lengths.max()) if B else 1
+    T = targets_width if targets_width is not None else int(target_lengths.max()) if B else 1
+    if lengths is not None:
+        tokens = tokens.masked_fill(torch.arange(L, device=device) >= lengths[:, None], pad_id)
+    next_sentinel = sentinel_id - span_no  # (B, L) the sentinel of the next span to begin
+
+    # Inputs: a kept token goes after the kept tokens and sentinels before it.  Every token of a
+    # span goes to its sentinel's place with the sentinel as value, so the repeated writes agree
+    # and one scatter does it all.  A row's padding follows its last token: the first padding
+    # slot is overwritten by EOS, the rest clamp into a spare column.
+    in_index = nonnoise_no + span_no - 1
+    in_vals = torch.where(noise, next_sentinel + 1, tokens)
+    if lengths is None:
+        inputs = tokens.new_full((B, S), pad_id).scatter_(1, in_index, in_vals)
+    else:
+        inputs = tokens.new_full((B, S + 1), pad_id).scatter_(1, in_index.clamp_max_(S), in_vals)
+        inputs = inputs[:, :S].contiguous()
+    _place_eos(inputs, input_lengths - 1, eos_id)
+
+    # Targets: a noise token goes after the noise tokens and sentinels before it (its own
+    # sentinel included).  A non-noise token writes the next span's sentinel to that sentinel's
+    # place (again repeated writes that agree); past the last span this is the EOS slot, which
+    # EOS then overwrites.  A row that starts with noise has no token before its first span: the
+    # first slot is always <extra_id_0> (or EOS, written last, for a row without noise).
+    tgt_index = noise_no + span_no - noise.long()
+    tgt_vals = torch.where(noise, tokens, next_sentinel)
+    targets = tokens.new_full((B, T), pad_id).scatter_(1, tgt_index, tgt_vals)
+    if T:
+        targets[:, 0] = sentinel_id
+    _place_eos(targets, target_lengths - 1, eos_id)
+    return inputs, input_lengths, targets, target_lengths
+
+
+def replace_segmented_spans(
+    tokens: torch.Tensor,
+    nonnoise_ends: torch.Tensor,
+    noise_ends: torch.Tensor,
+    *,
+    sentinel_id: int,
+    eos_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`replace_noise_spans` for full rows whose noise is given as a segmentation.
+
+    ``tokens`` ``(B, L)``; ``nonnoise_ends``/``noise_ends`` ``(B, s + 1)`` as
+    :func:`~lmlab.objectives.noise.random_span_segmentation` returns them, every row with the
+    same ``m`` non-noise and ``n`` noise tokens in ``s`` spans.  Returns ``(inputs (B, m + s + 1),
+    targets (B, n + s + 1))``, no padding.
+
+    The fast path: it never builds the ``(B, L)`` mask but gathers each output token from its
+    source.  In the inputs, non-noise run ``k`` is preceded by ``k`` sentinels and by noise runs
+    ``0..k-1``; in the targets, noise run ``k`` by ``k + 1`` sentinels and non-noise runs ``0..k``.
+    """
+    B, L = tokens.shape
+    s = noise_ends.shape[1] - 1
+    m, n = int(nonnoise_ends[0, -1]) if B else 0, int(noise_ends[0, -1]) if B else 0
+    ks = torch.arange(s, device=tokens.device)
+
+    def assemble(width: int, sentinel_at: torch.Tensor, other_ends: torch.Tensor, extra: int) -> torch.Tensor:
+        # marks[j] = 1 where a sentinel goes; q[j] = sentinels at or before output position j.
+        marks = torch.zeros((B, width), dtype=torch.long, device=tokens.device)
+        marks.scatter_(1, sentinel_at, 1)
+        q = marks.cumsum(dim=1)  # (B, width)
+        # A token at output j after q sentinels comes from j - q + (tokens of the other kind
+        # before its run); ``extra`` is 0 for inputs and 1 for targets (the run's own sentinel).
+        source = torch.arange(width, device=tokens.device) - q + other_ends.gather(1, q - extra)
+        values = tokens.gather(1, source.clamp_(0, max(L - 1, 0)))
+        out = torch.where(marks.bool(), (sentinel_id + 1) - q, values)
+        out[:, -1] = eos_id
+        return out
+
+    if s == 0:
+        inputs = torch.cat([tokens, tokens.new_full((B, 1), eos_id)], dim=1)
+        return inputs, tokens.new_full((B, 1), eos_id)
+    inputs = assemble(m + s + 1, nonnoise_ends[:, 1:] + ks, noise_ends, 0)
+    targets = assemble(n + s + 1, noise_ends[:, :-1] + ks, nonnoise_ends, 0)
+    return inputs, targets
+
+
+def drop_noise_tokens(
+    tokens: torch.Tensor,
+    noise_mask: torch.Tensor,
+    *,
+    eos_id: int,
+    pad_id: int,
+    lengths: torch.Tensor | None = None,
+    inputs_width: int | None = None,
+    targets_width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T5's "drop corrupted tokens": inputs = non-noise tokens + EOS, targets = noise tokens + EOS.
+
+    Same arguments and return layout as :func:`replace_noise_spans`.
+    """
+    B, L = tokens.shape
+    keep = (
+        ~noise_mask
+        if lengths is None
+        else ~noise_mask & (torch.arange(L, device=tokens.device) < lengths[:, None])
+    )
+    nonnoise_no = keep.cumsum(dim=1)
+    noise_no = noise_mask.cumsum(dim=1)
+    zero = torch.zeros(B, dtype=torch.long, device=tokens.device)
+    input_lengths = (nonnoise_no[:, -1] if L else zero) + 1
+    target_lengths = (noise_no[:, -1] if L else zero) + 1
+    S = inputs_width if inputs_width is not None else int(input_lengths.max()) if B else 1
+    T = targets_width if targets_width is not None else int(target_lengths.max()) if B else 1
+    inputs = _compact(tokens, nonnoise_no - 1, keep, S, pad_id)
+    _place_eos(inputs, input_lengths - 1, eos_id)
+    targets = _compact(tokens, noise_no - 1, noise_mask, T, pad_id)
+    _place_eos(targets, target_lengths - 1, eos_id)
+    return inputs, input_lengths, targets, target_lengths
+
+
+def _noise_mask(
+    law: str,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor | None,
+    noise_density: float,
+    mean_noise_span_length: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    B, L = tokens.shape
+    if law == "spans":
+        return random_spans_noise_mask(
+            B,
+            L,
+            noise_density,
+            mean_noise_span_length,
+            lengths=lengths,
+            generator=generator,
+            device=tokens.device,
+        )
+    return iid_noise_mask(B, L, noise_density, lengths=lengths, generator=generator, device=tokens.device)
+
+
+def _check_law(noise: str) -> None:
+    if noise not in NOISE_LAWS:
+        raise LmlabError(f"unknown noise law {noise!r}; choose one of {', '.join(NOISE_LAWS)}")
+
+
+@dataclass(frozen=True)
+class SpanCorruption:
+    """T5's span corruption ("replace corrupted spans"), an encoder–decoder objective.
+
+    ``objective(tokens (B, L) int64, attention_mask=None, generator=None)`` returns ``input_ids``
+    and ``attention_mask`` ``(B, S)``, ``labels`` and ``decoder_input_ids`` ``(B, T)``.  With
+    ``noise="spans"`` ``S`` and ``T`` depend on ``L`` only (shorter ragged rows are padded);
+    with ``noise="iid"`` they are the batch's longest row.
+    """
+
+    sentinel_id: int  # <extra_id_0>, the highest id of the vocabulary in lmlab's layout
+    eos_id: int = 1
+    pad_id: int = 0
+    num_sentinels: int = 100
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    noise: str = "spans"
+    decoder_start_id: int | None = None  # None: the pad id, as in T5
+    # Full rows under the span law skip the (B, L) mask (replace_segmented_spans); the tests
+    # switch this off to check that both paths give the same batch from the same seed.
+    fast: bool = True
+
+    architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
+
+    def __post_init__(self) -> None:
+        _check_law(self.noise)
+        check_span_args(self.noise_density, self.mean_noise_span_length)
+        if self.num_sentinels < 1 or self.sentinel_id - self.num_sentinels + 1 < 0:
+            raise LmlabError(
+                f"need sentinels: sentinel_id={self.sentinel_id} with num_sentinels={self.num_sentinels}"
+            )
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, **kw: Any) -> SpanCorruption:
+        ids = special_ids_of(tok)
+        if ids.sentinel_id is None or ids.num_sentinels == 0:
+            raise LmlabError("the tokenizer has no <extra_id_0> sentinel, which span corruption needs")
+        return cls(**{**_sentinel_kw(ids), **kw})
+
+    def raw_length(self, inputs_length: int) -> int:
+        if self.noise == "iid":
+            return inputs_length
+        return span_corruption_lengths(inputs_length, self.noise_density, self.mean_noise_span_length)[0]
+
+    def targets_length(self, inputs_length: int) -> int | None:
+        if self.noise == "iid":
+            return None
+        return span_corruption_lengths(inputs_length, self.noise_density, self.mean_noise_span_length)[1]
+
+    def output_widths(self, length: int) -> tuple[int, int] | None:
+        """``(inputs_width, targets_width)`` for raw rows of ``length``; ``None`` when random."""
+        if self.noise == "iid":
+            return None
+        n, s = noise_span_counts(length, self.noise_density, self.mean_noise_span_length)
+        return length - n + s + 1, n + s + 1
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        lengths = row_lengths(tokens, attention_mask)
+        tokens = tokens.long()
+        B, L = tokens.shape
+        check_ids_in_range(tokens, 0, self.sentinel_id - self.num_sentinels + 1, "the non-sentinel ids")
+        widths = self.output_widths(L)
+        if widths is not None:
+            # The counts are fixed by each row's length: fail before drawing anything.
+            row_max = L if lengths is None else int(lengths.max()) if B else 0
+            _, s = noise_span_counts(row_max, self.noise_density, self.mean_noise_span_length)
+            if s > self.num_sentinels:
+                raise LmlabError(
+                    f"rows of {row_max} tokens need {s} noise spans but the vocabulary has only "
+                    f"{self.num_sentinels} sentinels; use shorter rows, a lower noise_density or longer spans"
+                )
+        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
+        if self.noise == "spans" and lengths is None and self.fast:
+            A, C = random_span_segmentation(
+                B,
+                L,
+                self.noise_density,
+                self.mean_noise_span_length,
+                generator=generator,
+                device=tokens.device,
+            )
+            inputs, targets = replace_segmented_spans(
+                tokens, A, C, sentinel_id=self.sentinel_id, eos_id=self.eos_id
+            )
+            return seq2seq_batch(inputs, None, targets, None, self.pad_id, start)
+        mask = _noise_mask(
+            self.noise, tokens, lengths, self.noise_density, self.mean_noise_span_length, generator
+        )
+        inputs, in_len, targets, tgt_len = replace_noise_spans(
+            tokens,
+            mask,
+            sentinel_id=self.sentinel_id,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            num_sentinels=self.num_sentinels,
+            lengths=lengths,
+            inputs_width=None if widths is None else widths[0],
+            targets_width=None if widths is None else widths[1],
+        )
+        full = widths is not None and lengths is None
+        return seq2seq_batch(
+            inputs, None if full else in_len, targets, None if full else tgt_len, self.pad_id, start
+        )
+
+
+@dataclass(frozen=True)
+class DropTokens:
+    """T5's "drop corrupted tokens" (Table 3): noise tokens leave the input and are the target.
+
+    I.i.d. noise by default, as in Table 4; ``noise="spans"`` uses T5's span law instead.
+    """
+
+    eos_id: int = 1
+    pad_id: int = 0
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    noise: str = "iid"
+    decoder_start_id: int | None = None
+
+    architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
+
+    def __post_init__(self) -> None:
+        _check_law(self.noise)
+        check_span_args(self.noise_density, self.mean_noise_span_length)
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, **kw: Any) -> DropTokens:
+        ids = special_ids_of(tok)
+        return cls(**{"eos_id": ids.eos_id, "pad_id": ids.pad_id, **kw})
+
+    def raw_length(self, inputs_length: int) -> int:
+        return inputs_length
+
+    def targets_length(self, inputs_length: int) -> int | None:
+        return None
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        lengths = row_lengths(tokens, attention_mask)
+        tokens = tokens.long()
+        B, L = tokens.shape
+        mask = _noise_mask(
+            self.noise, tokens, lengths, self.noise_density, self.mean_noise_span_length, generator
+        )
+        widths = None
+        if self.noise == "spans":
+            n, _ = noise_span_counts(L, self.noise_density, self.mean_noise_span_length)
+            widths = (L - n + 1, n + 1)
+        inputs, in_len, targets, tgt_len = drop_noise_tokens(
+            tokens,
+            mask,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            lengths=lengths,
+            inputs_width=None if widths is None else widths[0],
+            targets_width=None if widths is None else widths[1],
+        )
+        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
+        return seq2seq_batch(inputs, in_len, targets, tgt_len, self.pad_id, start)
+
+
+def _sentinel_kw(ids: SpecialIds) -> dict[str, Any]:
+    return {
+        "sentinel_id": ids.sentinel_id,
+        "eos_id": ids.eos_id,
+        "pad_id": ids.pad_id,
+        "num_sentinels": ids.num_sentinels,
+    }
+
+
+__all__ = [
+    "DropTokens",
+    "SpanCorruption",
+    "drop_noise_tokens",
+    "replace_noise_spans",
+]
