@@ -12,14 +12,33 @@ The batch uses Hugging Face's keys: ``input_ids``, ``attention_mask``, ``labels`
 Inputs are never modified; the same generator seed gives the same batch; outputs live on the
 inputs' device.  ``objective.architectures`` names the model kinds it trains and
 ``objective.raw_length(inputs_length)`` how many raw tokens a row needs.
+
+The names below are imported on first use, so that ``lmlab --help`` and ``lmlab.objectives.cli``
+do not pay for importing torch.
 """
 
-from lmlab.objectives.base import IGNORE_INDEX
-from lmlab.objectives.language_modeling import CausalLM, Deshuffle, PrefixLM
-from lmlab.objectives.masked_lm import BertMLM, BertStyle, MassStyle
-from lmlab.objectives.noise import iid_noise_mask, random_spans_noise_mask, span_corruption_lengths
-from lmlab.objectives.registry import OBJECTIVES, get_objective
-from lmlab.objectives.span_corruption import DropTokens, SpanCorruption
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "IGNORE_INDEX": "lmlab.objectives.base",
+    "CausalLM": "lmlab.objectives.language_modeling",
+    "Deshuffle": "lmlab.objectives.language_modeling",
+    "PrefixLM": "lmlab.objectives.language_modeling",
+    "BertMLM": "lmlab.objectives.masked_lm",
+    "BertStyle": "lmlab.objectives.masked_lm",
+    "MassStyle": "lmlab.objectives.masked_lm",
+    "iid_noise_mask": "lmlab.objectives.noise",
+    "random_spans_noise_mask": "lmlab.objectives.noise",
+    "span_corruption_lengths": "lmlab.objectives.noise",
+    "OBJECTIVES": "lmlab.objectives.registry",
+    "get_objective": "lmlab.objectives.registry",
+    "DropTokens": "lmlab.objectives.span_corruption",
+    "SpanCorruption": "lmlab.objectives.span_corruption",
+}
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,3 +56,24 @@ __all__ = [
     "random_spans_noise_mask",
     "span_corruption_lengths",
 ]
+
+if TYPE_CHECKING:
+    from lmlab.objectives.base import IGNORE_INDEX
+    from lmlab.objectives.language_modeling import CausalLM, Deshuffle, PrefixLM
+    from lmlab.objectives.masked_lm import BertMLM, BertStyle, MassStyle
+    from lmlab.objectives.noise import iid_noise_mask, random_spans_noise_mask, span_corruption_lengths
+    from lmlab.objectives.registry import OBJECTIVES, get_objective
+    from lmlab.objectives.span_corruption import DropTokens, SpanCorruption
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmlab.objectives' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

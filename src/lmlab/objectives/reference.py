@@ -81,7 +81,9 @@ def drop_tokens(tokens: list[int], noise: list[bool], eos_id: int) -> tuple[list
     return kept + [eos_id], dropped + [eos_id]
 
 
-def merge_on_sentinels(inputs: list[int], targets: list[int], sentinel_ids: set[int], eos_id: int) -> list[int]:
+def merge_on_sentinels(
+    inputs: list[int], targets: list[int], sentinel_ids: set[int], eos_id: int
+) -> list[int]:
     """Undo span corruption: put each target span back in place of its sentinel in the inputs.
 
     Both rows end in EOS, which is dropped (an EOS id inside the text is kept).

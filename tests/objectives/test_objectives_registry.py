@@ -1,0 +1,152 @@
+"""get_objective, from_tokenizer with lmlab's tokenizer layout, and ``lmlab corrupt``."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.objectives import (
+    IGNORE_INDEX,
+    OBJECTIVES,
+    BertMLM,
+    BertStyle,
+    CausalLM,
+    Deshuffle,
+    DropTokens,
+    MassStyle,
+    PrefixLM,
+    SpanCorruption,
+    get_objective,
+)
+from lmlab.objectives import cli as corrupt_cli
+
+ARCHITECTURES = {
+    "span": ("encoder-decoder",),
+    "iid-span": ("encoder-decoder",),
+    "bert": ("encoder",),
+    "bert-style": ("encoder-decoder",),
+    "mass": ("encoder-decoder",),
+    "drop": ("encoder-decoder",),
+    "prefix": ("encoder-decoder", "decoder"),
+    "deshuffle": ("encoder-decoder",),
+    "causal": ("decoder",),
+}
+
+
+def test_names_classes_and_architectures(hf_tokenizer):
+    assert set(OBJECTIVES) == set(ARCHITECTURES)
+    classes = {
+        "span": SpanCorruption,
+        "iid-span": SpanCorruption,
+        "bert": BertMLM,
+        "bert-style": BertStyle,
+        "mass": MassStyle,
+        "drop": DropTokens,
+        "prefix": PrefixLM,
+        "deshuffle": Deshuffle,
+        "causal": CausalLM,
+    }
+    V = len(hf_tokenizer)
+    tokens = torch.randint(4, V - 100, (3, 40), generator=torch.Generator().manual_seed(0))
+    for name, arch in ARCHITECTURES.items():
+        objective = get_objective(name, hf_tokenizer)
+        assert type(objective) is classes[name]
+        assert objective.architectures == arch
+        assert set(arch) <= {"encoder-decoder", "encoder", "decoder"}
+        assert objective.raw_length(512) == (568 if name == "span" else 512)
+        batch = objective(tokens, generator=torch.Generator().manual_seed(1))
+        keys = {"input_ids", "attention_mask", "labels"}
+        if arch[0] == "encoder-decoder":
+            keys.add("decoder_input_ids")
+        assert set(batch) == keys
+        for v in batch.values():
+            assert v.dtype == torch.long and v.shape[0] == 3
+        ids = torch.cat([batch["input_ids"].flatten(), batch["labels"].flatten()])
+        ids = ids[ids != IGNORE_INDEX]
+        assert ids.min() >= 0 and ids.max() < V
+    assert get_objective("iid-span", hf_tokenizer).noise == "iid"
+    assert get_objective("prefix", hf_tokenizer, decoder_only=True).decoder_only
+
+
+def test_from_tokenizer_reads_lmlab_layout(hf_tokenizer, tokenizer_dir):
+    V = len(hf_tokenizer)
+    sc = SpanCorruption.from_tokenizer(hf_tokenizer)
+    assert (sc.sentinel_id, sc.eos_id, sc.pad_id, sc.num_sentinels) == (V - 1, 1, 0, 100)
+    mlm = BertMLM.from_tokenizer(hf_tokenizer)
+    assert (mlm.vocab_size, mlm.mask_id, mlm.pad_id) == (V, 3, 0)
+    assert {0, 1, 2, 3, V - 1, V - 100} <= set(mlm.special_ids) and V - 101 not in mlm.special_ids
+    t5 = BertMLM.from_tokenizer(hf_tokenizer, preset="t5")
+    assert (t5.mask_replace_prob, t5.random_replace_prob) == (0.9, 0.1)
+    # A raw tokenizers.Tokenizer and a path work too.
+    from lmlab.data import read_tokenizer
+
+    assert SpanCorruption.from_tokenizer(read_tokenizer(tokenizer_dir)) == sc
+    assert get_objective("span", tokenizer_dir) == sc
+    assert get_objective("bert", str(tokenizer_dir)) == mlm
+
+
+def test_user_mistakes_are_one_line_errors(hf_tokenizer):
+    with pytest.raises(LmlabError, match="unknown objective"):
+        get_objective("t5", hf_tokenizer)
+    with pytest.raises(LmlabError, match="noise_density"):
+        get_objective("span", hf_tokenizer, noise_density=2.0)
+    with pytest.raises(LmlabError, match="unexpected keyword"):
+        get_objective("causal", hf_tokenizer, noise_density=0.1)
+    with pytest.raises(LmlabError, match="preset"):
+        get_objective("bert", hf_tokenizer, preset="roberta")
+    with pytest.raises(LmlabError, match="right-padded"):
+        CausalLM()(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(LmlabError, match="shape"):
+        CausalLM()(torch.ones(3, dtype=torch.long))
+
+
+def run_corrupt(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    corrupt_cli.configure(parser)
+    return corrupt_cli.run(parser.parse_args(argv))
+
+
+def test_corrupt_shows_table3(tokenizer_dir, capsys):
+    assert run_corrupt(["--tokenizer", str(tokenizer_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("original  Thank you for inviting me to your party last week .")
+    assert out[1].startswith("span") and "<extra_id_0>" in out[1] and out[1].endswith("</s>")
+    assert "targets  <extra_id_0>" in out[2]
+
+
+def test_corrupt_all(tokenizer_dir, capsys):
+    assert (
+        run_corrupt(
+            [
+                "--objective",
+                "all",
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--seed",
+                "3",
+                "--text",
+                "a b c d e f g h",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    for name in OBJECTIVES:
+        assert f"\n{name} " in out
+
+
+def test_corrupt_unknown_objective(tokenizer_dir):
+    with pytest.raises(LmlabError, match="unknown objective"):
+        run_corrupt(["--objective", "nope", "--tokenizer", str(tokenizer_dir)])
+    with pytest.raises(LmlabError, match="no tokenizer"):
+        run_corrupt(["--tokenizer", str(tokenizer_dir / "missing")])
+
+
+def test_cli_module_imports_nothing_heavy():
+    code = "import sys, lmlab.objectives.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
