@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = (
+WORDS_TEXT = (
     "the a of and to in is was for on that with as by at from it this be are were which an or his her "
     "model data language train text token sentence paper result table method small large corpus word "
     "river city king music science history water light north year people time world school"
-).split()
+)
+WORDS = WORDS_TEXT.split(" ")
 
 
 def make_texts(n: int, seed: int) -> list[str]:

@@ -136,7 +136,7 @@ def latest_checkpoint(run_dir: str | Path, log=None) -> Path | None:
     """The newest checkpoint that verifies; a corrupt newer one is named and skipped."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     found = list_checkpoints(run_dir)
-    for step, path in reversed(found):
+    for _, path in reversed(found):
         problem = verify_checkpoint(path)
         if problem is None:
             return path

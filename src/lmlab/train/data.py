@@ -213,6 +213,7 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def val_keys(n_rows: Sequence[int], batch_size: int, max_batches: int, rank: int, world: int) -> list:
+    # batch_size is the global batch: the same rows are scored however many ranks share them.
     """Micro-batch keys of the validation pass: the first rows of each source, fixed across runs.
 
     Rows are dealt round-robin to ranks in equal shares, so every rank runs the same number of
@@ -225,8 +226,9 @@ def val_keys(n_rows: Sequence[int], batch_size: int, max_batches: int, rank: int
         rows = rows[: len(rows) // world * world]
     table = np.array([(s, r, j) for j, (s, r) in enumerate(rows)], dtype=np.int64).reshape(-1, 3)
     mine = table[rank::world]
-    n_batches = math.ceil(len(mine) / batch_size)
-    return [(VAL_STREAM, 0, mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
+    per_rank = max(1, batch_size // world)
+    n_batches = math.ceil(len(mine) / per_rank)
+    return [(VAL_STREAM, 0, mine[b * per_rank : (b + 1) * per_rank]) for b in range(n_batches)]
 
 
 def make_loader(

@@ -446,10 +446,8 @@ class _Run:
                 rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
             extra = {"scheduler": self.scheduler.state_dict(), "rng": rng}
             trainer = {"tokens": tokens, "loss": loss, "data": {"next_step": step, "seed": self.cfg.seed}}
-            if self.cfg.fsdp or self.d.world == 1:
-                state = model_state
-            else:
-                state = self.base.state_dict()
+            # Under DDP the wrapper's keys carry a "module." prefix; save the bare model's.
+            state = model_state if self.cfg.fsdp or self.d.world == 1 else self.base.state_dict()
             path = ckpt.save_checkpoint(self.run_dir, step, state, optim_state, extra, trainer, self.cfg.keep)
         if self.d.world > 1:
             torch.distributed.barrier()
@@ -473,7 +471,7 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _evaluate(self) -> float:
-        keys = val_keys(self.val_sources.n_rows, self.cfg.batch_size // self.d.world, self.cfg.eval_batches,
+        keys = val_keys(self.val_sources.n_rows, self.cfg.batch_size, self.cfg.eval_batches,
                         self.d.rank, self.d.world)  # fmt: skip
         loader = make_loader(self.val_dataset, keys, 0, pin_memory=False)
         s, n = _eval_pass(self.forward_model, loader, self.family, self.d.device, self.d, self.start_id)

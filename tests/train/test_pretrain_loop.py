@@ -1,0 +1,172 @@
+"""The pre-training loop end to end on CPU: train, evaluate, checkpoint, resume bit-identically."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lmlab_train_fixtures import write_prepared  # noqa: E402
+
+from lmlab.errors import LmlabError  # noqa: E402
+from lmlab.train import PretrainConfig, evaluate, pretrain  # noqa: E402
+from lmlab.train.checkpoint import list_checkpoints  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("data") / "prepared")
+
+
+def tiny(data_dir: Path, out: Path, **kw) -> PretrainConfig:
+    base = dict(data=[str(data_dir)], out=str(out), objective="span", model="t5-tiny", steps=8, batch_size=4,
+                seq_len=32, eval_every=4, eval_batches=2, save_every=2, keep=3, workers=1, progress=False)  # fmt: skip
+    return PretrainConfig(**{**base, **kw})
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_span_t5_run_writes_a_loadable_model(data_dir, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lmlab.data import load_tokenizer
+
+    r = pretrain(tiny(data_dir, tmp_path / "run"))
+    assert r.step == 8 and r.final_dir == tmp_path / "run" / "final"
+    assert [s for s, _ in r.evals] == [4, 8]
+    assert r.losses[0][1] > r.losses[-1][1]  # it learns
+    rows = read_metrics(tmp_path / "run")
+    assert {"step", "loss", "val_loss"} <= set(rows[0])
+    assert [int(x["step"]) for x in rows] == list(range(1, 9))
+    assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "tokenizer.json").is_file()
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [4, 6, 8]  # keep=3
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(r.final_dir)
+    tok = load_tokenizer(r.final_dir)
+    assert model.config.vocab_size == len(tok)
+    # The saved model gives the loop's last validation loss on the same batches.
+    ev = evaluate(model, data_dir, "span", batch_size=4, seq_len=32, max_batches=2)
+    assert ev["loss"] == pytest.approx(r.evals[-1][1], rel=1e-5)
+    assert ev["perplexity"] == pytest.approx(torch.tensor(ev["loss"]).exp().item(), rel=1e-6)
+
+
+def test_evaluate_before_and_after_training(data_dir, tmp_path):
+    from lmlab.models import build_model, load_model
+
+    untrained = build_model("t5-tiny", 336, seed=0)
+    before = evaluate(untrained, data_dir, "span", batch_size=4, seq_len=32, max_batches=2)
+    r = pretrain(tiny(data_dir, tmp_path / "run", steps=12, lr=3e-3))
+    after = evaluate(load_model(r.final_dir), data_dir, "span", batch_size=4, seq_len=32, max_batches=2)
+    assert before["tokens"] == after["tokens"] > 0
+    assert after["loss"] < before["loss"] - 0.5
+    assert before["perplexity"] > after["perplexity"]
+
+
+@pytest.mark.parametrize(
+    ("objective", "model", "auto"),
+    [
+        ("causal", "gpt-tiny", "AutoModelForCausalLM"),
+        ("bert", "bert-tiny", "AutoModelForMaskedLM"),
+        ("prefix", "gpt-tiny", "AutoModelForCausalLM"),
+    ],  # fmt: skip
+)
+def test_other_families_train_and_load(data_dir, tmp_path, objective, model, auto):
+    import transformers
+
+    r = pretrain(tiny(data_dir, tmp_path / "run", objective=objective, model=model, steps=3, eval_every=3))
+    assert r.final_dir is not None and len(r.losses) == 3
+    getattr(transformers, auto).from_pretrained(r.final_dir)
+
+
+def test_model_objective_mismatch_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(LmlabError, match="objective 'span' trains encoder-decoder"):
+        pretrain(tiny(data_dir, tmp_path / "a", model="gpt-tiny"))
+    with pytest.raises(LmlabError, match="objective 'causal' trains decoder"):
+        pretrain(tiny(data_dir, tmp_path / "b", objective="causal"))
+    assert not (tmp_path / "a").exists()
+
+
+def test_out_with_a_run_needs_resume(data_dir, tmp_path):
+    pretrain(tiny(data_dir, tmp_path / "run", steps=2))
+    with pytest.raises(LmlabError, match="--resume"):
+        pretrain(tiny(data_dir, tmp_path / "run", steps=2))
+
+
+def _stop_at(step: int, signum: int):
+    def hook(s: int, loss) -> None:
+        if s == step:
+            os.kill(os.getpid(), signum)
+
+    return hook
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(data_dir, tmp_path, capsys):
+    full = pretrain(tiny(data_dir, tmp_path / "full"))
+
+    part = pretrain(tiny(data_dir, tmp_path / "part"), on_step=_stop_at(5, signal.SIGTERM))
+    assert part.stopped_by == "SIGTERM" and part.step == 5 and part.final_dir is None
+    assert [s for s, _ in list_checkpoints(tmp_path / "part")] == [2, 4, 5]
+    # A torn write of the newest checkpoint: detected, named, and the run goes back to step 4.
+    bad = tmp_path / "part" / "checkpoints" / "step-00000005" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])
+
+    resumed = pretrain(PretrainConfig.resume_from(tmp_path / "part", progress=False))
+    err = capsys.readouterr().err
+    assert "step-00000005" in err and "truncated" in err and "falling back" in err
+    assert resumed.step == 8 and resumed.final_dir is not None
+    assert resumed.losses == [x for x in full.losses if x[0] > 4]  # exact float equality
+    assert resumed.evals[-1] == full.evals[-1]
+    assert [r["loss"] for r in read_metrics(tmp_path / "part")] == [
+        r["loss"] for r in read_metrics(tmp_path / "full")
+    ]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "step-00000008" / "optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "step-00000008" / "optimizer.pt", weights_only=True)
+    assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
+
+
+def test_resume_may_extend_steps(data_dir, tmp_path):
+    pretrain(tiny(data_dir, tmp_path / "run", steps=4, schedule="constant"))
+    longer = pretrain(PretrainConfig.resume_from(tmp_path / "run", steps=6, progress=False))
+    assert longer.step == 6 and [s for s, _ in longer.losses] == [5, 6]
+    with pytest.raises(LmlabError, match="cannot change"):
+        PretrainConfig.resume_from(tmp_path / "run", lr=1.0)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    def poison(step: int, loss) -> None:
+        if step == 4:  # after the step-4 checkpoint, break the weights as a diverging run would
+            for p in poison.model.parameters():
+                p.data.fill_(float("nan"))
+
+    import lmlab.train.loop as loop
+
+    real = loop._Run._build
+
+    def build(self):
+        real(self)
+        poison.model = self.base
+
+    loop._Run._build = build
+    try:
+        with pytest.raises(LmlabError, match=r"loss became nan at step 5.*step-00000004"):
+            pretrain(tiny(data_dir, tmp_path / "run"), on_step=poison)
+    finally:
+        loop._Run._build = real
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_grad_accum_gives_the_same_run(data_dir, tmp_path):
+    a = pretrain(tiny(data_dir, tmp_path / "a", steps=3, workers=0))
+    b = pretrain(tiny(data_dir, tmp_path / "b", steps=3, grad_accum=2, workers=0))
+    for (sa, la), (sb, lb) in zip(a.losses, b.losses, strict=True):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
