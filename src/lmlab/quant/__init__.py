@@ -1,0 +1,42 @@
+"""Quantization: LLM.int8() and 4-bit NormalFloat / FP4 as drop-in layers for any PyTorch model.
+
+Papers: Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at
+Scale" (§3, vector-wise quantization and mixed-precision decomposition); Dettmers et al. 2023,
+"QLoRA: Efficient Finetuning of Quantized LLMs" (§3, 4-bit NormalFloat, double quantization).
+
+    from lmlab.quant import quantize_, NF4Config, save_quantized, load_quantized
+    report = quantize_(model, NF4Config(double_quant=True))   # in place, returns a memory report
+    save_quantized(model, "out/")                              # safetensors, bitsandbytes' keys
+    model = load_quantized("out/")                              # no re-quantization
+
+Layout: ``codebooks`` (NF4 / FP4 / int4 tables, quantile and dynamic maps), ``blockwise``
+(4-bit quantize / dequantize, fast path + reference), ``int8`` (LLM.int8() matmul), ``modules``
+(``Linear4bit``, ``Linear8bit``), ``api`` (configs, ``quantize_``), ``serialization``, ``cli``.
+"""
+
+from lmlab.quant.api import FP4Config, Int8Config, NF4Config, QuantReport, quantize_
+from lmlab.quant.blockwise import Quantized4bit, dequantize_4bit, quantize_4bit
+from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
+from lmlab.quant.int8 import int8_matmul, int8_vectorwise
+from lmlab.quant.modules import Linear4bit, Linear8bit
+from lmlab.quant.serialization import load_quantized, save_quantized
+
+__all__ = [
+    "FP4Config",
+    "Int8Config",
+    "Linear4bit",
+    "Linear8bit",
+    "NF4Config",
+    "QuantReport",
+    "Quantized4bit",
+    "codebook",
+    "dequantize_4bit",
+    "dynamic_map",
+    "int8_matmul",
+    "int8_vectorwise",
+    "load_quantized",
+    "quantile_codebook",
+    "quantize_",
+    "quantize_4bit",
+    "save_quantized",
+]

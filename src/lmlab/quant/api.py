@@ -1,0 +1,296 @@
+"""``quantize_(model, Config)``: swap the linear layers of any model for quantized ones, in place.
+
+    from lmlab.quant import quantize_, NF4Config
+    report = quantize_(model, NF4Config(double_quant=True))
+    print(report)
+
+Configs are frozen dataclasses validated on construction; a small registry maps each config type
+to the function that builds the replacement layer. Works for ``nn.Linear`` in any model and for
+Hugging Face GPT-2's ``Conv1D`` (whose weight is stored transposed). The output head
+(``model.get_output_embeddings()`` and modules named in ``skip_modules``, ``lm_head`` by default)
+stays in floating point, as in QLoRA and LLM.int8() practice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.quant.blockwise import BLOCK_SIZES, FLOAT_DTYPES
+from lmlab.quant.modules import Linear4bit, Linear8bit, is_linear_like, linear_weight
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class _FourBitConfig:
+    block_size: int = 64
+    double_quant: bool = False
+    compute_dtype: torch.dtype | None = None
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    quant_type: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise LmlabError(
+                f"{type(self).__name__}: block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
+                f"got {self.block_size!r}"
+            )
+        if not isinstance(self.double_quant, bool):
+            raise LmlabError(f"{type(self).__name__}: double_quant must be True or False")
+        if self.compute_dtype is not None and self.compute_dtype not in FLOAT_DTYPES:
+            raise LmlabError(f"{type(self).__name__}: compute_dtype must be float32, float16 or bfloat16")
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+
+    @property
+    def method(self) -> str:
+        return self.quant_type
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.quant_type,
+            "block_size": self.block_size,
+            "double_quant": self.double_quant,
+            "compute_dtype": None
+            if self.compute_dtype is None
+            else str(self.compute_dtype).removeprefix("torch."),
+            "skip_modules": list(self.skip_modules),
+        }
+
+
+@dataclass(frozen=True)
+class NF4Config(_FourBitConfig):
+    """4-bit NormalFloat (QLoRA). ``double_quant=True`` gives ≈ 4.127 bits per parameter."""
+
+    quant_type: ClassVar[str] = "nf4"
+
+
+@dataclass(frozen=True)
+class FP4Config(_FourBitConfig):
+    """bitsandbytes' 4-bit float (1 sign, 2 exponent, 1 mantissa bit)."""
+
+    quant_type: ClassVar[str] = "fp4"
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """LLM.int8(): int8 weights, input columns with any ``|x| >= threshold`` in floating point."""
+
+    threshold: float = 6.0
+    skip_modules: tuple[str, ...] = field(default=("lm_head",))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise LmlabError(f"Int8Config: threshold must be a number, got {self.threshold!r}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise LmlabError(f"Int8Config: threshold must be finite and >= 0, got {self.threshold}")
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+
+    @property
+    def method(self) -> str:
+        return "int8"
+
+    def to_json(self) -> dict:
+        return {"method": "int8", "threshold": self.threshold, "skip_modules": list(self.skip_modules)}
+
+
+Config = NF4Config | FP4Config | Int8Config
+
+
+def _make_4bit(module: nn.Module, config: _FourBitConfig, name: str) -> nn.Module:
+    return Linear4bit.from_linear(
+        module, config.quant_type, config.block_size, config.double_quant, config.compute_dtype, name=name
+    )
+
+
+def _make_int8(module: nn.Module, config: Int8Config, name: str) -> nn.Module:
+    return Linear8bit.from_linear(module, config.threshold, name=name)
+
+
+# config type -> layer builder
+_REGISTRY: dict[type, Callable[[nn.Module, object, str], nn.Module]] = {
+    NF4Config: _make_4bit,
+    FP4Config: _make_4bit,
+    Int8Config: _make_int8,
+}
+
+
+def config_from_json(meta: dict) -> Config:
+    method = meta.get("method")
+    if method in ("nf4", "fp4"):
+        dtype = meta.get("compute_dtype")
+        cls = NF4Config if method == "nf4" else FP4Config
+        return cls(
+            block_size=int(meta.get("block_size", 64)),
+            double_quant=bool(meta.get("double_quant", False)),
+            compute_dtype=None if dtype is None else getattr(torch, dtype),
+            skip_modules=tuple(meta.get("skip_modules", ("lm_head",))),
+        )
+    if method == "int8":
+        return Int8Config(
+            threshold=float(meta.get("threshold", 6.0)),
+            skip_modules=tuple(meta.get("skip_modules", ("lm_head",))),
+        )
+    raise LmlabError(f"unknown quantization method {method!r}")
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What :func:`quantize_` changed. Byte counts are for the quantized layers' weights
+    (``bytes_before`` / ``bytes_after``) and for the whole model (``model_bytes_*``)."""
+
+    method: str
+    layers: tuple[str, ...]
+    params: int
+    bytes_before: int
+    bytes_after: int
+    model_bytes_before: int
+    model_bytes_after: int
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits per weight of the quantized layers (codes, scales and code tables)."""
+        return 8.0 * self.bytes_after / self.params if self.params else float("nan")
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "layers": len(self.layers),
+            "params": self.params,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "bits_per_param": self.bits_per_param,
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+            "skipped": list(self.skipped),
+        }
+
+    def __str__(self) -> str:
+        rows = [
+            ("", "before", "after", "ratio"),
+            (
+                f"quantized layers ({len(self.layers)})",
+                _human(self.bytes_before),
+                _human(self.bytes_after),
+                f"{self.compression:.2f}x",
+            ),
+            (
+                "whole model",
+                _human(self.model_bytes_before),
+                _human(self.model_bytes_after),
+                f"{self.model_bytes_before / max(1, self.model_bytes_after):.2f}x",
+            ),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"method {self.method}: {self.params:,} weights at {self.bits_per_param:.3f} bits/param"]
+        for r in rows:
+            lines.append(
+                "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+            )
+        if self.skipped:
+            lines.append(f"kept in floating point: {', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.data_ptr()
+        if key in seen and t.numel():
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if head is not None:
+            names |= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def _default_filter(config: Config, heads: set[str]) -> FilterFn:
+    skip = set(config.skip_modules)
+
+    def keep(module: nn.Module, name: str) -> bool:
+        return name not in heads and name not in skip and name.rsplit(".", 1)[-1] not in skip
+
+    return keep
+
+
+def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = None) -> QuantReport:
+    """Replace the linear layers of ``model`` by quantized ones, in place; returns a report.
+
+    ``filter_fn(module, name) -> bool`` chooses the layers (``nn.Linear`` or ``Conv1D``) to
+    quantize; by default every one except the output head and ``config.skip_modules``.
+    """
+    builder = _REGISTRY.get(type(config))
+    if builder is None:
+        raise LmlabError(
+            f"quantize_: expected NF4Config, FP4Config or Int8Config, got {type(config).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise LmlabError(f"quantize_: expected a torch.nn.Module, got {type(model).__name__}")
+    keep = filter_fn or _default_filter(config, _output_head_names(model))
+    before = model_nbytes(model)
+    targets: list[tuple[str, nn.Module]] = []
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module):
+            continue
+        if keep(module, name):
+            targets.append((name, module))
+        else:
+            skipped.append(name)
+    params = bytes_before = bytes_after = 0
+    for name, module in targets:
+        w = linear_weight(module)
+        new = builder(module, config, f"{name}.weight")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+        params += w.numel()
+        bytes_before += w.numel() * w.element_size()
+        bytes_after += new.quantized_nbytes
+    return QuantReport(
+        method=config.method,
+        layers=tuple(n for n, _ in targets),
+        params=params,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        model_bytes_before=before,
+        model_bytes_after=model_nbytes(model),
+        skipped=tuple(skipped),
+    )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))}

@@ -1,0 +1,123 @@
+"""Codebooks for 4-bit and 8-bit blockwise quantization.
+
+A codebook is the sorted (or bit-pattern ordered) list of values that a code can stand for; a
+quantized element stores only the index of its nearest value.
+
+* ``"nf4"`` -- 4-bit NormalFloat (Dettmers et al. 2023, QLoRA §3, "4-bit NormalFloat
+  Quantization"): 8 positive and 7 negative quantiles of N(0, 1) taken between
+  ``offset = 0.9677083`` and 0.5, plus an exact zero, normalised by the largest value. Built here
+  by that construction (no scipy: ``torch.special.ndtri`` in float64); the result is bit-for-bit
+  the table bitsandbytes ships.
+* ``"fp4"`` -- bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2), in
+  bit-pattern order: index ``0b1xxx`` is the negative of ``0b0xxx``. Not the OCP E2M1 grid.
+* ``"int4"`` -- uniform symmetric sign-magnitude: ``±k/7``, also in bit-pattern order.
+* :func:`quantile_codebook` -- the data-dependent "quantile quantization" of QLoRA eq. (4): the
+  ``i``-th value is the mean of the empirical quantiles ``i/(2^k+1)`` and ``(i+1)/(2^k+1)``, so
+  every code covers an equal share of the data.
+* :func:`dynamic_map` -- the signed dynamic 8-bit map (Dettmers et al. 2016, "8-bit approximations
+  for parallelism") that double quantization uses for the absmax values (QLoRA §3).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmlab.errors import LmlabError
+
+NF4_OFFSET = 0.9677083  # = 929/960, QLoRA's outermost quantile (bitsandbytes' default)
+
+CODEBOOKS = ("nf4", "fp4", "int4")
+
+
+def _nf4_values() -> torch.Tensor:
+    # Follow the construction step by step, including where it rounds to float32, so the table
+    # equals the published one exactly: quantile points in float32 (torch.linspace), the inverse
+    # normal CDF in float64, then float32 values divided by their maximum in float32.
+    pos = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())  # 8 positive
+    neg = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())  # 7 negative
+    values = torch.cat([pos.float(), torch.zeros(1), neg.float()]).sort().values
+    return values / values.max()
+
+
+def _fp4_values() -> torch.Tensor:
+    # Bit pattern 0b0EEM: exponent field E (bias 2), mantissa bit M; E == 0 is subnormal.
+    # This reproduces bitsandbytes' table [0, 0.0625, 8, 12, 4, 6, 2, 3] / 12 (signed copy after).
+    # Its exponent field is laid out so that patterns 2..7 read 8, 12, 4, 6, 2, 3: exponent
+    # values (2, 2, 1, 1, 0, 0) for E = 1..3 in reverse, which we simply list.
+    magnitudes = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
+    # "+ 0.0" turns -0.0 into +0.0: the reference table's pattern 0b1000 is a plain zero.
+    values = torch.cat([magnitudes, -magnitudes + 0.0])
+    return values / values.abs().max()
+
+
+def _int4_values() -> torch.Tensor:
+    magnitudes = torch.arange(7, -1, -1, dtype=torch.float32)  # 7..0, bitsandbytes' int4 order
+    values = torch.cat([magnitudes, -magnitudes + 0.0])
+    return values / 7.0
+
+
+@functools.cache
+def _codebook_cached(name: str, device: torch.device) -> torch.Tensor:
+    builders = {"nf4": _nf4_values, "fp4": _fp4_values, "int4": _int4_values}
+    return builders[name]().to(device)
+
+
+def codebook(name: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16 values of a 4-bit codebook, ``(16,) float32``, indexed by the 4-bit code.
+
+    ``name`` is ``"nf4"`` (sorted ascending), ``"fp4"`` or ``"int4"`` (bit-pattern order, bit 3 =
+    sign). The returned tensor is a fresh copy; callers may modify it.
+    """
+    if name not in CODEBOOKS:
+        raise LmlabError(f"unknown codebook {name!r}; expected one of {', '.join(CODEBOOKS)}")
+    return _codebook_cached(name, torch.device(device or "cpu")).clone()
+
+
+def quantile_codebook(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Data-dependent codebook of ``2**bits`` values, ``(2**bits,) float32`` sorted ascending.
+
+    QLoRA eq. (4): ``q_i = (Q(i / (2^k + 1)) + Q((i + 1) / (2^k + 1))) / 2`` with ``Q`` the
+    empirical quantile function of ``x`` (any shape, any float dtype). Each value stands for an
+    equal-mass slice of the data. Values are in the units of ``x`` (not normalised).
+    """
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise LmlabError(f"quantile_codebook: bits must be an integer in 1..8, got {bits!r}")
+    flat = x.detach().reshape(-1).float()
+    if flat.numel() == 0:
+        raise LmlabError("quantile_codebook: the source tensor is empty")
+    if not torch.isfinite(flat).all():
+        raise LmlabError("quantile_codebook: the source tensor contains NaN or Inf")
+    n = 2**bits
+    sorted_x = flat.sort().values
+    # Empirical quantiles Q(i / (n + 1)), i = 0..n, with linear interpolation between order
+    # statistics (torch.quantile's rule), written out so it works past torch.quantile's size limit.
+    pos = torch.arange(n + 1, dtype=torch.float64, device=flat.device) / (n + 1) * (flat.numel() - 1)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    frac = (pos - lo).to(sorted_x.dtype)
+    q = sorted_x[lo] + (sorted_x[hi] - sorted_x[lo]) * frac  # (n + 1,)
+    return (q[:-1] + q[1:]) / 2
+
+
+@functools.cache
+def _dynamic_map_cached(device: torch.device) -> torch.Tensor:
+    # Signed dynamic map with up to 7 exponent bits: for exponent i = 0..6 the 2**i linearly spaced
+    # fraction means in (0.1, 1] are scaled by 10**(i - 6), with both signs; plus 0 and 1.
+    # 2 * (1 + 2 + ... + 64) + 2 = 256 values, all distinct, sorted.
+    values: list[float] = []
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (i - 6)
+        # Scale in float32 (a tensor op), as the reference does, so every value rounds the same.
+        values += (scale * means).tolist()
+        values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map, ``(256,) float32`` sorted ascending."""
+    return _dynamic_map_cached(torch.device(device or "cpu")).clone()

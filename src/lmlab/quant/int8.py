@@ -1,0 +1,117 @@
+"""LLM.int8(): vector-wise int8 matrix multiplication with mixed-precision outlier decomposition.
+
+Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale", §3:
+
+* vector-wise quantization (§3.1): every row of the activations ``X (M, K)`` and every output row
+  of the weight ``W (N, K)`` gets its own absmax scale; ``round(127 * x / absmax)`` (half to even)
+  in int8; the int8 x int8 product is accumulated in int32 and dequantized by the outer product of
+  the two scale vectors divided by ``127 * 127``.
+* mixed-precision decomposition (§3.2): a *column* of ``X`` holding any ``|x| >= threshold``
+  (6.0 in the paper) is an outlier column; those columns are multiplied in floating point and
+  excluded from the activation scales, the rest goes through int8.
+
+The weight columns used for the outliers are the int8 weights dequantized (bitsandbytes' choice;
+the paper keeps 16-bit weights, which a layer holding only int8 weights cannot).
+
+On CPU the int32 accumulation is exact: products of int8 values are summed in float64, which
+represents every partial sum below 2**53 exactly (K up to 5e11), then converted to int32.
+``int8_matmul_reference`` spells the same arithmetic out with no shortcuts for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.errors import LmlabError
+
+INT8_SCALE = 127.0
+
+
+def _check_float(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise LmlabError(f"{what}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+
+
+def int8_vectorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization over the last dimension.
+
+    ``x``: ``(..., K)`` float. Returns ``(q (..., K) int8, scale (...,) float32)`` with
+    ``q = round(x * (127 / scale))`` (round half to even) and ``scale`` the row's absmax; an all-zero
+    row gives zeros and scale 0. ``x ≈ q * scale / 127``.
+    """
+    _check_float(x, "int8_vectorwise")
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1)
+    factor = torch.where(scale == 0, torch.zeros_like(scale), INT8_SCALE / scale)
+    q = torch.round(xf * factor.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int8_vectorwise`: ``(..., K)`` float32."""
+    return q.float() * (scale.float().unsqueeze(-1) / INT8_SCALE)
+
+
+def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a (M, K) int8 @ b (N, K).T -> (M, N) int32``."""
+    if a.device.type == "cuda":
+        try:
+            return torch._int_mm(a, b.t())
+        except RuntimeError:  # shape constraints of the CUDA kernel; fall through
+            pass
+    # float64 holds every sum of at most 2**53 / 127**2 products exactly.
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices ``(C,) int64`` of the columns of ``x2d (M, K)`` holding any ``|x| >= threshold``."""
+    if threshold <= 0:
+        return torch.empty(0, dtype=torch.long, device=x2d.device)
+    return (x2d.abs() >= threshold).any(dim=0).nonzero().view(-1)
+
+
+def int8_matmul(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float = 6.0
+) -> torch.Tensor:
+    """LLM.int8() ``x @ W.T`` with ``W ≈ w_q * w_scale[:, None] / 127``.
+
+    ``x``: ``(..., K)`` float; ``w_q``: ``(N, K)`` int8; ``w_scale``: ``(N,)`` float32 (row absmax
+    of ``W``). ``threshold <= 0`` disables the outlier decomposition. Returns ``(..., N)`` in
+    ``x.dtype``.
+    """
+    _check_float(x, "int8_matmul input")
+    if w_q.dtype != torch.int8 or w_q.dim() != 2:
+        raise LmlabError(f"int8_matmul: w_q must be a 2-D int8 tensor, got {w_q.dtype} {tuple(w_q.shape)}")
+    if x.shape[-1] != w_q.shape[1]:
+        raise LmlabError(f"int8_matmul: input has {x.shape[-1]} features, the weight expects {w_q.shape[1]}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K)
+    cols = outlier_columns(x2d, threshold)
+    # Outlier columns leave the int8 path, and with it the activation scales.
+    regular = x2d.index_fill(1, cols, 0.0) if cols.numel() else x2d
+    x_q, x_scale = int8_vectorwise(regular)
+    acc = _int_matmul(x_q, w_q)  # (M, N) int32, exact
+    out = acc.float() * (x_scale[:, None] * w_scale.float()[None, :]) / (INT8_SCALE * INT8_SCALE)
+    if cols.numel():
+        w_cols = w_q.index_select(1, cols).float() * (w_scale.float()[:, None] / INT8_SCALE)  # (N, C)
+        out = out + x2d.index_select(1, cols) @ w_cols.t()
+    return out.to(x.dtype).reshape(*lead, w_q.shape[0])
+
+
+def int8_matmul_reference(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float = 6.0
+) -> torch.Tensor:
+    """The same computation element by element in int64 / float64, for tests (small inputs)."""
+    x2d = x.reshape(-1, x.shape[-1]).double()
+    m, k = x2d.shape
+    n = w_q.shape[0]
+    is_outlier = torch.zeros(k, dtype=torch.bool)
+    if threshold > 0:
+        is_outlier = (x2d.abs() >= threshold).any(dim=0)
+    regular = torch.where(is_outlier[None, :], torch.zeros_like(x2d), x2d).float()
+    x_q, x_scale = int8_vectorwise(regular)
+    acc = (x_q.long()[:, None, :] * w_q.long()[None, :, :]).sum(-1)  # (M, N) int64
+    out = acc.double() * (x_scale.double()[:, None] * w_scale.double()[None, :]) / (127.0 * 127.0)
+    w_deq = w_q.double() * (w_scale.double()[:, None] / 127.0)
+    out = out + (x2d * is_outlier[None, :]) @ w_deq.t()
+    return out.reshape(*x.shape[:-1], n)
