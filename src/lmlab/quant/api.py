@@ -237,11 +237,15 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _default_filter(config: Config, heads: set[str]) -> FilterFn:
+def _default_filter(config: Config, heads: set[str], keep_float: tuple[str, ...]) -> FilterFn:
     skip = set(config.skip_modules)
 
     def keep(module: nn.Module, name: str) -> bool:
-        return name not in heads and name not in skip and name.rsplit(".", 1)[-1] not in skip
+        parts = name.split(".")
+        if name in heads or name in skip or parts[-1] in skip:
+            return False
+        # Hugging Face's _keep_in_fp32_modules (T5: "wo", whose input T5 casts to wo.weight.dtype)
+        return not any(k in parts or name.endswith(k) for k in keep_float)
 
     return keep
 
@@ -250,7 +254,8 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
     """Replace the linear layers of ``model`` by quantized ones, in place; returns a report.
 
     ``filter_fn(module, name) -> bool`` chooses the layers (``nn.Linear`` or ``Conv1D``) to
-    quantize; by default every one except the output head and ``config.skip_modules``.
+    quantize; by default every one except the output head, ``config.skip_modules`` and a Hugging
+    Face model's ``_keep_in_fp32_modules`` (T5's ``wo``, as transformers does for bitsandbytes).
     """
     builder = _REGISTRY.get(type(config))
     if builder is None:
@@ -259,7 +264,8 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
         )
     if not isinstance(model, nn.Module):
         raise LmlabError(f"quantize_: expected a torch.nn.Module, got {type(model).__name__}")
-    keep = filter_fn or _default_filter(config, _output_head_names(model))
+    keep_float = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep = filter_fn or _default_filter(config, _output_head_names(model), keep_float)
     before = model_nbytes(model)
     targets: list[tuple[str, nn.Module]] = []
     skipped: list[str] = []

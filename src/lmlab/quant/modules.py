@@ -216,6 +216,8 @@ class Linear4bit(nn.Module):
             )
             if f"{prefix}weight" in missing_keys:
                 missing_keys.remove(f"{prefix}weight")
+            # torch treats dotted keys as submodules and would call "weight.absmax" unexpected.
+            unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(f"{prefix}weight.")]
         else:
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
