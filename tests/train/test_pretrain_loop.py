@@ -170,3 +170,28 @@ def test_grad_accum_gives_the_same_run(data_dir, tmp_path):
     b = pretrain(tiny(data_dir, tmp_path / "b", steps=3, grad_accum=2, workers=0))
     for (sa, la), (sb, lb) in zip(a.losses, b.losses, strict=True):
         assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+
+
+def test_init_continues_from_a_saved_model(data_dir, tmp_path):
+    first = pretrain(tiny(data_dir, tmp_path / "first", steps=6, lr=3e-3))
+    cont = pretrain(tiny(data_dir, tmp_path / "cont", steps=2, init=str(first.final_dir), warmup=0))
+    fresh = pretrain(tiny(data_dir, tmp_path / "fresh", steps=2, warmup=0))
+    assert cont.losses[0][1] < fresh.losses[0][1] - 0.5  # it starts where the first run ended
+
+
+def test_several_sources_mix(data_dir, tmp_path):
+    other = write_prepared(tmp_path / "other", train_docs=100, val_docs=40)
+    # write_prepared trains its own tokenizer on other text: a different vocabulary is refused.
+    with pytest.raises(LmlabError, match="another tokenizer|different tokenizer"):
+        pretrain(tiny(data_dir, tmp_path / "bad", data=[str(data_dir), str(other)]))
+    from lmlab.data import read_tokenizer
+
+    same = write_prepared(
+        tmp_path / "same", train_docs=100, val_docs=40, seed=9, tok=read_tokenizer(data_dir)
+    )
+    r = pretrain(tiny(data_dir, tmp_path / "mix", data=[str(data_dir), str(same)], mix_alpha=0.3, steps=3))
+    assert r.final_dir is not None
+    import json
+
+    rates = json.loads((tmp_path / "mix" / "config.json").read_text())["resolved"]["mixing_rates"]
+    assert rates[str(same)] > 0.3  # 1/6 of the tokens, lifted by α = 0.3

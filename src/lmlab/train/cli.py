@@ -15,7 +15,7 @@ from lmlab.errors import LmlabError
 
 # Flags a --resume may give again (they change how long the run goes or how it reports).
 _RESUMABLE = ("steps", "tokens", "eval_every", "eval_batches", "save_every", "keep", "log_every", "workers",
-              "device", "compile")  # fmt: skip
+              "device", "compile", "progress")  # fmt: skip
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,71 @@
+"""Model presets: the shapes the papers give, the right HF classes, FLOPs that match known figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmlab.errors import LmlabError
+from lmlab.models import PRESETS, build_model, flops_per_step, get_preset, model_family
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_gpt_is_gpt2_small():
+    m = build_model("gpt", 50304, seed=0)
+    assert type(m).__name__ == "GPT2LMHeadModel"
+    assert 124.0e6 < n_params(m) < 124.9e6  # GPT-2 124M with nanoGPT's padded vocabulary
+    assert m.config.resid_pdrop == m.config.attn_pdrop == 0.0
+
+
+def test_t5_presets_are_v1_1_shapes():
+    c = get_preset("t5-base").config
+    assert (c["d_model"], c["d_ff"], c["num_layers"], c["num_heads"]) == (768, 2048, 12, 12)
+    c = get_preset("t5-small").config
+    assert (c["d_model"], c["d_ff"], c["num_layers"], c["num_heads"]) == (512, 1024, 8, 6)
+    m = build_model("t5-tiny", 8192, seed=0)
+    assert m.config.is_gated_act and m.config.dropout_rate == 0.0
+    assert 1e6 < n_params(m) < 5e6
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_has_a_family(name):
+    assert get_preset(name).family in ("encoder-decoder", "encoder", "decoder")
+
+
+def test_small_presets_build_with_the_data_vocabulary():
+    specials = {"pad": 0, "eos": 1}
+    for name, cls in (("t5-tiny", "T5ForConditionalGeneration"), ("bert-tiny", "BertForMaskedLM"),
+                      ("gpt-tiny", "GPT2LMHeadModel")):  # fmt: skip
+        m = build_model(name, 512, specials, seed=0)
+        assert type(m).__name__ == cls and m.config.vocab_size == 512
+        assert model_family(m) == get_preset(name).family
+
+
+def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_model("gpt-tiny", 512, seed=7), build_model("gpt-tiny", 512, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_unknown_preset():
+    with pytest.raises(LmlabError, match="unknown model preset"):
+        get_preset("t5-huge")
+
+
+def test_flops_match_the_6n_rule():
+    gpt = build_model("gpt", 50304, seed=0)
+    # nanoGPT's estimate: 6 N + 12 L d T per token, N without the position table.
+    N = n_params(gpt) - gpt.transformer.wpe.weight.numel()
+    want = 16 * 1024 * (6 * N + 12 * 12 * 768 * 1024)
+    assert flops_per_step(gpt, 16, 1024) == pytest.approx(want, rel=0.002)  # biases and norms left out
+    t5 = build_model("t5-tiny", 512, seed=0)
+    # Encoder matrices see inputs, decoder matrices targets: more targets cost more.
+    assert flops_per_step(t5, 4, 64, 32) < flops_per_step(t5, 4, 64, 64)
