@@ -190,3 +190,27 @@ def test_same_seed_same_mask_and_segmentation_order():
     A, C = random_span_segmentation(8, 100, generator=torch.Generator().manual_seed(7))
     assert A.shape == C.shape == (8, 6) and (A[:, -1] == 85).all() and (C[:, -1] == 15).all()
     assert (A.diff(dim=1) > 0).all() and (C.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "tight"), [(2, 40, False), (2, 40, True), (3, 200, False), (27, 481, False)]
+)
+def test_distinct_draws_give_uniform_subsets(k, n, tight, monkeypatch):
+    # The fast segmentation draw: sorted, distinct, and every k-subset (or every value) equally
+    # likely; ``tight`` makes exactly k draws a row so that many rows are drawn again.
+    from lmlab.objectives import noise
+
+    if tight:
+        monkeypatch.setattr(noise, "_draws_for_distinct", lambda k, n: k)
+    rows = 60_000 if k < 27 else 4000
+    out = noise._distinct_sorted(k, n, rows, torch.Generator().manual_seed(k), torch.device("cpu"))
+    assert out is not None and out.shape == (rows, k)
+    assert (out.diff(dim=1) > 0).all() and out.min() >= 0 and out.max() < n
+    if k == 2:
+        counts = collections.Counter(map(tuple, out.tolist()))
+        assert len(counts) == math.comb(n, 2)
+        expected = rows / math.comb(n, 2)
+        assert all(abs(c - expected) < 5 * math.sqrt(expected) for c in counts.values())
+    # Each value is in the subset with probability k / n.
+    freq = torch.bincount(out.flatten(), minlength=n).float() / rows
+    assert (freq - k / n).abs().max() < 5 * math.sqrt(k / n / rows)

@@ -74,7 +74,8 @@ def seq2seq_batch(
 ) -> dict[str, torch.Tensor]:
     """The encoder–decoder batch from padded ``inputs`` ``(B, S)`` and ``targets`` ``(B, T)``.
 
-    ``inputs`` and ``targets`` hold ``pad_id`` past each row's length (``None`` = full rows).
+    ``inputs`` and ``targets`` hold ``pad_id`` past each row's length (``None`` = full rows); they
+    must be fresh tensors of the caller's own, which the batch then holds.
     ``decoder_input_ids`` is ``targets`` shifted right (padding stays pad, as HF's
     ``shift_tokens_right`` gives), so a literal pad id inside a target is still a label.
     """
@@ -84,7 +85,7 @@ def seq2seq_batch(
     else:
         attention_mask = length_mask(input_lengths, S).long()
     if target_lengths is None:
-        labels = targets.clone()
+        labels = targets  # callers hand over tensors of their own
     else:
         labels = targets.masked_fill(~length_mask(target_lengths, targets.shape[1]), IGNORE_INDEX)
     decoder_input_ids = targets.new_empty(targets.shape)

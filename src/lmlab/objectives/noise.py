@@ -17,9 +17,10 @@ corruption gives inputs of exactly ``inputs_length`` tokens, and the targets' le
 (512 → (568, 114)).  It uses the very counts the mask uses, so the promise is exact.
 
 Vectorisation: a uniformly random choice of ``s − 1`` cut points among the ``n − 1`` gaps between
-noise tokens is the top ``s − 1`` of ``n − 1`` i.i.d. uniform keys, for every row at once; the
-sorted cut positions give each noise span's start and end, which are scattered as +1/−1 markers
-and summed along the row.
+noise tokens is the top ``s − 1`` of ``n − 1`` i.i.d. uniform keys, for every row at once (or,
+where ``s`` is small beside ``n``, the first ``s − 1`` distinct values of a few more i.i.d. draws:
+the same law, at a fraction of the cost); the sorted cut positions give each noise span's start
+and end, which are scattered as +1/−1 markers and summed along the row.
 """
 
 from __future__ import annotations
@@ -104,6 +105,53 @@ def _draw(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.rand(shape, generator=generator, device=device)
 
 
+def _draws_for_distinct(k: int, n: int, limit: int = 64) -> int | None:
+    """How many i.i.d. draws from ``range(n)`` give ``k`` distinct values with room to spare:
+    the expected repeats ``D`` plus four standard deviations (``D`` is about Poisson).  ``None``
+    when more than ``limit`` would be needed."""
+    for K in range(k, min(limit, n) + 1):
+        repeats = max(0.0, K - n * (1.0 - (1.0 - 1.0 / n) ** K))
+        if K - repeats - 4.0 * math.sqrt(repeats) - 1.0 >= k:
+            return K
+    return None
+
+
+def _distinct_sorted(
+    k: int, n: int, batch_size: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor | None:
+    """A uniformly random k-subset of ``range(n)`` per row, ascending: ``(B, k)`` int64.
+
+    The first ``k`` distinct values of a sequence of i.i.d. uniform draws are a uniformly random
+    k-subset (relabelling the values changes nothing), so ``K`` draws a row (a few more than
+    ``k``) are made at once, and the rare row with fewer than ``k`` distinct values is drawn
+    again.  Far cheaper than a top-k over ``n`` keys when ``k`` is small beside ``n``; returns
+    ``None`` where it is not (then the caller takes the top-k).
+    """
+    K = _draws_for_distinct(k, n)
+    if K is None:
+        return None
+
+    def draw(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.randint(0, n, (rows, K), generator=generator, device=device)  # (R, K) in draw order
+        sv, order = v.sort(dim=1, stable=True)  # equal values keep their draw order
+        new = torch.ones_like(sv, dtype=torch.bool)
+        new[:, 1:] = sv[:, 1:] != sv[:, :-1]  # (R, K) first of its value, in sorted order
+        first = torch.empty_like(new).scatter_(1, order, new)  # the same flags in draw order
+        keep = (first & (first.cumsum(dim=1) <= k)).gather(1, order)  # first k distinct, sorted order
+        slot = keep.cumsum(dim=1) - 1  # (R, K) where each kept value goes
+        out = sv.new_zeros((rows, k + 1)).scatter_(1, torch.where(keep, slot, k), sv)
+        return out[:, :k], slot[:, -1] == k - 1
+
+    out, ok = draw(batch_size)
+    while not bool(ok.all()):
+        redo = (~ok).nonzero().squeeze(1)
+        picked, ok_redo = draw(redo.numel())
+        out[redo] = picked
+        ok = ok.clone()
+        ok[redo] = ok_redo
+    return out
+
+
 def _sorted_cuts(
     num_items: torch.Tensor | int,
     num_segments: torch.Tensor | int,
@@ -123,8 +171,12 @@ def _sorted_cuts(
     if k <= 0:
         return torch.zeros((batch_size, 0), dtype=torch.long, device=device)
     gaps = max(max_items - 1, k)
-    keys = _draw((batch_size, gaps), generator, device)  # (B, G) i.i.d. uniform keys per gap
     ragged = isinstance(num_items, torch.Tensor)
+    if not ragged:
+        cuts = _distinct_sorted(k, gaps, batch_size, generator, device)
+        if cuts is not None:
+            return cuts + 1
+    keys = _draw((batch_size, gaps), generator, device)  # (B, G) i.i.d. uniform keys per gap
     if ragged:
         # Gaps a row does not have can never be cut.
         keys.masked_fill_(torch.arange(gaps, device=device) >= (num_items - 1)[:, None], -1.0)

@@ -169,24 +169,25 @@ def replace_segmented_spans(
     m, n = int(nonnoise_ends[0, -1]) if B else 0, int(noise_ends[0, -1]) if B else 0
     ks = torch.arange(s, device=tokens.device)
 
-    def assemble(width: int, sentinel_at: torch.Tensor, other_ends: torch.Tensor, extra: int) -> torch.Tensor:
-        # marks[j] = 1 where a sentinel goes; q[j] = sentinels at or before output position j.
+    def assemble(width: int, sentinel_at: torch.Tensor, other_ends: torch.Tensor) -> torch.Tensor:
+        # In place where possible: each fresh (B, width) tensor costs more than the arithmetic.
         marks = torch.zeros((B, width), dtype=torch.long, device=tokens.device)
-        marks.scatter_(1, sentinel_at, 1)
-        q = marks.cumsum(dim=1)  # (B, width)
+        marks.scatter_(1, sentinel_at, 1)  # 1 where a sentinel goes
+        q = marks.cumsum(dim=1)  # (B, width) sentinels at or before output position j
         # A token at output j after q sentinels comes from j - q + (tokens of the other kind
-        # before its run); ``extra`` is 0 for inputs and 1 for targets (the run's own sentinel).
-        source = torch.arange(width, device=tokens.device) - q + other_ends.gather(1, q - extra)
-        values = tokens.gather(1, source.clamp_(0, max(L - 1, 0)))
-        out = torch.where(marks.bool(), (sentinel_id + 1) - q, values)
+        # before its run), which is other_ends[q] in both cases.  EOS's source is L: clamped.
+        source = other_ends.gather(1, q).sub_(q).add_(torch.arange(width, device=tokens.device))
+        out = tokens.gather(1, source.clamp_(0, max(L - 1, 0)))
+        # Where a sentinel goes, add (its id - the gathered token): sentinel q is sentinel_id + 1 - q.
+        out.add_(q.neg_().add_(sentinel_id + 1).sub_(out).mul_(marks))
         out[:, -1] = eos_id
         return out
 
     if s == 0:
         inputs = torch.cat([tokens, tokens.new_full((B, 1), eos_id)], dim=1)
         return inputs, tokens.new_full((B, 1), eos_id)
-    inputs = assemble(m + s + 1, nonnoise_ends[:, 1:] + ks, noise_ends, 0)
-    targets = assemble(n + s + 1, noise_ends[:, :-1] + ks, nonnoise_ends, 0)
+    inputs = assemble(m + s + 1, nonnoise_ends[:, 1:] + ks, noise_ends)
+    targets = assemble(n + s + 1, noise_ends[:, :-1] + ks, nonnoise_ends)
     return inputs, targets
 
 
