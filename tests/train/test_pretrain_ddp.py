@@ -23,8 +23,10 @@ def _losses(run_dir: Path) -> list[tuple[int, float, str]]:
         return [(int(r["step"]), float(r["loss"]), r["val_loss"]) for r in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("objective,model", [("span", "t5-tiny"), ("causal", "gpt-tiny")])
-def test_two_processes_match_one(tmp_path, objective, model):
+@pytest.mark.parametrize(
+    "objective,model,engine", [("span", "t5-tiny", "ddp"), ("causal", "gpt-tiny", "ddp"), ("span", "t5-tiny", "fsdp")]
+)
+def test_two_processes_match_one(tmp_path, objective, model, engine):
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -39,7 +41,7 @@ def test_two_processes_match_one(tmp_path, objective, model):
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         ENTRY, *args, "--out", str(tmp_path / "two")],
+         ENTRY, *args, "--out", str(tmp_path / "two"), *(["--fsdp"] if engine == "fsdp" else [])],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
