@@ -150,3 +150,41 @@ def test_corrupt_unknown_objective(tokenizer_dir):
 def test_cli_module_imports_nothing_heavy():
     code = "import sys, lmlab.objectives.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_objective_follows_the_device(name, hf_tokenizer):
+    objective = get_objective(name, hf_tokenizer)
+    V = len(hf_tokenizer)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(4, V - 100, (16, 300), device="cuda", generator=gen)
+    mask = (
+        torch.arange(300, device="cuda") < torch.randint(0, 301, (16, 1), device="cuda", generator=gen)
+    ).long()
+    for attention_mask in (None, mask):
+        before = tokens.clone()
+        a = objective(
+            tokens, attention_mask=attention_mask, generator=torch.Generator(device="cuda").manual_seed(1)
+        )
+        b = objective(
+            tokens, attention_mask=attention_mask, generator=torch.Generator(device="cuda").manual_seed(1)
+        )
+        assert torch.equal(tokens, before)
+        for k, v in a.items():
+            assert v.device.type == "cuda" and torch.equal(v, b[k]), k
+        ids = torch.cat([a["input_ids"].flatten(), a["labels"].flatten()])
+        ids = ids[ids != IGNORE_INDEX]
+        assert ids.numel() == 0 or (ids.min() >= 0 and ids.max() < V)
+        n_in = a["attention_mask"].sum(dim=1)
+        if name in ("span", "iid-span"):
+            from lmlab.objectives import reference as ref
+
+            sentinels = set(range(V - 100, V))
+            cpu = {k: v.cpu() for k, v in a.items()}
+            lengths = [300] * 16 if attention_mask is None else mask.sum(dim=1).tolist()
+            for r in range(16):
+                row_in = cpu["input_ids"][r, : int(n_in[r])].tolist()
+                row_t = [t for t in cpu["labels"][r].tolist() if t != IGNORE_INDEX]
+                assert ref.merge_on_sentinels(row_in, row_t, sentinels, 1) == tokens[r, : lengths[r]].tolist()
