@@ -1,0 +1,159 @@
+"""``lmlab quickstart``: the README's main job, end to end, on the embedded default corpus.
+
+    lmlab quickstart [--out runs/quickstart] [--steps 400]
+
+1. prepare   the default corpus (pydoc topics + stdlib docstrings) → tokenizer + token shards
+2. pretrain  ``t5-tiny`` with T5's span corruption (Raffel et al. 2020 §3.1.4), evaluating the
+             same validation batches before and after
+3. quantize  the trained model to NF4 (QLoRA §3) and LLM.int8() (Dettmers et al. 2022 §3) and
+             evaluate each on the same batches
+4. summary   one table: validation loss, perplexity of the span targets, weight memory
+
+Every stage is a library call that a user can make on their own (``lmlab.data.prepare``,
+``lmlab.train.pretrain`` / ``evaluate``, ``lmlab.quant.quantize_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = dict(model="t5-tiny", objective="span", steps=400, batch_size=32, seq_len=128)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run directory (runs/quickstart)")
+    p.add_argument("--data", metavar="DIR", help="a prepared directory instead of the default corpus")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULTS["steps"], help=f"training steps ({DEFAULTS['steps']})"
+    )
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="rows per step (32)")
+    p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="encoder input length (128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fresh", action="store_true", help="delete --out first if it holds an earlier quickstart"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _weight_bytes(model) -> int:
+    from lmlab.quant.api import model_nbytes
+
+    return model_nbytes(model)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from lmlab.data import ensure_default_data, load_meta
+    from lmlab.errors import LmlabError
+    from lmlab.models.presets import build_model, load_model
+    from lmlab.quant import Int8Config, NF4Config, quantize_
+    from lmlab.train import PretrainConfig, evaluate, pretrain
+    from lmlab.train.config import RUN_CONFIG
+
+    hf_logging.disable_progress_bar()  # lmlab's own bars say enough; HF's per-load bars are noise here
+    t0 = time.perf_counter()
+    progress = None if not args.no_progress else False
+    out = Path(args.out)
+    if (out / RUN_CONFIG).exists():
+        if not args.fresh:
+            raise LmlabError(
+                f"{out} already holds a run; pass --fresh to replace it, or choose another --out"
+            )
+        shutil.rmtree(out)
+
+    _say("[1/4] prepare: corpus -> tokenizer -> token shards")
+    if args.data:
+        data = Path(args.data)
+        meta = load_meta(data)
+    else:
+        data = ensure_default_data(progress=progress)
+        meta = load_meta(data)
+    _say(
+        f"      {data}: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens, "
+        f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']['type']})"
+    )
+
+    cfg = PretrainConfig(
+        data=[str(data)],
+        out=str(out),
+        objective=DEFAULTS["objective"],
+        model=DEFAULTS["model"],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_every=max(args.steps // 4, 1),
+        eval_batches=8,
+        save_every=max(args.steps // 2, 1),
+        keep=1,
+        seed=args.seed,
+        workers=1,
+        progress=not args.no_progress,
+        device="cpu" if not torch.cuda.is_available() else None,
+    )
+    initial = build_model(cfg.model, meta["vocab_size"], meta["special_ids"], seed=cfg.seed)
+    n_params = sum(p.numel() for p in initial.parameters())
+    ev = dict(batch_size=32, seq_len=args.seq_len, max_batches=8, seed=1234)
+
+    _say(
+        f"[2/4] pretrain: {cfg.model} ({n_params / 1e6:.1f} M parameters), span corruption, {args.steps} steps"
+    )
+    before = evaluate(initial, data, cfg.objective, **ev)
+    _say(
+        f"      before training: validation loss {before['loss']:.3f}, target perplexity {before['perplexity']:,.1f}"
+    )
+    del initial
+    t_train = time.perf_counter()
+    result = pretrain(cfg)
+    t_train = time.perf_counter() - t_train
+    if result.final_dir is None:
+        raise LmlabError(
+            f"training stopped early ({result.stopped_by}); resume with lmlab pretrain --resume {out}"
+        )
+    trained = load_model(result.final_dir)
+    after = evaluate(trained, data, cfg.objective, **ev)
+    _say(
+        f"      after training:  validation loss {after['loss']:.3f}, target perplexity {after['perplexity']:,.1f}"
+    )
+
+    _say("[3/4] quantize: NF4 (block 64, double quant) and LLM.int8() (threshold 6.0)")
+    rows = [("float32, untrained", before, _weight_bytes(trained), None)]
+    rows.append(("float32, trained", after, _weight_bytes(trained), None))
+    for name, config in (("NF4 + double quant", NF4Config(double_quant=True)), ("LLM.int8()", Int8Config())):
+        model = load_model(result.final_dir)
+        report = quantize_(model, config)
+        res = evaluate(model, data, cfg.objective, **ev)
+        rows.append((name, res, _weight_bytes(model), report))
+        _say(
+            f"      {name}: validation loss {res['loss']:.3f}, {report.bits_per_param:.3f} bits per quantized weight"
+        )
+
+    _say("[4/4] summary")
+    _say(f"      {'model':<22} {'val loss':>9} {'target ppl':>11} {'weights':>10} {'bits/param*':>12}")
+    for name, res, nbytes, report in rows:
+        bits = f"{report.bits_per_param:.3f}" if report is not None else "32"
+        _say(
+            f"      {name:<22} {res['loss']:>9.3f} {res['perplexity']:>11,.1f} {nbytes / 2**20:>8.2f} MB {bits:>12}"
+        )
+    _say(
+        "      * of the quantized linear layers, code tables included; embeddings and the output head stay in float"
+    )
+    _say(
+        f"      trained {result.step} steps at {result.tokens_per_s or 0:,.0f} tokens/s in {t_train:.0f} s; "
+        f"total {time.perf_counter() - t0:.0f} s"
+    )
+    _say(f"      run directory: {out} (final model: {result.final_dir}; metrics: {out / 'metrics.csv'})")
+    if after["loss"] >= before["loss"]:
+        print("lmlab quickstart: warning: validation loss did not improve", file=sys.stderr)
+        return 1
+    return 0
