@@ -49,6 +49,13 @@ def test_length_helper_density_half_rule():
     assert 767 - n + s + 1 == 512 and n + s + 1 == 513  # what the rule avoids
 
 
+def test_length_helper_agrees_with_the_mask_where_t5s_float64_helper_does_not():
+    # T5's helper: 95 * 0.3 = 28.5 -> 28 noise tokens (float64), targets 28 + 9 + 1 = 38; its mask
+    # (float32, 28.500002) makes 29 noise tokens in 10 spans: targets 40.
+    assert span_corruption_lengths(77, 0.3, 3.0) == (95, 40)
+    assert noise_span_counts(95, 0.3, 3.0) == (29, 10)
+
+
 def test_counts_use_float32_like_t5():
     # 190 * 0.15 is 28.500002 in float32 (T5's arithmetic) but 28.5 in float64.
     assert noise_span_counts(190, 0.15, 3.0)[0] == 29

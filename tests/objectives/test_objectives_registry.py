@@ -24,6 +24,7 @@ from lmlab.objectives import (
     get_objective,
 )
 from lmlab.objectives import cli as corrupt_cli
+from lmlab.objectives.base import ARCHITECTURES as KINDS
 
 ARCHITECTURES = {
     "span": ("encoder-decoder",),
@@ -57,7 +58,7 @@ def test_names_classes_and_architectures(hf_tokenizer):
         objective = get_objective(name, hf_tokenizer)
         assert type(objective) is classes[name]
         assert objective.architectures == arch
-        assert set(arch) <= {"encoder-decoder", "encoder", "decoder"}
+        assert set(arch) <= set(KINDS) == {"encoder-decoder", "encoder", "decoder"}
         assert objective.raw_length(512) == (568 if name == "span" else 512)
         batch = objective(tokens, generator=torch.Generator().manual_seed(1))
         keys = {"input_ids", "attention_mask", "labels"}
@@ -188,3 +189,17 @@ def test_every_objective_follows_the_device(name, hf_tokenizer):
                 row_in = cpu["input_ids"][r, : int(n_in[r])].tolist()
                 row_t = [t for t in cpu["labels"][r].tolist() if t != IGNORE_INDEX]
                 assert ref.merge_on_sentinels(row_in, row_t, sentinels, 1) == tokens[r, : lengths[r]].tolist()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0), (1, 1)])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_empty_and_tiny_batches(name, shape, hf_tokenizer):
+    objective = get_objective(name, hf_tokenizer)
+    tokens = torch.full(shape, 7, dtype=torch.long)
+    batch = objective(tokens, generator=torch.Generator().manual_seed(0))
+    for v in batch.values():
+        assert v.shape[0] == shape[0] and v.dtype == torch.long
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+    if name == "span":
+        # Widths follow the row length alone, even for an empty batch.
+        assert (batch["input_ids"].shape[1], batch["labels"].shape[1]) == objective.output_widths(shape[1])

@@ -18,9 +18,13 @@ noise, mean span length 3).
 Both are built from pure functions over a given noise mask, :func:`replace_noise_spans` and
 :func:`drop_noise_tokens`, so the tests can feed a hand-made mask (Table 3's golden example).
 
-Vectorisation: every output token's position is a running count (non-noise tokens so far plus
-spans so far), so each output is one ``scatter_`` into a flat buffer whose last slot absorbs the
-tokens a row does not keep.
+Vectorisation.  Mask path (any mask, ragged rows): every output token's position is a running
+count (non-noise tokens so far plus spans so far), so each output is one ``scatter_``; all tokens
+of a span write the same sentinel to the same slot, so repeated writes agree.  Fast path (full
+rows under the span law, the training case): :func:`replace_segmented_spans` never builds the
+``(B, L)`` mask; from the drawn run lengths it gathers each output token from its source
+position.  Both give the same batch from the same seed (a test checks it; ``fast=False``
+switches the fast path off).
 
     .venv/bin/lmlab corrupt --objective span
 """
@@ -329,7 +333,7 @@ class SpanCorruption:
                     f"{self.num_sentinels} sentinels; use shorter rows, a lower noise_density or longer spans"
                 )
         start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
-        if self.noise == "spans" and lengths is None and self.fast:
+        if self.noise == "spans" and lengths is None and self.fast and B > 0:
             A, C = random_span_segmentation(
                 B,
                 L,
