@@ -203,3 +203,17 @@ def test_empty_and_tiny_batches(name, shape, hf_tokenizer):
     if name == "span":
         # Widths follow the row length alone, even for an empty batch.
         assert (batch["input_ids"].shape[1], batch["labels"].shape[1]) == objective.output_widths(shape[1])
+
+
+def test_objectives_pickle_for_dataloader_workers(hf_tokenizer):
+    # DataLoader workers started with spawn receive the objective pickled.
+    import pickle
+
+    tokens = torch.randint(4, len(hf_tokenizer) - 100, (2, 50))
+    for name in ARCHITECTURES:
+        objective = get_objective(name, hf_tokenizer)
+        clone = pickle.loads(pickle.dumps(objective))
+        assert clone == objective and hash(clone) == hash(objective)
+        a = objective(tokens, generator=torch.Generator().manual_seed(0))
+        b = clone(tokens, generator=torch.Generator().manual_seed(0))
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -370,7 +370,8 @@ class SpanCorruption:
 class DropTokens:
     """T5's "drop corrupted tokens" (Table 3): noise tokens leave the input and are the target.
 
-    I.i.d. noise by default, as in Table 4; ``noise="spans"`` uses T5's span law instead.
+    I.i.d. noise by default, as in Table 4, with outputs as wide as the batch's longest row;
+    ``noise="spans"`` uses T5's span law instead, with widths ``L − n + 1`` and ``n + 1``.
     """
 
     eos_id: int = 1
