@@ -429,6 +429,7 @@ def _quantize_full_blocks_fast(
     k, low_table, mid_table = _grid_tables(quant_type, device)
     _, _, identity = _sorted_tables(quant_type, device)
     recip = absmax.clamp(min=1e-38).reciprocal_()
+    k_tensor = torch.tensor(float(k), device=device)
     rows = max(1, CHUNK_ELEMENTS // block_size)
     m = min(rows, blocks) * block_size
     scaled_buf = torch.empty(m, device=device)
@@ -444,7 +445,7 @@ def _quantize_full_blocks_fast(
         n = (r1 - r0) * block_size
         s = scaled_buf[:n]
         torch.mul(w2d[r0:r1], recip[r0:r1, None], out=s.view(r1 - r0, block_size))  # (n,) in [-1, 1]
-        g = torch.mul(s, k, out=grid_buf[:n]).add_(k)  # == fl(s + 1) * K exactly (K = 2^j)
+        g = torch.add(k_tensor, s, alpha=k, out=grid_buf[:n])  # K + K*s == fl(s + 1) * K exactly (K = 2^j)
         j = index_buf[:n]
         j.copy_(g)  # truncation toward zero: the cell index
         low = torch.index_select(low_table, 0, j, out=low_buf[:n])
