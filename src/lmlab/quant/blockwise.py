@@ -10,7 +10,12 @@ the mean of the absmax vector and stores it with bitsandbytes' dynamic 8-bit map
 The output is bit-identical to ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit``
 on the same input, including their quirks: the scale is ``x * (1 / absmax)`` for full blocks but
 ``x / absmax`` for a trailing partial block, an all-zero block keeps ``absmax = 0`` and decodes
-to zeros, and an odd element count is padded with the code of 0.0.
+to zeros, an odd element count is padded with the code of 0.0, and the double-quantization step
+reproduces their CPU kernel's 65536-point lookup table (see :func:`quantize_blockwise_8bit`).
+Two places where bitsandbytes 0.50's CPU dequantization disagrees with itself, we follow its
+definition and torch fallback: its vector loop looks scales up per *row*, which is wrong when a
+block straddles two rows (a last dimension that is a multiple of 16 but not of the block size);
+its scalar loop decodes FP4 pattern 0b1000 as -0.0. The tests spell out both cases.
 
 Two implementations of each direction live here:
 
@@ -45,7 +50,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCK_SIZE = 256
 
 USE_FAST_PATH = True  # tests flip this to run the reference implementation end to end
-CHUNK_ELEMENTS = 1 << 19  # 2 MiB of float32 per temporary: near L2, few parallel regions (measured 2^16..2^20)
+CHUNK_ELEMENTS = (
+    1 << 19
+)  # 2 MiB of float32 per temporary: near L2, few parallel regions (measured 2^16..2^20)
 HUGEPAGE_MIN_BYTES = 8 << 20
 
 
