@@ -103,8 +103,11 @@ class Linear4bit(nn.Module):
             nested_code=dynamic_map(device) if double_quant else None,
         )
         self._set_state(empty)
+        # The layer is frozen (QLoRA trains adapters beside it), its bias too.
         self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device)) if bias else None
+            nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False)
+            if bias
+            else None
         )
 
     # -- the quantized state lives in buffers; these two functions convert -------------------
@@ -268,8 +271,11 @@ class Linear8bit(nn.Module):
             "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
         self.register_buffer("SCB", torch.zeros(out_features, device=device))
+        # The layer is frozen (QLoRA trains adapters beside it), its bias too.
         self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device)) if bias else None
+            nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False)
+            if bias
+            else None
         )
 
     @classmethod
