@@ -69,27 +69,31 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(model.transformer.h)
 
 
-def wrap(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
-    """DDP or FSDP2 around ``model`` when running on several ranks; ``model`` itself otherwise."""
-    if fsdp:
-        if d.world == 1 and not dist.is_initialized():
-            return model
-        from torch.distributed.fsdp import fully_shard
+def shard_(model: torch.nn.Module, d: Dist) -> None:
+    """FSDP2: shard each transformer block, then the rest, in place (no-op on one process)."""
+    if d.world == 1 and not dist.is_initialized():
+        return
+    from torch.distributed.fsdp import fully_shard
 
-        for block in blocks(model):
-            fully_shard(block)
-        fully_shard(model)
-        return model
+    for block in blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """DDP around ``module`` on several ranks; ``module`` itself on one."""
     if d.world == 1:
-        return model
+        return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids)
 
 
 def no_sync(model: torch.nn.Module, fsdp: bool, sync: bool):
-    """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last.
+
+    ``model``: the FSDP-sharded model, or the DDP wrapper."""
     if sync:
         return contextlib.nullcontext()
     if fsdp and hasattr(model, "set_requires_gradient_sync"):

@@ -130,11 +130,27 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str
         kw["use_cache"] = False
     logits = model(**kw).logits  # (B, T, V)
     if family == DECODER:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        # Shift the labels, not the logits: slicing (B, T, V) logits would copy them.
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     V = logits.shape[-1]
     return F.cross_entropy(
         logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+class LossHead(torch.nn.Module):
+    """``model`` plus its loss, as one module: ``head(batch)`` → :func:`loss_sum`.
+
+    Compiling the head (not just the model) lets ``torch.compile`` fuse the fp32 upcast and the
+    log-softmax into the output projection's consumer instead of writing (B, T, V) fp32 logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: str, start_id: int = 0):
+        super().__init__()
+        self.model, self.family, self.start_id = model, family, start_id
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(self.model, batch, self.family, self.start_id)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -149,11 +165,9 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def _eval_pass(
-    model, loader, family: str, device: torch.device, d: ddp.Dist, start_id: int
-) -> tuple[float, int]:
-    was_training = model.training
-    model.eval()
+def _eval_pass(head: LossHead, loader, device: torch.device, d: ddp.Dist) -> tuple[float, int]:
+    was_training = head.training
+    head.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     try:
         for batch in loader:
@@ -161,10 +175,10 @@ def _eval_pass(
             n = batch.pop("n_targets")
             batch.pop("n_raw")
             with _autocast(device):
-                s = loss_sum(model, batch, family, start_id)
+                s = head(batch)
             total += torch.stack([s.double(), n.double()])
     finally:
-        model.train(was_training)
+        head.train(was_training)
     ddp.all_reduce_sum(total, d)
     return float(total[0]), int(total[1])
 
@@ -203,7 +217,7 @@ def evaluate(
     loader = make_loader(dataset, keys, workers, pin_memory=False)
     model.to(dev)
     start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
-    s, n = _eval_pass(model, loader, family, dev, ddp.Dist(device=dev), start_id)
+    s, n = _eval_pass(LossHead(model, family, start_id), loader, dev, ddp.Dist(device=dev))
     loss = s / max(n, 1)
     return {
         "loss": loss,
@@ -391,10 +405,17 @@ class _Run:
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.model = ddp.wrap(self.base, d, cfg.fsdp)
-        self.optimizer = build_optimizer(self.model, cfg, d.device)
+        if cfg.fsdp:
+            ddp.shard_(self.base, d)
+        # What a step calls: the loss head, compiled if asked, under DDP when on several ranks (nanoGPT's
+        # order: compile, then DDP).  Evaluation uses the eager head: it runs rarely, and a compiled
+        # no-grad graph would cost a second compilation.
+        self.eval_head = LossHead(self.base, self.family, self.start_id)
+        head = torch.compile(self.eval_head) if cfg.compile else self.eval_head
+        self.train_head = head if cfg.fsdp else ddp.wrap_ddp(head, d)
+        self.sync_target = self.base if cfg.fsdp else self.train_head
+        self.optimizer = build_optimizer(self.base, cfg, d.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total, self.warmup)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.dataset = ObjectiveBatches(
             self.sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
         )
@@ -411,7 +432,7 @@ class _Run:
             self.log(f"lmlab pretrain: {self.run_dir} has no checkpoint yet; starting from step 0")
             return 0
         state = ckpt.load_checkpoint(path, map_location=self.d.device)
-        ddp.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.cfg.fsdp)
+        ddp.load_full_state(self.base, self.optimizer, state["model"], state["optimizer"], self.cfg.fsdp)
         self.scheduler.load_state_dict(state["state"]["scheduler"])
         rng = state["state"]["rng"]
         torch.set_rng_state(rng["cpu"])
@@ -438,7 +459,7 @@ class _Run:
 
     # -- state ------------------------------------------------------------------------------------
     def _save(self, step: int, tokens: int, loss: float | None) -> Path | None:
-        model_state, optim_state = ddp.full_state(self.model, self.optimizer, self.cfg.fsdp)
+        model_state, optim_state = ddp.full_state(self.base, self.optimizer, self.cfg.fsdp)
         path = None
         if self.d.is_main:
             rng = {"cpu": torch.get_rng_state()}
@@ -446,16 +467,16 @@ class _Run:
                 rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
             extra = {"scheduler": self.scheduler.state_dict(), "rng": rng}
             trainer = {"tokens": tokens, "loss": loss, "data": {"next_step": step, "seed": self.cfg.seed}}
-            # Under DDP the wrapper's keys carry a "module." prefix; save the bare model's.
-            state = model_state if self.cfg.fsdp or self.d.world == 1 else self.base.state_dict()
-            path = ckpt.save_checkpoint(self.run_dir, step, state, optim_state, extra, trainer, self.cfg.keep)
+            path = ckpt.save_checkpoint(
+                self.run_dir, step, model_state, optim_state, extra, trainer, self.cfg.keep
+            )
         if self.d.world > 1:
             torch.distributed.barrier()
         return path
 
     def _save_final(self) -> Path:
         final = self.run_dir / FINAL
-        model_state, _ = ddp.full_state(self.model, self.optimizer, True) if self.cfg.fsdp else (None, None)
+        model_state, _ = ddp.full_state(self.base, self.optimizer, True) if self.cfg.fsdp else (None, None)
         if self.d.is_main:
             with atomic_dir(final) as tmp:
                 if self.cfg.fsdp and torch.distributed.is_initialized():
@@ -474,7 +495,7 @@ class _Run:
         keys = val_keys(self.val_sources.n_rows, self.cfg.batch_size, self.cfg.eval_batches,
                         self.d.rank, self.d.world)  # fmt: skip
         loader = make_loader(self.val_dataset, keys, 0, pin_memory=False)
-        s, n = _eval_pass(self.forward_model, loader, self.family, self.d.device, self.d, self.start_id)
+        s, n = _eval_pass(self.eval_head, loader, self.d.device, self.d)
         return s / max(n, 1)
 
     def run(self) -> PretrainResult:
@@ -513,7 +534,7 @@ class _Run:
         timed_tokens, timed_s = 0, 0.0
         t_begin = time.perf_counter()
         step = start
-        self.model.train()
+        self.train_head.train()
         with _Stop() as stop:
             while step < self.total:
                 micro = None
@@ -527,12 +548,16 @@ class _Run:
                 n_local = sum(int(b["n_targets"]) for b in micro) if micro else 0
                 # One small collective per step: the global count of scored tokens, and whether any rank
                 # was asked to stop (so all ranks stop after the same step).
-                agree = torch.tensor([n_local, 1 if stop.signum else 0], dtype=torch.float64, device=dev)
-                ddp.all_reduce_sum(agree, d)
-                if agree[1] > 0 or micro is None:
+                if d.world > 1:
+                    agree = torch.tensor([n_local, 1 if stop.signum else 0], dtype=torch.float64, device=dev)
+                    ddp.all_reduce_sum(agree, d)
+                    n_global, stopping = int(agree[0]), bool(agree[1] > 0)
+                else:  # no device round trip: a CUDA step then never waits for the host
+                    n_global, stopping = n_local, stop.signum is not None
+                if stopping or micro is None:
                     stop.signum = stop.signum or signal.SIGTERM
                     break
-                count = max(int(agree[0]), 1)
+                count = max(n_global, 1)
                 step_loss = torch.zeros((), dtype=torch.float32, device=dev)
                 for i, b in enumerate(micro):
                     b = _to(b, dev)
@@ -541,13 +566,13 @@ class _Run:
                     if flops is None:
                         tgt = b["labels"].shape[1] if self.family == ENCODER_DECODER else None
                         flops = flops_per_step(self.base, cfg.batch_size, b["input_ids"].shape[1], tgt)
-                    with ddp.no_sync(self.model, cfg.fsdp, i == len(micro) - 1), _autocast(dev):
-                        s = loss_sum(self.forward_model, b, self.family, self.start_id)
+                    with ddp.no_sync(self.sync_target, cfg.fsdp, i == len(micro) - 1), _autocast(dev):
+                        s = self.train_head(b)
                         (s * (d.world / count)).backward()
                     step_loss += s.detach()
                 grad_norm = None
                 if cfg.clip is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.base.parameters(), cfg.clip)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()

@@ -1,0 +1,251 @@
+"""Training throughput: lmlab's loop beside Hugging Face ``Trainer`` on the same model and batches.
+
+    python bench/pretrain.py                # CPU: t5 and gpt configs, lmlab vs Trainer, ratio
+    python bench/pretrain.py --gpu          # GPU: tokens/s and MFU of `gpt` (16×1024) and `t5-base`
+                                            # (128×512→114), bf16 autocast + torch.compile
+
+CPU mode.  Each config is trained twice from the same seeded initialisation: once by
+``lmlab.train.pretrain`` (its own data pipeline: packed rows, the objective in a DataLoader
+worker) and once by ``transformers.Trainer`` fed the *very batches* lmlab's pipeline produced for
+those steps, precomputed, so Trainer pays nothing for data.  Both use AdamW (β₂ 0.95, weight
+decay 0.01), cosine decay after warmup, clipping at 1.0, fp32.  Throughput is raw corpus tokens
+per second over the steps after ``--warmup-steps`` (timestamps taken at the end of each step by
+lmlab's ``on_step`` hook and a ``TrainerCallback``); the first-step losses are printed to show both
+trained the same thing.
+
+GPU mode.  Synthetic uniform token ids over a GPT-2-sized vocabulary (50304) and T5's (32128),
+so the FLOPs match the reference runs; MFU = model FLOPs (:func:`lmlab.models.flops_per_step`)
+per second over the device's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CPU_CONFIGS = {
+    # name: (preset, objective, global batch, seq_len)
+    "t5": ("t5-tiny", "span", 32, 128),
+    "gpt": ("gpt-tiny", "causal", 16, 256),
+}
+GPU_CONFIGS = {
+    "gpt": ("gpt", "causal", 16, 1024, 50304),
+    "t5-base": ("t5-base", "span", 128, 512, 32128),
+}
+
+
+def lmlab_run(
+    data: Path, out: Path, preset: str, objective: str, B: int, L: int, steps: int, warm: int, **kw
+):
+    from lmlab.train import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        data=[str(data)], out=str(out), objective=objective, model=preset, steps=steps, batch_size=B, seq_len=L,
+        lr=1e-3, warmup=2, eval_every=10**9, save_every=10**9, log_every=10**9, progress=False, seed=0, **kw,
+    )  # fmt: skip
+    marks: dict[int, float] = {}
+    losses: list[float] = []
+
+    def on_step(step: int, loss) -> None:
+        if kw.get("device", "cpu") != "cpu":
+            torch.cuda.synchronize()
+        marks[step] = time.perf_counter()
+
+    import lmlab.train.loop as loop
+
+    shapes = {}
+    real_loss_sum = loop.loss_sum
+
+    def spy(model, batch, family, start_id=0):  # records the first step's loss and shapes, nothing else
+        s = real_loss_sum(model, batch, family, start_id)
+        if not shapes:
+            shapes.update(inputs=batch["input_ids"].shape[1], targets=batch["labels"].shape[1])
+            losses.append(s.detach() / (batch["labels"] != -100).sum())
+        return s
+
+    loop.loss_sum = spy
+    try:
+        pretrain(cfg, on_step=on_step)
+    finally:
+        loop.loss_sum = real_loss_sum
+    raw = json.loads((out / "config.json").read_text())["resolved"]["raw_len"]
+    return B * raw / step_time(marks, warm, steps), float(losses[0]), raw, shapes
+
+
+def step_time(marks: dict[int, float], warm: int, steps: int) -> float:
+    """Median seconds per step over steps warm+1 … steps (robust to a neighbour's burst of CPU use)."""
+    return float(np.median([marks[s] - marks[s - 1] for s in range(warm + 1, steps + 1)]))
+
+
+def lmlab_batches(data: Path, objective: str, preset: str, B: int, L: int, steps: int):
+    """The rows lmlab's pipeline gives steps 0..steps-1 (seed 0, one process)."""
+    from lmlab.data import load_tokenizer
+    from lmlab.models import get_preset
+    from lmlab.train.data import BatchPlan, ObjectiveBatches, Sources, StepSampler
+    from lmlab.train.loop import make_objective
+
+    family = get_preset(preset).family
+    obj = make_objective(objective, load_tokenizer(data), family)
+    src = Sources([str(data)], obj.raw_length(L))
+    ds = ObjectiveBatches(src, obj, 0, shift_labels=family == "decoder")
+    plan = BatchPlan(src.n_rows, np.array([1.0]), B, 0)
+    rows = []
+    for key in StepSampler(plan, 0, steps, 0, 1, 1):
+        b = ds[key]
+        b.pop("n_targets"), b.pop("n_raw")
+        for i in range(B):
+            rows.append({k: v[i] for k, v in b.items()})
+    return rows
+
+
+def trainer_run(data: Path, preset: str, objective: str, B: int, L: int, steps: int, warm: int, raw: int):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from lmlab.data import load_meta
+    from lmlab.models import build_model
+
+    rows = lmlab_batches(data, objective, preset, B, L, steps)
+    meta = load_meta(data)
+    model = build_model(preset, meta["vocab_size"], meta["special_ids"], seed=0)
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+    marks: dict[int, float] = {}
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks[state.global_step] = time.perf_counter()
+
+    class FirstLoss(Trainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            loss = super().compute_loss(model, inputs, *a, **kw)
+            if not losses:
+                losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=B, learning_rate=1e-3, warmup_steps=2,
+            lr_scheduler_type="cosine", weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0,
+            optim="adamw_torch", save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        FirstLoss(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()]).train()
+    return B * raw / step_time(marks, warm, steps), losses[0]
+
+
+def cpu(args) -> None:
+    from lmlab.data import ensure_default_data
+
+    data = Path(args.data) if args.data else ensure_default_data(progress=False)
+    print(f"lmlab pretrain vs transformers.Trainer, CPU ({torch.get_num_threads()} threads), data {data}")
+    print(f"{args.steps} steps per run, median step time after {args.warmup_steps}, best of {args.repeats} "
+          "alternating runs")  # fmt: skip
+    results = []
+    for name, (preset, objective, B, L) in CPU_CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        ours, theirs = [], []
+        for _ in range(args.repeats):  # alternate, so a noisy neighbour hits both sides alike
+            with tempfile.TemporaryDirectory() as tmp:
+                tps, loss_ours, raw, _ = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
+                                                   args.warmup_steps, workers=1, device="cpu")  # fmt: skip
+            ours.append(tps)
+            tps, loss_theirs = trainer_run(data, preset, objective, B, L, args.steps, args.warmup_steps, raw)
+            theirs.append(tps)
+        label = f"{name} ({preset}, {objective}, {B}x{L})"
+        results.append((label, ours, theirs, loss_ours, loss_theirs))
+    print(f"{'config':<34} {'lmlab tok/s':>12} {'Trainer tok/s':>14} {'ratio':>6}   runs (lmlab | Trainer), "
+          "first-step loss lmlab / Trainer")  # fmt: skip
+    for label, ours, theirs, lo, lt in results:
+        runs = " ".join(f"{x:,.0f}" for x in ours) + " | " + " ".join(f"{x:,.0f}" for x in theirs)
+        print(f"{label:<34} {max(ours):>12,.0f} {max(theirs):>14,.0f} {max(ours) / max(theirs):>5.2f}x   "
+              f"{runs}   {lo:.4f} / {lt:.4f}")  # fmt: skip
+
+
+def synthetic_data(root: Path, vocab: int, tokens: int) -> Path:
+    """A prepared directory of uniform random ids over ``vocab`` (throughput only), lmlab's format."""
+    from lmlab.data import ensure_default_data, load_meta
+    from lmlab.data.shards import token_dtype
+
+    src = ensure_default_data(progress=False)
+    out = root / f"synthetic-{vocab}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    meta = dict(load_meta(src))
+    dtype = token_dtype(vocab)
+    rng = np.random.default_rng(0)
+    # Ids avoid the specials (0-3) and the tokenizer's sentinels, which the objectives add themselves.
+    hi = meta["special_ids"]["sentinel_0"] - meta["special_ids"]["num_sentinels"]
+    for split, n in (("train", tokens), ("val", tokens // 50)):
+        ids = rng.integers(4, vocab, size=n, dtype=np.int64)
+        ids = np.where((ids > hi) & (ids < hi + 1 + meta["special_ids"]["num_sentinels"]), 4, ids)
+        ids.astype(dtype).tofile(out / f"{split}.bin")
+        meta[split] = {"tokens": n, "documents": 1}
+    meta.update(vocab_size=vocab, dtype=dtype.str)
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def gpu(args) -> None:
+    from lmlab.data import load_meta
+    from lmlab.models import build_model, flops_per_step, get_preset, peak_flops
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    dev = torch.device("cuda")
+    peak = peak_flops(dev)
+    print(f"lmlab pretrain on {torch.cuda.get_device_name(dev)}, bf16 autocast, fused AdamW, "
+          f"peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")  # fmt: skip
+    print(f"{'config':<30} {'compile':>8} {'s/step':>8} {'tokens/s':>12} {'MFU':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (preset, objective, B, L, vocab) in GPU_CONFIGS.items():
+            if args.only and name not in args.only:
+                continue
+            data = synthetic_data(Path(tmp), vocab, tokens=B * 600 * (args.steps + 5))
+            for compiled in (False, True) if args.eager_too else (True,):
+                tps, _, raw, shapes = lmlab_run(
+                    data, Path(tmp) / f"{name}-{compiled}", preset, objective, B, L, args.steps, args.warmup_steps,
+                    compile=compiled, workers=args.workers, device="cuda",
+                )  # fmt: skip
+                meta = load_meta(data)
+                model = build_model(preset, meta["vocab_size"], meta["special_ids"])
+                tgt = shapes["targets"] if get_preset(preset).family == "encoder-decoder" else None
+                flops = flops_per_step(model, B, shapes["inputs"], tgt)
+                del model
+                mfu = flops * (tps / (B * raw)) / peak if peak else None
+                label = f"{name} ({B}x{L}, {objective})"
+                print(f"{label:<30} {str(compiled):>8} {B * raw / tps:>8.3f} {tps:>12,.0f} "
+                      f"{100 * mfu if mfu else float('nan'):>6.1f}%")  # fmt: skip
+                sys.stdout.flush()
+                torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="GPU mode: gpt and t5-base, bf16 + compile, MFU")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (CPU 16, GPU 40)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="untimed first steps (CPU 3, GPU 15)")
+    p.add_argument("--repeats", type=int, default=2, help="CPU mode: alternating runs of each side")
+    p.add_argument("--only", nargs="*", help="config names to run")
+    p.add_argument("--data", help="prepared directory for CPU mode (default: the embedded corpus)")
+    p.add_argument("--workers", type=int, default=6, help="GPU mode DataLoader workers")
+    p.add_argument("--eager-too", action="store_true", help="GPU mode: also time without torch.compile")
+    args = p.parse_args()
+    args.steps = args.steps or (40 if args.gpu else 16)
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (15 if args.gpu else 3)
+    gpu(args) if args.gpu else cpu(args)
+
+
+if __name__ == "__main__":
+    main()
