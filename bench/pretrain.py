@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,13 +47,14 @@ def lmlab_run(
 
     cfg = PretrainConfig(
         data=[str(data)], out=str(out), objective=objective, model=preset, steps=steps, batch_size=B, seq_len=L,
-        lr=1e-3, warmup=2, eval_every=10**9, save_every=10**9, log_every=10**9, progress=False, seed=0, **kw,
+        lr=1e-3, warmup=2, eval_every=10**9, eval_batches=1, save_every=10**9, log_every=10**9, progress=False,
+        seed=0, **kw,
     )  # fmt: skip
     marks: dict[int, float] = {}
     losses: list[float] = []
 
     def on_step(step: int, loss) -> None:
-        if kw.get("device", "cpu") != "cpu":
+        if kw.get("device", "cpu") == "cuda":
             torch.cuda.synchronize()
         marks[step] = time.perf_counter()
 
@@ -201,22 +201,31 @@ def gpu(args) -> None:
     from lmlab.data import load_meta
     from lmlab.models import build_model, flops_per_step, get_preset, peak_flops
 
-    if not torch.cuda.is_available():
+    configs = GPU_CONFIGS
+    if args.dry_run:  # the same code path on CPU with tiny models, to check the script, not to time
+        configs = {"gpt": ("gpt-tiny", "causal", 4, 64, 512), "t5-base": ("t5-tiny", "span", 4, 64, 8192)}
+        dev = torch.device("cpu")
+    elif not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
-    dev = torch.device("cuda")
+    else:
+        dev = torch.device("cuda")
     peak = peak_flops(dev)
-    print(f"lmlab pretrain on {torch.cuda.get_device_name(dev)}, bf16 autocast, fused AdamW, "
-          f"peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")  # fmt: skip
-    print(f"{'config':<30} {'compile':>8} {'s/step':>8} {'tokens/s':>12} {'MFU':>7}")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
+    print(f"lmlab pretrain on {name}, bf16 autocast, fused AdamW; MFU against "
+          f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s dense bf16")  # fmt: skip
+    print(f"{'config':<30} {'compile':>8} {'s/step':>8} {'tokens/s':>12} {'MFU':>7}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (preset, objective, B, L, vocab) in GPU_CONFIGS.items():
-            if args.only and name not in args.only:
-                continue
-            data = synthetic_data(Path(tmp), vocab, tokens=B * 600 * (args.steps + 5))
-            for compiled in (False, True) if args.eager_too else (True,):
+        data_for: dict[int, Path] = {}
+        for compiled in (True, False) if args.eager_too else (True,):
+            for cname, (preset, objective, B, L, vocab) in configs.items():
+                if args.only and cname not in args.only:
+                    continue
+                if vocab not in data_for:
+                    data_for[vocab] = synthetic_data(Path(tmp), vocab, tokens=B * 600 * (args.steps + 5))
+                data = data_for[vocab]
                 tps, _, raw, shapes = lmlab_run(
-                    data, Path(tmp) / f"{name}-{compiled}", preset, objective, B, L, args.steps, args.warmup_steps,
-                    compile=compiled, workers=args.workers, device="cuda",
+                    data, Path(tmp) / f"{cname}-{compiled}", preset, objective, B, L, args.steps, args.warmup_steps,
+                    compile=compiled, workers=args.workers, device=dev.type,
                 )  # fmt: skip
                 meta = load_meta(data)
                 model = build_model(preset, meta["vocab_size"], meta["special_ids"])
@@ -224,11 +233,11 @@ def gpu(args) -> None:
                 flops = flops_per_step(model, B, shapes["inputs"], tgt)
                 del model
                 mfu = flops * (tps / (B * raw)) / peak if peak else None
-                label = f"{name} ({B}x{L}, {objective})"
+                label = f"{cname} ({B}x{L}, {objective})"
                 print(f"{label:<30} {str(compiled):>8} {B * raw / tps:>8.3f} {tps:>12,.0f} "
-                      f"{100 * mfu if mfu else float('nan'):>6.1f}%")  # fmt: skip
-                sys.stdout.flush()
-                torch.cuda.empty_cache()
+                      f"{100 * mfu if mfu else float('nan'):>6.1f}%", flush=True)  # fmt: skip
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -241,10 +250,11 @@ def main() -> None:
     p.add_argument("--data", help="prepared directory for CPU mode (default: the embedded corpus)")
     p.add_argument("--workers", type=int, default=6, help="GPU mode DataLoader workers")
     p.add_argument("--eager-too", action="store_true", help="GPU mode: also time without torch.compile")
+    p.add_argument("--dry-run", action="store_true", help="GPU mode's code path on CPU with tiny models")
     args = p.parse_args()
     args.steps = args.steps or (40 if args.gpu else 16)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (15 if args.gpu else 3)
-    gpu(args) if args.gpu else cpu(args)
+    gpu(args) if args.gpu or args.dry_run else cpu(args)
 
 
 if __name__ == "__main__":
