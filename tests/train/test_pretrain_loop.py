@@ -195,3 +195,37 @@ def test_several_sources_mix(data_dir, tmp_path):
 
     rates = json.loads((tmp_path / "mix" / "config.json").read_text())["resolved"]["mixing_rates"]
     assert rates[str(same)] > 0.3  # 1/6 of the tokens, lifted by α = 0.3
+
+
+def test_adafactor_with_inverse_sqrt_and_a_token_budget(data_dir, tmp_path):
+    from lmlab.data import load_tokenizer
+    from lmlab.objectives import get_objective
+
+    raw = get_objective("span", load_tokenizer(data_dir)).raw_length(32)  # raw tokens per row
+    # --tokens just over 4 steps of 4 rows: rounds up to 5 steps.
+    r = pretrain(tiny(data_dir, tmp_path / "run", steps=None, tokens=16 * raw + 1, optimizer="adafactor",
+                      schedule="inverse-sqrt", warmup=2))  # fmt: skip
+    assert r.step == 5 and r.losses[-1][1] < r.losses[0][1]
+    lrs = [float(x["lr"]) for x in read_metrics(tmp_path / "run")]
+    assert lrs[:2] == pytest.approx([0.005, 0.01])  # linear warmup to Adafactor's 1e-2
+    assert lrs[2:] == pytest.approx([0.01 * (2 / s) ** 0.5 for s in (3, 4, 5)])
+
+
+def test_runs_without_tensorboard(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    r = pretrain(tiny(data_dir, tmp_path / "run", steps=2))
+    assert r.final_dir is not None and len(read_metrics(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("tensorboard is not installed") == 1
+
+
+def test_lmlab_command_line_in_process(data_dir, tmp_path):
+    from lmlab.cli import main
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(data_dir), "--model", "gpt-tiny", "--objective", "causal", "--steps", "2",
+            "--batch-size", "4", "--seq-len", "32", "--workers", "0", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert main(["pretrain", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3]
