@@ -609,7 +609,7 @@ class _Run:
                         timed_s += now - t_mark
                     mfu = flops * (tps / self.tokens_per_step) / (peak * d.world) if peak and flops else None
                     gn = float(grad_norm) if grad_norm is not None else None
-                    row = dict(step=step, loss=round(loss_value, 6), lr=lr, grad_norm=gn, tokens=tokens,
+                    row = dict(step=step, loss=loss_value, lr=lr, grad_norm=gn, tokens=tokens,
                                tokens_per_s=round(tps, 1), mfu=round(mfu, 4) if mfu else None,
                                elapsed_s=round(now - t_begin, 3))  # fmt: skip
                     if bar is not None:
@@ -620,8 +620,8 @@ class _Run:
                 if is_eval:
                     val = self._evaluate()
                     result.evals.append((step, val))
-                    row = row or dict(step=step, loss=round(loss_value, 6), lr=lr, tokens=tokens)
-                    row["val_loss"] = round(val, 6)
+                    row = row or dict(step=step, loss=loss_value, lr=lr, tokens=tokens)
+                    row["val_loss"] = val
                     self.log(f"lmlab pretrain: step {step}: val loss {val:.4f}")
                 if row is not None:
                     metrics.write(row)
