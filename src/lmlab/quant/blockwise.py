@@ -26,7 +26,12 @@ Two implementations of each direction live here:
   element, see :func:`_grid_tables`) and decodes whole bytes through a 256-entry table of value
   pairs. Set ``USE_FAST_PATH = False`` to run the reference everywhere.
 
-Run ``python bench/quant_cpu.py`` for the timings against bitsandbytes and torchao.
+Run ``python bench/quant_cpu.py`` for the timings against bitsandbytes and torchao. Each chunk
+costs a handful of torch ops, each one OpenMP parallel region; on a machine where other processes
+hold the cores those regions wait for a preempted worker (measured here: 5 ms each, a 100x
+slow-down), where a single C kernel waits once. On a shared machine use
+``torch.set_num_threads(1)``: the fast path then runs about 1.4x slower than with two idle cores
+and never stalls.
 """
 
 from __future__ import annotations
