@@ -11,6 +11,11 @@ dequantize >= 2x faster than bitsandbytes. Peer figures measured earlier on this
 "dequantize" allocates its output, as a user's call does; "dequantize, out=" writes into a
 reused buffer (lmlab only: bitsandbytes' CPU backend has no out= kernel).
 
+Measure on an idle machine: with other processes holding cores, each OpenMP region of a torch op
+waits for a preempted worker thread, and lmlab's chunked fast path runs many such regions (a
+single C kernel runs one). ``--threads 1`` avoids the stall (bitsandbytes then gets one OpenMP
+thread too).
+
     .venv/bin/python bench/quant_cpu.py [--threads 2] [--repeats 15] [--size 4096] [--types nf4,fp4]
 """
 
@@ -139,6 +144,12 @@ def main() -> int:
         + (f", torchao {sys.modules['torchao'].__version__}" if to_nf4 else ", torchao skipped")
         + f"; load average {load:.2f} on {os.cpu_count()} CPUs"
     )
+    if load > 0.5 and ARGS.threads > 1:
+        print(
+            f"note: load average {load:.2f}: other processes hold cores, and then every OpenMP region of "
+            "a torch op waits for a preempted worker; lmlab's chunked ops suffer most (up to 100x). "
+            "Rerun on an idle machine, or with --threads 1."
+        )
     print(f"{'operation':<24}{'library':<14}{'median s':>10}{'best s':>10}{'lmlab speed-up':>16}")
     ok = all(bench_type(quant_type, w, F, to_nf4) for quant_type in ARGS.types.split(","))
     if F is not None and not ok:
