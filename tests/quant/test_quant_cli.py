@@ -77,3 +77,14 @@ def test_quantize_command_errors(saved, tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_module_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lmlab.quant.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

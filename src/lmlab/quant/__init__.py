@@ -12,14 +12,35 @@ Scale" (§3, vector-wise quantization and mixed-precision decomposition); Dettme
 Layout: ``codebooks`` (NF4 / FP4 / int4 tables, quantile and dynamic maps), ``blockwise``
 (4-bit quantize / dequantize, fast path + reference), ``int8`` (LLM.int8() matmul), ``modules``
 (``Linear4bit``, ``Linear8bit``), ``api`` (configs, ``quantize_``), ``serialization``, ``cli``.
+The names below are imported on first use, so that ``lmlab --help`` and ``lmlab.quant.cli`` do
+not pay for importing torch.
 """
 
-from lmlab.quant.api import FP4Config, Int8Config, NF4Config, QuantReport, quantize_
-from lmlab.quant.blockwise import Quantized4bit, dequantize_4bit, quantize_4bit
-from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
-from lmlab.quant.int8 import int8_matmul, int8_vectorwise
-from lmlab.quant.modules import Linear4bit, Linear8bit
-from lmlab.quant.serialization import load_quantized, save_quantized
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "FP4Config": "lmlab.quant.api",
+    "Int8Config": "lmlab.quant.api",
+    "NF4Config": "lmlab.quant.api",
+    "QuantReport": "lmlab.quant.api",
+    "quantize_": "lmlab.quant.api",
+    "Quantized4bit": "lmlab.quant.blockwise",
+    "dequantize_4bit": "lmlab.quant.blockwise",
+    "quantize_4bit": "lmlab.quant.blockwise",
+    "codebook": "lmlab.quant.codebooks",
+    "dynamic_map": "lmlab.quant.codebooks",
+    "quantile_codebook": "lmlab.quant.codebooks",
+    "int8_matmul": "lmlab.quant.int8",
+    "int8_vectorwise": "lmlab.quant.int8",
+    "Linear4bit": "lmlab.quant.modules",
+    "Linear8bit": "lmlab.quant.modules",
+    "load_quantized": "lmlab.quant.serialization",
+    "save_quantized": "lmlab.quant.serialization",
+}
 
 __all__ = [
     "FP4Config",
@@ -40,3 +61,24 @@ __all__ = [
     "quantize_4bit",
     "save_quantized",
 ]
+
+if TYPE_CHECKING:
+    from lmlab.quant.api import FP4Config, Int8Config, NF4Config, QuantReport, quantize_
+    from lmlab.quant.blockwise import Quantized4bit, dequantize_4bit, quantize_4bit
+    from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
+    from lmlab.quant.int8 import int8_matmul, int8_vectorwise
+    from lmlab.quant.modules import Linear4bit, Linear8bit
+    from lmlab.quant.serialization import load_quantized, save_quantized
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmlab.quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
