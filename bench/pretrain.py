@@ -105,7 +105,17 @@ def lmlab_batches(data: Path, objective: str, preset: str, B: int, L: int, steps
     return rows
 
 
-def trainer_run(data: Path, preset: str, objective: str, B: int, L: int, steps: int, warm: int, raw: int):
+def trainer_run(
+    data: Path,
+    preset: str,
+    objective: str,
+    B: int,
+    L: int,
+    steps: int,
+    warm: int,
+    raw: int,
+    compile: bool = False,
+):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from lmlab.data import load_meta
@@ -138,7 +148,7 @@ def trainer_run(data: Path, preset: str, objective: str, B: int, L: int, steps: 
             output_dir=out, max_steps=steps, per_device_train_batch_size=B, learning_rate=1e-3, warmup_steps=2,
             lr_scheduler_type="cosine", weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0,
             optim="adamw_torch", save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
-            dataloader_num_workers=0, disable_tqdm=True, seed=0,
+            dataloader_num_workers=0, disable_tqdm=True, seed=0, torch_compile=compile,
         )  # fmt: skip
         FirstLoss(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()]).train()
     return B * raw / step_time(marks, warm, steps), losses[0]
@@ -150,7 +160,7 @@ def cpu(args) -> None:
     data = Path(args.data) if args.data else ensure_default_data(progress=False)
     print(f"lmlab pretrain vs transformers.Trainer, CPU ({torch.get_num_threads()} threads), data {data}")
     print(f"{args.steps} steps per run, median step time after {args.warmup_steps}, best of {args.repeats} "
-          "alternating runs")  # fmt: skip
+          f"alternating runs{', both torch.compile' if args.compile else ', eager'}")  # fmt: skip
     results = []
     for name, (preset, objective, B, L) in CPU_CONFIGS.items():
         if args.only and name not in args.only:
@@ -159,9 +169,11 @@ def cpu(args) -> None:
         for _ in range(args.repeats):  # alternate, so a noisy neighbour hits both sides alike
             with tempfile.TemporaryDirectory() as tmp:
                 tps, loss_ours, raw, _ = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
-                                                   args.warmup_steps, workers=1, device="cpu")  # fmt: skip
+                                                   args.warmup_steps, workers=1, device="cpu",
+                                                   compile=args.compile)  # fmt: skip
             ours.append(tps)
-            tps, loss_theirs = trainer_run(data, preset, objective, B, L, args.steps, args.warmup_steps, raw)
+            tps, loss_theirs = trainer_run(data, preset, objective, B, L, args.steps, args.warmup_steps, raw,
+                                           compile=args.compile)  # fmt: skip
             theirs.append(tps)
         label = f"{name} ({preset}, {objective}, {B}x{L})"
         results.append((label, ours, theirs, loss_ours, loss_theirs))
@@ -250,6 +262,11 @@ def main() -> None:
     p.add_argument("--data", help="prepared directory for CPU mode (default: the embedded corpus)")
     p.add_argument("--workers", type=int, default=6, help="GPU mode DataLoader workers")
     p.add_argument("--eager-too", action="store_true", help="GPU mode: also time without torch.compile")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU mode: torch.compile on both sides (lmlab compiles model+loss, Trainer the model)",
+    )
     p.add_argument("--dry-run", action="store_true", help="GPU mode's code path on CPU with tiny models")
     args = p.parse_args()
     args.steps = args.steps or (40 if args.gpu else 16)
