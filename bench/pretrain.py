@@ -43,40 +43,33 @@ GPU_CONFIGS = {
 def lmlab_run(
     data: Path, out: Path, preset: str, objective: str, B: int, L: int, steps: int, warm: int, **kw
 ):
+    """tokens/s (median step), the first step's loss (CPU only, else nan), raw tokens per row."""
     from lmlab.train import PretrainConfig, pretrain
 
+    on_cpu = kw.get("device", "cpu") == "cpu"
     cfg = PretrainConfig(
         data=[str(data)], out=str(out), objective=objective, model=preset, steps=steps, batch_size=B, seq_len=L,
-        lr=1e-3, warmup=2, eval_every=10**9, eval_batches=1, save_every=10**9, log_every=10**9, progress=False,
-        seed=0, **kw,
+        lr=1e-3, warmup=2, eval_every=10**9, eval_batches=1, save_every=10**9, progress=False, seed=0,
+        log_every=1 if on_cpu else 10**9,  # a logged step syncs the GPU; on CPU it costs nothing
+        **kw,
     )  # fmt: skip
     marks: dict[int, float] = {}
-    losses: list[float] = []
 
     def on_step(step: int, loss) -> None:
-        if kw.get("device", "cpu") == "cuda":
+        if not on_cpu:
             torch.cuda.synchronize()
         marks[step] = time.perf_counter()
 
-    import lmlab.train.loop as loop
-
-    shapes = {}
-    real_loss_sum = loop.loss_sum
-
-    def spy(model, batch, family, start_id=0):  # records the first step's loss and shapes, nothing else
-        s = real_loss_sum(model, batch, family, start_id)
-        if not shapes:
-            shapes.update(inputs=batch["input_ids"].shape[1], targets=batch["labels"].shape[1])
-            losses.append(s.detach() / (batch["labels"] != -100).sum())
-        return s
-
-    loop.loss_sum = spy
-    try:
-        pretrain(cfg, on_step=on_step)
-    finally:
-        loop.loss_sum = real_loss_sum
+    r = pretrain(cfg, on_step=on_step)
     raw = json.loads((out / "config.json").read_text())["resolved"]["raw_len"]
-    return B * raw / step_time(marks, warm, steps), float(losses[0]), raw, shapes
+    first = r.losses[0][1] if r.losses and r.losses[0][0] == 1 else float("nan")
+    return B * raw / step_time(marks, warm, steps), first, raw
+
+
+def batch_shapes(data: Path, objective: str, preset: str, L: int) -> tuple[int, int]:
+    """(inputs length, labels length) of the objective's rows for this model family."""
+    rows = lmlab_batches(data, objective, preset, 1, L, 1)
+    return rows[0]["input_ids"].shape[0], rows[0]["labels"].shape[0]
 
 
 def step_time(marks: dict[int, float], warm: int, steps: int) -> float:
@@ -168,7 +161,7 @@ def cpu(args) -> None:
         ours, theirs = [], []
         for _ in range(args.repeats):  # alternate, so a noisy neighbour hits both sides alike
             with tempfile.TemporaryDirectory() as tmp:
-                tps, loss_ours, raw, _ = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
+                tps, loss_ours, raw = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
                                                    args.warmup_steps, workers=1, device="cpu",
                                                    compile=args.compile)  # fmt: skip
             ours.append(tps)
@@ -238,14 +231,15 @@ def gpu(args) -> None:
                 if vocab not in data_for:
                     data_for[vocab] = synthetic_data(Path(tmp), vocab, tokens=B * 600 * (args.steps + 5))
                 data = data_for[vocab]
-                tps, _, raw, shapes = lmlab_run(
+                tps, _, raw = lmlab_run(
                     data, Path(tmp) / f"{cname}-{compiled}", preset, objective, B, L, args.steps, args.warmup_steps,
                     compile=compiled, workers=args.workers, device=dev.type,
                 )  # fmt: skip
                 meta = load_meta(data)
                 model = build_model(preset, meta["vocab_size"], meta["special_ids"])
-                tgt = shapes["targets"] if get_preset(preset).family == "encoder-decoder" else None
-                flops = flops_per_step(model, B, shapes["inputs"], tgt)
+                n_in, n_tgt = batch_shapes(data, objective, preset, L)
+                tgt = n_tgt if get_preset(preset).family == "encoder-decoder" else None
+                flops = flops_per_step(model, B, n_in, tgt)
                 del model
                 mfu = flops * (tps / (B * raw)) / peak if peak else None
                 label = f"{cname} ({B}x{L}, {objective})"
