@@ -21,6 +21,7 @@ per second over the device's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -231,10 +232,23 @@ def gpu(args) -> None:
                 if vocab not in data_for:
                     data_for[vocab] = synthetic_data(Path(tmp), vocab, tokens=B * 600 * (args.steps + 5))
                 data = data_for[vocab]
-                tps, _, raw = lmlab_run(
-                    data, Path(tmp) / f"{cname}-{compiled}", preset, objective, B, L, args.steps, args.warmup_steps,
-                    compile=compiled, workers=args.workers, device=dev.type,
-                )  # fmt: skip
+                accum = 1
+                while True:
+                    try:
+                        tps, _, raw = lmlab_run(
+                            data, Path(tmp) / f"{cname}-{compiled}-{accum}", preset, objective, B, L, args.steps,
+                            args.warmup_steps, compile=compiled, workers=args.workers, device=dev.type,
+                            grad_accum=accum,
+                        )  # fmt: skip
+                        break
+                    except torch.OutOfMemoryError:
+                        if accum >= 4:
+                            raise
+                    # Out of the except block, so the failed run's tensors are released before retrying.
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    accum *= 2  # the same global batch in smaller micro-batches (an 80 GB card)
+                    print(f"{cname}: out of memory; retrying with --grad-accum {accum}", flush=True)
                 meta = load_meta(data)
                 model = build_model(preset, meta["vocab_size"], meta["special_ids"])
                 n_in, n_tgt = batch_shapes(data, objective, preset, L)
@@ -242,7 +256,7 @@ def gpu(args) -> None:
                 flops = flops_per_step(model, B, n_in, tgt)
                 del model
                 mfu = flops * (tps / (B * raw)) / peak if peak else None
-                label = f"{cname} ({B}x{L}, {objective})"
+                label = f"{cname} ({B}x{L}, {objective}{f', accum {accum}' if accum > 1 else ''})"
                 print(f"{label:<30} {str(compiled):>8} {B * raw / tps:>8.3f} {tps:>12,.0f} "
                       f"{100 * mfu if mfu else float('nan'):>6.1f}%", flush=True)  # fmt: skip
                 if dev.type == "cuda":
