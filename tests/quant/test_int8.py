@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from quant_helpers import bnb_functional
 
 from lmlab.errors import LmlabError
@@ -49,6 +51,26 @@ def test_matmul_is_exact_integer_arithmetic():
         ref = int8_matmul_reference(x, w_q, w_scale, threshold)
         assert out.shape == (5, 7, 48) and out.dtype == x.dtype
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    k=st.integers(1, 70),
+    n=st.integers(1, 20),
+    threshold=st.sampled_from([0.0, 1.0, 6.0]),
+    outliers=st.floats(1.0, 50.0),
+    seed=st.integers(0, 2**16),
+)
+def test_matmul_equals_reference_for_any_shape(m, k, n, threshold, outliers, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, :: max(1, k // 3)] *= outliers
+    w_q, w_scale = int8_vectorwise(torch.randn(n, k, generator=g))
+    out = int8_matmul(x, w_q, w_scale, threshold)
+    torch.testing.assert_close(
+        out.double(), int8_matmul_reference(x, w_q, w_scale, threshold), atol=1e-3, rtol=1e-5
+    )
 
 
 def test_int32_accumulation_does_not_lose_integers():
