@@ -229,3 +229,15 @@ def test_lmlab_command_line_in_process(data_dir, tmp_path):
     assert (out / "final" / "config.json").is_file()
     assert main(["pretrain", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
     assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_evaluate_decoder_and_encoder_models(data_dir):
+    from lmlab.models import build_model
+
+    gpt = build_model("gpt-tiny", 336, seed=0)
+    ev = evaluate(gpt, [data_dir], "causal", batch_size=4, seq_len=32, max_batches=2)
+    assert ev["rows"] == 8 and ev["tokens"] == 8 * 31  # next-token targets: 31 per row of 32
+    assert ev["loss"] == pytest.approx(torch.log(torch.tensor(336.0)).item(), rel=0.1)  # untrained ≈ uniform
+    bert = build_model("bert-tiny", 336, seed=0)
+    ev = evaluate(bert, data_dir, "bert", batch_size=4, seq_len=32, max_batches=2)
+    assert 0 < ev["tokens"] < 8 * 32  # only the masked positions are scored

@@ -527,6 +527,7 @@ class _Run:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+            self.log = lambda msg: bar.write(msg, file=sys.stderr)  # lines above the bar, not through it
         tokens = start * self.tokens_per_step
         saved_step = start if cfg.resume else -1
         last_loss: float | None = None
