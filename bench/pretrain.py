@@ -194,8 +194,9 @@ def synthetic_data(root: Path, vocab: int, tokens: int) -> Path:
     # Ids avoid the specials (0-3) and the tokenizer's sentinels, which the objectives add themselves.
     hi = meta["special_ids"]["sentinel_0"] - meta["special_ids"]["num_sentinels"]
     for split, n in (("train", tokens), ("val", tokens // 50)):
-        ids = rng.integers(4, vocab, size=n, dtype=np.int64)
-        ids = np.where((ids > hi) & (ids < hi + 1 + meta["special_ids"]["num_sentinels"]), 4, ids)
+        # Ids stay below the tokenizer's sentinels (the objective takes its sentinel ids from the
+        # tokenizer); the model still has the full ``vocab`` rows, which is what the timing needs.
+        ids = rng.integers(4, min(vocab, hi + 1), size=n, dtype=np.int64)
         ids.astype(dtype).tofile(out / f"{split}.bin")
         meta[split] = {"tokens": n, "documents": 1}
     meta.update(vocab_size=vocab, dtype=dtype.str)
