@@ -87,19 +87,7 @@ def save_quantized(
             f = Path(f)
             if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        _default_permissions(tmp)
     return directory
-
-
-def _default_permissions(directory: Path) -> None:
-    # The temporary directory (mkdtemp) and some writers' files are owner-only; a saved model
-    # should get the permissions any new directory and file would.
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        if f.is_file():
-            f.chmod(0o666 & ~umask)
 
 
 def _shell(meta: dict) -> nn.Module:
