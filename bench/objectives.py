@@ -25,7 +25,7 @@ from lmlab.data.tokenizer import special_ids, train_tokenizer
 from lmlab.objectives import BertMLM, SpanCorruption, span_corruption_lengths
 from lmlab.objectives import reference as ref
 
-CORPORA = Path("/work/shared/corpora")
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"  # ../shared beside the checkout
 B = 128
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-CORPORA = Path("/work/shared/corpora")
+CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"  # ../shared beside the checkout
 TABLE3 = "Thank you for inviting me to your party last week ."
 
 # Enough English for a small Unigram vocabulary when the shared corpora are absent.
