@@ -1,6 +1,6 @@
 """``lmlab quickstart``: the README's main job, end to end, on the embedded default corpus.
 
-    lmlab quickstart [--out runs/quickstart] [--steps 400]
+    lmlab quickstart [--out runs/quickstart] [--steps 800]
 
 1. prepare   the default corpus (pydoc topics + stdlib docstrings) → tokenizer + token shards
 2. pretrain  ``t5-tiny`` with T5's span corruption (Raffel et al. 2020 §3.1.4), evaluating the
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = dict(model="t5-tiny", objective="span", steps=400, batch_size=32, seq_len=128)
+DEFAULTS = dict(model="t5-tiny", objective="span", steps=800, batch_size=32, seq_len=128)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
