@@ -82,12 +82,18 @@ def main() -> None:
         rows = [
             ("lmlab prepare (train tokenizer)", run("lmlab-train", args.corpus, tok_dir), 1),
             ("lmlab prepare (reuse tokenizer)", run("lmlab-reuse", args.corpus, tok_dir), 1),
-            (f"lmlab prepare (reuse, corpus x{args.repeat})", run("lmlab-reuse", args.corpus, tok_dir, args.repeat), args.repeat),
+            (
+                f"lmlab prepare (reuse, corpus x{args.repeat})",
+                run("lmlab-reuse", args.corpus, tok_dir, args.repeat),
+                args.repeat,
+            ),
             ("HF tokenizer, per-document loop", run("hf-loop", args.corpus, tok_dir), 1),
             ("HF tokenizer, one batch in memory", run("hf-batch", args.corpus, tok_dir), 1),
         ]
     base = rows[1][1]["tokens"] / rows[1][1]["seconds"]
-    print(f"{'variant':<40} {'tokens':>12} {'s':>7} {'M tok/s':>8} {'MB/s':>6} {'peak MiB':>9} {'lmlab(reuse)/this':>18}")
+    print(
+        f"{'variant':<40} {'tokens':>12} {'s':>7} {'M tok/s':>8} {'MB/s':>6} {'peak MiB':>9} {'lmlab(reuse)/this':>18}"
+    )
     for name, r, rep in rows:
         tps = r["tokens"] / r["seconds"]
         print(

@@ -41,9 +41,14 @@ def test_results_get_ordinary_permissions(tmp_path):
     try:
         with atomic_open(tmp_path / "f", "wb") as f:
             f.write(b"x")
-        with atomic_dir(tmp_path / "d"):
-            pass
+        with atomic_dir(tmp_path / "d") as t:
+            (t / "w.safetensors").write_bytes(b"x")
+            (t / "w.safetensors").chmod(0o600)  # as safetensors writes it
+            (t / "run.sh").write_bytes(b"x")
+            (t / "run.sh").chmod(0o700)
     finally:
         os.umask(old)
     assert mode(tmp_path / "f") == 0o644  # not mkstemp's 0600
     assert mode(tmp_path / "d") == 0o755  # not mkdtemp's 0700
+    assert mode(tmp_path / "d" / "w.safetensors") == 0o644
+    assert mode(tmp_path / "d" / "run.sh") == 0o744  # read access added, the writer's own bits kept

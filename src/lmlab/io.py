@@ -81,8 +81,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        # mkdtemp makes an owner-only directory; the result gets the mode any new directory would.
-        os.chmod(tmp, 0o777 & ~_umask())
+        # mkdtemp makes an owner-only directory, and some writers (safetensors among them) make
+        # owner-only files: give everything inside the read access the umask allows, as any new
+        # file would have, without taking away bits a writer set on purpose.
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for p in tmp.rglob("*"):
+            if not p.is_symlink():
+                p.chmod(p.stat().st_mode | ((0o555 if p.is_dir() else 0o444) & ~mask))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

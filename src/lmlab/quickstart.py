@@ -42,12 +42,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _weight_bytes(model) -> int:
-    from lmlab.quant.api import model_nbytes
-
-    return model_nbytes(model)
-
-
 def run(args: argparse.Namespace) -> int:
     import shutil
 
@@ -58,12 +52,13 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.errors import LmlabError
     from lmlab.models.presets import build_model, load_model
     from lmlab.quant import Int8Config, NF4Config, quantize_
+    from lmlab.quant.api import model_nbytes
     from lmlab.train import PretrainConfig, evaluate, pretrain
     from lmlab.train.config import RUN_CONFIG
 
     hf_logging.disable_progress_bar()  # lmlab's own bars say enough; HF's per-load bars are noise here
     t0 = time.perf_counter()
-    progress = None if not args.no_progress else False
+    progress = False if args.no_progress else None  # None: bars on a terminal only
     out = Path(args.out)
     if (out / RUN_CONFIG).exists():
         if not args.fresh:
@@ -127,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     )
 
     _say("[3/4] quantize: NF4 (block 64, double quant) and LLM.int8() (threshold 6.0)")
-    rows = [("float32, untrained", before, _weight_bytes(trained), None)]
-    rows.append(("float32, trained", after, _weight_bytes(trained), None))
+    rows = [("float32, untrained", before, model_nbytes(trained), None)]
+    rows.append(("float32, trained", after, model_nbytes(trained), None))
     for name, config in (("NF4 + double quant", NF4Config(double_quant=True)), ("LLM.int8()", Int8Config())):
         model = load_model(result.final_dir)
         report = quantize_(model, config)
         res = evaluate(model, data, cfg.objective, **ev)
-        rows.append((name, res, _weight_bytes(model), report))
+        rows.append((name, res, model_nbytes(model), report))
         _say(
             f"      {name}: validation loss {res['loss']:.3f}, {report.bits_per_param:.3f} bits per quantized weight"
         )

@@ -164,10 +164,15 @@ def prepare(
         bar = tqdm(desc="training tokenizer", unit="B", unit_scale=True, disable=disable, total=total_bytes)
 
         def training_docs() -> Iterator[str]:
-            for d in _documents(paths, stats1, doc_sep):
-                bar.update(sum(s.bytes for s in stats1) - bar.n)
-                if not is_validation(d, val_fraction) and (rate >= 1.0 or _unit_hash(d, _SAMPLE_SALT) < rate):
-                    yield d
+            read_before = 0  # bytes of the sources already finished
+            for p, st in zip(paths, stats1, strict=True):
+                for d in corpus_.iter_documents(p, st, doc_sep):
+                    bar.update(read_before + st.bytes - bar.n)
+                    if not is_validation(d, val_fraction) and (
+                        rate >= 1.0 or _unit_hash(d, _SAMPLE_SALT) < rate
+                    ):
+                        yield d
+                read_before += st.bytes
 
         tok = tokenizer_.train_tokenizer(training_docs(), vocab_size, tokenizer_type)
         bar.close()

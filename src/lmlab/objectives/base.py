@@ -23,6 +23,20 @@ ARCHITECTURES = ("encoder-decoder", "encoder", "decoder")
 SENTINEL_FORMAT = "<extra_id_{}>"
 
 
+class LengthPreserving:
+    """For objectives whose encoder inputs are as long as the raw rows (all but T5's span law).
+
+    ``raw_length`` is the identity; ``targets_length`` is ``None`` (the targets' width depends on
+    the draw) unless a subclass knows it.
+    """
+
+    def raw_length(self, inputs_length: int) -> int:
+        return inputs_length
+
+    def targets_length(self, inputs_length: int) -> int | None:
+        return None
+
+
 def row_lengths(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Each row's number of tokens, ``(B,) int64``, or ``None`` when every row is full.
 

@@ -24,6 +24,7 @@ import torch
 
 from lmlab.objectives.base import (
     IGNORE_INDEX,
+    LengthPreserving,
     row_lengths,
     seq2seq_batch,
     special_ids_of,
@@ -38,7 +39,7 @@ def _full_lengths(tokens: torch.Tensor, lengths: torch.Tensor | None) -> torch.T
 
 
 @dataclass(frozen=True)
-class CausalLM:
+class CausalLM(LengthPreserving):
     """Next-token prediction: ``input_ids``, ``attention_mask``, ``labels`` (= inputs, -100 on padding)."""
 
     pad_id: int = 0
@@ -48,12 +49,6 @@ class CausalLM:
     @classmethod
     def from_tokenizer(cls, tok: Any, **kw: Any) -> CausalLM:
         return cls(**{"pad_id": special_ids_of(tok).pad_id, **kw})
-
-    def raw_length(self, inputs_length: int) -> int:
-        return inputs_length
-
-    def targets_length(self, inputs_length: int) -> int | None:
-        return None
 
     def __call__(
         self,
@@ -89,7 +84,7 @@ def random_split_points(lengths: torch.Tensor, generator: torch.Generator | None
 
 
 @dataclass(frozen=True)
-class PrefixLM:
+class PrefixLM(LengthPreserving):
     """Prefix LM (T5 §3.3.1).  Encoder–decoder by default; ``decoder_only=True`` for a GPT."""
 
     pad_id: int = 0
@@ -101,9 +96,6 @@ class PrefixLM:
     @classmethod
     def from_tokenizer(cls, tok: Any, **kw: Any) -> PrefixLM:
         return cls(**{"pad_id": special_ids_of(tok).pad_id, **kw})
-
-    def raw_length(self, inputs_length: int) -> int:
-        return inputs_length
 
     def targets_length(self, inputs_length: int) -> int | None:
         return None if self.decoder_only else inputs_length
@@ -138,7 +130,7 @@ class PrefixLM:
 
 
 @dataclass(frozen=True)
-class Deshuffle:
+class Deshuffle(LengthPreserving):
     """Deshuffling (T5 §3.3.1): input = a uniform random permutation of the row, target = the row."""
 
     pad_id: int = 0
@@ -149,9 +141,6 @@ class Deshuffle:
     @classmethod
     def from_tokenizer(cls, tok: Any, **kw: Any) -> Deshuffle:
         return cls(**{"pad_id": special_ids_of(tok).pad_id, **kw})
-
-    def raw_length(self, inputs_length: int) -> int:
-        return inputs_length
 
     def targets_length(self, inputs_length: int) -> int | None:
         return inputs_length

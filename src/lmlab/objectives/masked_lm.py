@@ -31,6 +31,7 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.objectives.base import (
     IGNORE_INDEX,
+    LengthPreserving,
     check_fraction,
     check_ids_in_range,
     row_lengths,
@@ -162,7 +163,7 @@ def _vocab_kw(tok: Any, kw: dict[str, Any], preset: str | None) -> dict[str, Any
 
 
 @dataclass(frozen=True)
-class BertMLM:
+class BertMLM(LengthPreserving):
     """BERT's masked language model for an encoder (Devlin et al. 2019, §3.1).
 
     ``objective(tokens (B, L) int64, attention_mask=None, generator=None)`` returns ``input_ids``,
@@ -191,12 +192,6 @@ class BertMLM:
     def from_tokenizer(cls, tok: Any, preset: str | None = None, **kw: Any) -> BertMLM:
         """From a tokenizer; ``preset`` ``"bert"`` (80/10/10, the default) or ``"t5"`` (90/10/0)."""
         return cls(**_vocab_kw(tok, kw, preset))
-
-    def raw_length(self, inputs_length: int) -> int:
-        return inputs_length
-
-    def targets_length(self, inputs_length: int) -> int | None:
-        return None
 
     def __call__(
         self,
@@ -230,7 +225,7 @@ class BertMLM:
 
 
 @dataclass(frozen=True)
-class BertStyle:
+class BertStyle(LengthPreserving):
     """T5's "BERT-style" encoder–decoder objective: i.i.d. corruption, target = the whole sequence.
 
     Returns ``input_ids``/``attention_mask`` ``(B, L)`` (the corrupted rows) and
@@ -257,9 +252,6 @@ class BertStyle:
     @classmethod
     def from_tokenizer(cls, tok: Any, preset: str | None = None, **kw: Any) -> BertStyle:
         return cls(**_vocab_kw(tok, kw, preset))
-
-    def raw_length(self, inputs_length: int) -> int:
-        return inputs_length
 
     def targets_length(self, inputs_length: int) -> int | None:
         return inputs_length

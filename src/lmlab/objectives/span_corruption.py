@@ -38,6 +38,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.objectives.base import (
+    LengthPreserving,
     SpecialIds,
     check_ids_in_range,
     row_lengths,
@@ -367,7 +368,7 @@ class SpanCorruption:
 
 
 @dataclass(frozen=True)
-class DropTokens:
+class DropTokens(LengthPreserving):
     """T5's "drop corrupted tokens" (Table 3): noise tokens leave the input and are the target.
 
     I.i.d. noise by default, as in Table 4, with outputs as wide as the batch's longest row;
@@ -391,12 +392,6 @@ class DropTokens:
     def from_tokenizer(cls, tok: Any, **kw: Any) -> DropTokens:
         ids = special_ids_of(tok)
         return cls(**{"eos_id": ids.eos_id, "pad_id": ids.pad_id, **kw})
-
-    def raw_length(self, inputs_length: int) -> int:
-        return inputs_length
-
-    def targets_length(self, inputs_length: int) -> int | None:
-        return None
 
     def __call__(
         self,
