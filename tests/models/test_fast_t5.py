@@ -1,0 +1,63 @@
+"""lmlab's lean T5 training forward against Hugging Face's T5 forward (the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.models import build_model
+from lmlab.models.fast_t5 import _buckets, supports, t5_decoder_hidden
+
+
+def _hf_hidden(model, ids, dec, mask):
+    enc = model.encoder(input_ids=ids, attention_mask=mask)[0]
+    return model.decoder(
+        input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False
+    )[0]
+
+
+@pytest.mark.parametrize("ff", ["gated-gelu_pytorch_tanh", "relu"])  # v1.1 / mT5, and T5 1.0
+@pytest.mark.parametrize("masked", [False, True])
+def test_equals_hugging_face_forward_and_gradients(ff, masked):
+    model = build_model("t5-tiny", 200, seed=0, feed_forward_proj=ff)
+    assert supports(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 200, (3, 20), generator=g)
+    dec = torch.randint(4, 200, (3, 9), generator=g)
+    mask = None
+    if masked:
+        mask = torch.ones(3, 20, dtype=torch.long)
+        mask[1, 14:] = 0
+    params = list(model.parameters())
+    ref = _hf_hidden(model, ids, dec, mask)
+    ref_g = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+    got = t5_decoder_hidden(model, ids, dec, mask)
+    got_g = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(got_g, ref_g, strict=True):
+        if r is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    if masked:  # the mask matters: without it row 1 differs
+        assert not torch.allclose(t5_decoder_hidden(model, ids, dec)[1], got[1], atol=1e-4)
+
+
+def test_buckets_follow_t5s_law():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    for q, k, bidi in ((7, 7, True), (40, 300, True), (50, 50, False), (1, 9, False)):
+        rel = torch.arange(k)[None, :] - torch.arange(q)[:, None]
+        want = T5Attention._relative_position_bucket(
+            rel, bidirectional=bidi, num_buckets=32, max_distance=128
+        )
+        assert torch.equal(_buckets(q, k, bidi, 32, 128, "cpu"), want)
+
+
+def test_dropout_in_training_falls_back():
+    model = build_model("t5-tiny", 100, seed=0, dropout_rate=0.1)
+    model.train()
+    assert not supports(model)
+    model.eval()
+    assert supports(model)
+    assert not supports(build_model("gpt-tiny", 100, seed=0))

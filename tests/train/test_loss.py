@@ -1,0 +1,133 @@
+"""The fused output projection + cross-entropy against the plain path, and loss_sum's body/head split
+against each model's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmlab.models import DECODER, ENCODER, ENCODER_DECODER, build_model
+from lmlab.train.loss import (
+    IGNORE_INDEX,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    loss_sum,
+    split_head,
+)
+
+
+def _grads(fn, *leaves):
+    for t in leaves:
+        t.grad = None
+    loss = fn()
+    loss.backward()
+    return loss.detach(), [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    d=st.integers(1, 24),
+    vocab=st.integers(2, 300),
+    chunk=st.integers(1, 80),
+    bias=st.booleans(),
+    ignored=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_equals_reference(n, d, vocab, chunk, bias, ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignored] = IGNORE_INDEX
+    leaves = [t for t in (h, w, b) if t is not None]
+    ref, ref_g = _grads(lambda: linear_cross_entropy_reference(h, w, b, y), *leaves)
+    got, got_g = _grads(lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk), *leaves)
+    assert got.dtype == torch.float64  # fp64 stays fp64; lower precisions sum in fp32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-12)
+    for a, r in zip(got_g, ref_g, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_scales_by_the_incoming_gradient_and_keeps_batch_shape():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    y = torch.randint(0, 40, (3, 5))
+    y[0, :2] = IGNORE_INDEX
+    _, ref = _grads(lambda: 0.25 * linear_cross_entropy_reference(h, w, None, y), h, w)
+    _, got = _grads(lambda: 0.25 * linear_cross_entropy(h, w, None, y, chunk_rows=4), h, w)
+    assert got[0].shape == h.shape and (got[0][0, :2] == 0).all()  # unscored rows get no gradient
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_without_grad_and_with_nothing_scored():
+    h, w = torch.randn(6, 4), torch.randn(9, 4)
+    y = torch.randint(0, 9, (6,))
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, None, y).item() == pytest.approx(
+            linear_cross_entropy_reference(h, w, None, y).item(), rel=1e-6
+        )
+    none = torch.full((6,), IGNORE_INDEX)
+    hg = h.clone().requires_grad_()
+    loss = linear_cross_entropy(hg, w, None, none)
+    loss.backward()
+    assert loss.item() == 0.0 and (hg.grad == 0).all()
+
+
+def test_fused_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(500, 32) * 0.1).requires_grad_()
+    y = torch.randint(0, 500, (64,))
+    ref, ref_g = _grads(lambda: linear_cross_entropy_reference(h, w, None, y), h, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_g = _grads(lambda: linear_cross_entropy(h, w, None, y, chunk_rows=16), h, w)
+    assert got.dtype == torch.float32 and got_g[0].dtype == h.dtype and got_g[1].dtype == w.dtype
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+    for a, r in zip(got_g, ref_g, strict=True):
+        torch.testing.assert_close(a, r, rtol=0.05, atol=0.02)
+
+
+def _batch(family: str, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 12
+    ids = torch.randint(4, vocab, (B, T), generator=g)
+    if family == ENCODER_DECODER:
+        labels = torch.randint(4, vocab, (B, 7), generator=g)
+        labels[1, 5:] = IGNORE_INDEX
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[2, 9:] = 0
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    labels = ids.clone()
+    if family == ENCODER:
+        labels[torch.rand(B, T, generator=g) > 0.3] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize(
+    "preset,family", [("t5-tiny", ENCODER_DECODER), ("gpt-tiny", DECODER), ("bert-tiny", ENCODER)]
+)
+def test_loss_sum_split_equals_the_models_own_forward(preset, family):
+    """The body/head split (and, for T5, lmlab's lean forward) computes the model's own loss and gradients."""
+    model = build_model(preset, 300, seed=0)
+    model.eval()  # BERT's dropout off, so both paths compute the same function
+    assert split_head(model) is not None
+    batch = _batch(family, 300)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref, ref_g = _grads(lambda: loss_sum(model, batch, family, fused=False), *params)
+    got, got_g = _grads(lambda: loss_sum(model, batch, family, fused=True), *params)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for p, a, r in zip(params, got_g, ref_g, strict=True):
+        if r is None:
+            assert a is None or (a == 0).all()
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6, msg=lambda m, p=p: f"{p.shape}: {m}")
+
+
+def test_models_lmlab_does_not_split_keep_the_logits_path():
+    assert split_head(torch.nn.Linear(2, 2)) is None
