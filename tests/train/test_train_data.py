@@ -69,7 +69,8 @@ def test_a_global_batch_is_the_same_however_it_is_split(data_dir):
 
     obj = get_objective("span", load_tokenizer(data_dir))
     src = Sources([str(data_dir)], obj.raw_length(32))
-    ds = ObjectiveBatches(src, obj, seed=5, shift_labels=False)
+    # Blocks of 3 examples: the splits below cut through blocks (micro-batches of 4, 2 and 1).
+    ds = ObjectiveBatches(src, obj, seed=5, shift_labels=False, block=3)
     plan = BatchPlan(src.n_rows, np.array([1.0]), 8, seed=5)
 
     def batches(world, accum):
@@ -79,9 +80,32 @@ def test_a_global_batch_is_the_same_however_it_is_split(data_dir):
         return {k: torch.cat([b[k] for b in out]) for k in ("input_ids", "labels", "decoder_input_ids")}
 
     one = batches(1, 1)
-    for world, accum in ((2, 1), (1, 4), (2, 2), (4, 2)):
+    for world, accum in ((2, 1), (1, 4), (2, 2), (4, 2), (8, 1)):
         other = batches(world, accum)
         assert all(torch.equal(one[k], other[k]) for k in one)
+
+
+def test_a_block_is_one_objective_call_with_its_own_generator(data_dir):
+    from lmlab.data import load_tokenizer
+    from lmlab.objectives import get_objective
+    from lmlab.train.data import TRAIN_STREAM, block_seed
+
+    obj = get_objective("span", load_tokenizer(data_dir))
+    src = Sources([str(data_dir)], obj.raw_length(32))
+    ds = ObjectiveBatches(src, obj, seed=5, shift_labels=False, block=4)
+    rows = BatchPlan(src.n_rows, np.array([1.0]), 8, seed=5).rows(0)
+    got = ds[(TRAIN_STREAM, 0, rows, 2, 7)]  # examples 2..6: the end of block 0, all of block 1 but its last
+    tokens = torch.stack([torch.from_numpy(src.read(s, r)) for s, r in rows.tolist()])
+    want = [
+        obj(
+            tokens[b * 4 : b * 4 + 4],
+            generator=torch.Generator().manual_seed(block_seed(5, TRAIN_STREAM, 0, b)),
+        )
+        for b in (0, 1)
+    ]
+    for k in ("input_ids", "labels", "decoder_input_ids"):
+        assert torch.equal(got[k], torch.cat([want[0][k][2:], want[1][k][:3]]))
+    assert int(got["n_raw"]) == 5 * src.raw_len
 
 
 def test_validation_rows_are_shared_equally():

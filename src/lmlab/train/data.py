@@ -12,10 +12,15 @@ Which rows form step ``s``'s global batch is a function of ``(seed, s)`` alone:
 * source ``i`` serves its rows in a fresh permutation per epoch, seeded by ``(seed, i, epoch)``;
   the ``k``-th row it serves is the ``k mod n``-th entry of epoch ``k // n``.
 
-The example ``j`` of step ``s`` is transformed by the objective with its own ``torch.Generator``
-seeded from ``(seed, s, j)``; so a batch does not depend on how it is split over gradient-
-accumulation micro-steps, data-parallel ranks or DataLoader workers, and a resumed run sees the
-very batches an uninterrupted one would.  Each rank builds only its own slice of the global batch.
+The step's global batch is transformed by the objective in blocks of ``NOISE_BLOCK`` consecutive
+examples (examples ``b·K … b·K+K−1``), one call and one ``torch.Generator`` seeded from
+``(seed, s, b)`` per block.  A micro-batch transforms the blocks that overlap it and keeps its own
+rows, so a batch does not depend on how it is split over gradient-accumulation micro-steps,
+data-parallel ranks or DataLoader workers, and a resumed run sees the very batches an
+uninterrupted one would.  Blocks rather than single examples because the objectives are
+vectorised: one call on 32 rows costs about what a call on one row does (184 µs vs 147 µs for
+span corruption of 141 tokens), so per-example calls made the data 25× dearer than the objective.
+Validation rows, dealt round-robin to ranks, keep one generator per example.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lmlab.data.shards import load_meta, load_tokens
 from lmlab.errors import LmlabError
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
+NOISE_BLOCK = 32  # examples per objective call (and per generator) in a training step
 
 
 def mixing_rates(sizes: Sequence[int], alpha: float) -> np.ndarray:
@@ -47,6 +53,12 @@ def mixing_rates(sizes: Sequence[int], alpha: float) -> np.ndarray:
 def row_seed(seed: int, stream: int, step: int, j: int) -> int:
     """A 64-bit seed for the objective's generator on example ``j`` of ``step``."""
     a, b = np.random.SeedSequence([seed, stream, step, j]).generate_state(2, np.uint32)
+    return int(a) << 32 | int(b)
+
+
+def block_seed(seed: int, stream: int, step: int, block: int) -> int:
+    """A 64-bit seed for the objective's generator on block ``block`` of ``step``'s global batch."""
+    a, b = np.random.SeedSequence([seed, stream, step, 0x626C6B, block]).generate_state(2, np.uint32)
     return int(a) << 32 | int(b)
 
 
@@ -155,37 +167,66 @@ def check_same_tokenizer(dirs: Sequence[str]) -> dict[str, Any]:
 
 
 class ObjectiveBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose index is a whole micro-batch: ``(stream, step, rows)``.
+    """Map-style dataset whose index is a whole micro-batch.
 
-    ``rows`` is ``(M, 3)`` int64 ``[source, row, j]`` with ``j`` the example's place in the global
-    batch; each row is transformed by the objective with its own seeded generator.  Returns the
-    objective's dict of ``(M, ·)`` tensors (``attention_mask`` dropped when it is all ones, so
-    attention can take its unmasked fast path) plus ``n_targets``, the count of scored labels.
+    Training keys are ``(stream, step, rows, lo, hi)``: ``rows`` the step's global batch
+    ``(G, 2)`` int64 ``[source, row]`` and ``[lo, hi)`` this micro-batch's examples; the objective
+    runs on whole blocks of ``block`` examples, one generator per block (module docstring).
+    Validation keys are ``(stream, step, rows)`` with ``rows`` ``(M, 3)`` ``[source, row, j]``,
+    one generator per example ``j``.  Returns the objective's dict of ``(M, ·)`` tensors
+    (``attention_mask`` dropped when it is all ones, so attention can take its unmasked fast
+    path) plus ``n_targets``, the count of scored labels, and ``n_raw``, the corpus tokens read.
     """
 
-    def __init__(self, sources: Sources, objective: Any, seed: int, shift_labels: bool):
+    def __init__(
+        self, sources: Sources, objective: Any, seed: int, shift_labels: bool, block: int = NOISE_BLOCK
+    ):
         self.sources = sources
         self.objective = objective
         self.seed = seed
         self.shift_labels = shift_labels
+        self.block = int(block)
 
     def __len__(self) -> int:  # the sampler decides; never used to index
         return 0
 
-    def __getitem__(self, key: tuple[int, int, np.ndarray]) -> dict[str, torch.Tensor]:
-        stream, step, rows = key
-        parts: list[dict[str, torch.Tensor]] = []
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.sources.read(src, row) for src, row in rows.tolist()]))
+
+    def _blocks(self, stream: int, step: int, rows: np.ndarray, lo: int, hi: int) -> list[dict]:
+        K, parts = self.block, []
+        for b in range(lo // K, -(-hi // K)):
+            start, stop = b * K, min((b + 1) * K, len(rows))
+            g = torch.Generator().manual_seed(block_seed(self.seed, stream, step, b))
+            out = self.objective(self._read(rows[start:stop, :2]), generator=g)
+            keep = slice(max(lo, start) - start, min(hi, stop) - start)
+            parts.append({k: v[keep] for k, v in out.items()})
+        return parts
+
+    def _rows(self, stream: int, step: int, rows: np.ndarray) -> list[dict]:
+        parts = []
         for source, row, j in rows.tolist():
-            tokens = torch.from_numpy(self.sources.read(source, row))[None]  # (1, R)
+            tokens = self._read(np.array([[source, row]]))  # (1, R)
             g = torch.Generator().manual_seed(row_seed(self.seed, stream, step, j))
             parts.append(self.objective(tokens, generator=g))
+        return parts
+
+    def __getitem__(self, key: tuple) -> dict[str, torch.Tensor]:
+        if len(key) == 5:
+            stream, step, rows, lo, hi = key
+            parts = self._blocks(stream, step, rows, lo, hi)
+            n_rows = hi - lo
+        else:
+            stream, step, rows = key
+            parts = self._rows(stream, step, rows)
+            n_rows = rows.shape[0]
         batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         mask = batch.get("attention_mask")
         if mask is not None and bool(mask.all()):
             del batch["attention_mask"]
         labels = batch["labels"][:, 1:] if self.shift_labels else batch["labels"]
         batch["n_targets"] = (labels != -100).sum()
-        batch["n_raw"] = torch.tensor(rows.shape[0] * self.sources.raw_len)
+        batch["n_raw"] = torch.tensor(n_rows * self.sources.raw_len)
         return batch
 
 
@@ -201,15 +242,12 @@ class StepSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return max(0, self.stop - self.start) * self.accum
 
-    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, int, int]]:
         for step in range(self.start, self.stop):
             rows = self.plan.rows(step)
-            j = np.arange(self.plan.G, dtype=np.int64)[:, None]
-            mine = np.concatenate([rows, j], axis=1)[
-                self.rank * self.per_rank : (self.rank + 1) * self.per_rank
-            ]
             for m in range(self.accum):
-                yield TRAIN_STREAM, step, mine[m * self.micro : (m + 1) * self.micro]
+                lo = self.rank * self.per_rank + m * self.micro
+                yield TRAIN_STREAM, step, rows, lo, lo + self.micro
 
 
 def val_keys(n_rows: Sequence[int], batch_size: int, max_batches: int, rank: int, world: int) -> list:
