@@ -109,6 +109,7 @@ def trainer_run(
     warm: int,
     raw: int,
     compile: bool = False,
+    bf16: bool = False,
 ):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -142,7 +143,7 @@ def trainer_run(
             output_dir=out, max_steps=steps, per_device_train_batch_size=B, learning_rate=1e-3, warmup_steps=2,
             lr_scheduler_type="cosine", weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0,
             optim="adamw_torch", save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
-            dataloader_num_workers=0, disable_tqdm=True, seed=0, torch_compile=compile,
+            dataloader_num_workers=0, disable_tqdm=True, seed=0, torch_compile=compile, bf16=bf16,
         )  # fmt: skip
         FirstLoss(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()]).train()
     return B * raw / step_time(marks, warm, steps), losses[0]
@@ -150,33 +151,42 @@ def trainer_run(
 
 def cpu(args) -> None:
     from lmlab.data import ensure_default_data
+    from lmlab.train.loop import resolve_precision
 
     data = Path(args.data) if args.data else ensure_default_data(progress=False)
+    native = resolve_precision("auto", torch.device("cpu"))
+    precisions = args.precision or (["fp32", "bf16"] if native == "bf16" else ["fp32"])
     print(f"lmlab pretrain vs transformers.Trainer, CPU ({torch.get_num_threads()} threads), data {data}")
     print(f"{args.steps} steps per run, median step time after {args.warmup_steps}, best of {args.repeats} "
-          f"alternating runs{', both torch.compile' if args.compile else ', eager'}")  # fmt: skip
+          f"alternating runs{', both torch.compile' if args.compile else ', eager'}; lmlab's default "
+          f"precision on this CPU: {native}; bf16 = autocast on both sides (Trainer bf16=True)")  # fmt: skip
     results = []
     for name, (preset, objective, B, L) in CPU_CONFIGS.items():
         if args.only and name not in args.only:
             continue
-        ours, theirs = [], []
-        for _ in range(args.repeats):  # alternate, so a noisy neighbour hits both sides alike
-            with tempfile.TemporaryDirectory() as tmp:
-                tps, loss_ours, raw = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
-                                                   args.warmup_steps, workers=1, device="cpu",
-                                                   compile=args.compile)  # fmt: skip
-            ours.append(tps)
-            tps, loss_theirs = trainer_run(data, preset, objective, B, L, args.steps, args.warmup_steps, raw,
-                                           compile=args.compile)  # fmt: skip
-            theirs.append(tps)
-        label = f"{name} ({preset}, {objective}, {B}x{L})"
-        results.append((label, ours, theirs, loss_ours, loss_theirs))
-    print(f"{'config':<34} {'lmlab tok/s':>12} {'Trainer tok/s':>14} {'ratio':>6}   runs (lmlab | Trainer), "
-          "first-step loss lmlab / Trainer")  # fmt: skip
-    for label, ours, theirs, lo, lt in results:
+        for prec in precisions:
+            ours, theirs = [], []
+            for _ in range(args.repeats):  # alternate, so a noisy neighbour hits both sides alike
+                with tempfile.TemporaryDirectory() as tmp:
+                    tps, loss_ours, raw = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
+                                                       args.warmup_steps, workers=args.cpu_workers, device="cpu",
+                                                       compile=args.compile, precision=prec)  # fmt: skip
+                ours.append(tps)
+                tps, loss_theirs = trainer_run(data, preset, objective, B, L, args.steps, args.warmup_steps, raw,
+                                               compile=args.compile, bf16=prec == "bf16")  # fmt: skip
+                theirs.append(tps)
+            label = f"{name} ({preset}, {objective}, {B}x{L})"
+            results.append((label, prec, ours, theirs, loss_ours, loss_theirs))
+    print(f"{'config':<34} {'precision':>9} {'lmlab tok/s':>12} {'Trainer tok/s':>14} {'ratio':>6}   "
+          "runs (lmlab | Trainer), first-step loss lmlab / Trainer")  # fmt: skip
+    for label, prec, ours, theirs, lo, lt in results:
         runs = " ".join(f"{x:,.0f}" for x in ours) + " | " + " ".join(f"{x:,.0f}" for x in theirs)
-        print(f"{label:<34} {max(ours):>12,.0f} {max(theirs):>14,.0f} {max(ours) / max(theirs):>5.2f}x   "
+        print(f"{label:<34} {prec:>9} {max(ours):>12,.0f} {max(theirs):>14,.0f} {max(ours) / max(theirs):>5.2f}x   "
               f"{runs}   {lo:.4f} / {lt:.4f}")  # fmt: skip
+    print(
+        "(GPT's first-step losses differ by the mean's denominator: Trainer divides the summed loss by "
+        "every label, 16x256, lmlab by the scored ones, 16x255)"
+    )
 
 
 def synthetic_data(root: Path, vocab: int, tokens: int) -> Path:
@@ -278,6 +288,18 @@ def main() -> None:
         "--compile",
         action="store_true",
         help="CPU mode: torch.compile on both sides (lmlab compiles model+loss, Trainer the model)",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="*",
+        choices=["fp32", "bf16"],
+        help="CPU mode: precisions to compare (default fp32, and bf16 where the CPU has it natively)",
+    )
+    p.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=None,
+        help="CPU mode: lmlab DataLoader workers (default: its own, 0)",
     )
     p.add_argument("--dry-run", action="store_true", help="GPU mode's code path on CPU with tiny models")
     args = p.parse_args()

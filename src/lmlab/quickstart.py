@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
         save_every=max(args.steps // 2, 1),
         keep=1,
         seed=args.seed,
-        workers=1,
         progress=not args.no_progress,
         device="cpu" if not torch.cuda.is_available() else None,
     )

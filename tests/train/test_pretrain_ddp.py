@@ -35,7 +35,7 @@ def test_two_processes_match_one(tmp_path, objective, model, engine):
     data = write_prepared(tmp_path / "data")
     args = ["--data", str(data), "--objective", objective, "--model", model, "--steps", "4",
             "--batch-size", "8", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "2",
-            "--save-every", "2", "--workers", "0", "--no-progress"]  # fmt: skip
+            "--save-every", "2", "--workers", "0", "--precision", "fp32", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, ENTRY, *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -26,8 +26,38 @@ def data_dir(tmp_path_factory) -> Path:
 
 def tiny(data_dir: Path, out: Path, **kw) -> PretrainConfig:
     base = dict(data=[str(data_dir)], out=str(out), objective="span", model="t5-tiny", steps=8, batch_size=4,
-                seq_len=32, eval_every=4, eval_batches=2, save_every=2, keep=3, workers=1, progress=False)  # fmt: skip
+                seq_len=32, eval_every=4, eval_batches=2, save_every=2, keep=3, workers=1, progress=False,
+                precision="fp32")  # fmt: skip
     return PretrainConfig(**{**base, **kw})
+
+
+def test_bf16_autocast_run_on_cpu(data_dir, tmp_path):
+    import json
+
+    r = pretrain(tiny(data_dir, tmp_path / "run", precision="bf16", steps=6, eval_every=6, workers=0))
+    assert r.losses[0][1] > r.losses[-1][1]  # it learns
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["precision"] == "bf16" and saved["resolved"]["precision"] == "bf16"
+    # The weights stay fp32 (mixed precision), and evaluating with the run's precision repeats its last value.
+    from lmlab.models import load_model
+
+    model = load_model(r.final_dir)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ev = evaluate(model, data_dir, "span", batch_size=4, seq_len=32, max_batches=2, precision="bf16")
+    assert ev["loss"] == pytest.approx(r.evals[-1][1], rel=1e-5)
+
+
+def test_auto_precision_is_fp32_or_native_bf16(monkeypatch):
+    from lmlab.train import loop
+
+    cpu = torch.device("cpu")
+    assert loop.resolve_precision("fp32", cpu) == "fp32" and loop.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(loop, "_cpu_native_bf16", lambda: False)
+    assert loop.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(loop, "_cpu_native_bf16", lambda: True)
+    assert loop.resolve_precision("auto", cpu) == "bf16"
+    with pytest.raises(LmlabError, match="unknown precision"):
+        PretrainConfig(data=["x"], out="y", precision="fp16")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ _RESUMABLE = ("steps", "tokens", "eval_every", "eval_batches", "save_every", "ke
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from lmlab.models.presets import PRESETS
-    from lmlab.train.config import OPTIMIZERS, SCHEDULES
+    from lmlab.train.config import OPTIMIZERS, PRECISIONS, SCHEDULES
 
     S = argparse.SUPPRESS  # unset flags stay absent, so --resume can tell what was given
     p = parser
@@ -74,6 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=S, metavar="N", help="checkpoints kept (default 3)")
     p.add_argument("--log-every", type=int, default=S, metavar="K", help="metrics row every K steps (1)")
     p.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=S,
+        help="bf16 autocast or fp32 (default auto: bf16 on GPUs and on CPUs with native bf16, else fp32)",
+    )
     p.add_argument("--fsdp", action="store_true", default=S, help="shard with FSDP2 under torchrun")
     p.add_argument(
         "--init",
@@ -83,7 +89,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run with its own settings")
     p.add_argument("--seed", type=int, default=S, help="seed of the model, the data order and the noise")
-    p.add_argument("--workers", type=int, default=S, help="DataLoader worker processes (default 1)")
+    p.add_argument(
+        "--workers", type=int, default=S, help="DataLoader worker processes (default 0 on CPU, 1 on GPUs)"
+    )
     p.add_argument("--device", default=S, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
     p.add_argument("--out", metavar="RUN_DIR", default=S, help="run directory to create")

@@ -15,6 +15,9 @@ from lmlab.errors import LmlabError
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "inverse-sqrt", "constant")
+# auto: bf16 autocast where the device multiplies bf16 natively (CUDA; x86 CPUs with AVX512-BF16 or
+# AMX), else fp32.  Weights and optimizer state stay fp32 either way (mixed precision).
+PRECISIONS = ("auto", "bf16", "fp32")
 # Peak learning rates when --lr is not given: AdamW's usual small-model value, and T5's Adafactor 1e-2.
 DEFAULT_LR = {"adamw": 1e-3, "adafactor": 1e-2}
 
@@ -48,11 +51,12 @@ class PretrainConfig:
     keep: int = 3
     log_every: int = 1
     compile: bool = False
+    precision: str = "auto"
     fsdp: bool = False
     init: str | None = None
     mix_alpha: float = 1.0
     seed: int = 0
-    workers: int = 1
+    workers: int | None = None  # None: 0 on CPU (the cores are the model's), 1 on GPUs
     device: str | None = None  # None: cuda when available, else cpu
     objective_args: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
@@ -69,6 +73,8 @@ class PretrainConfig:
             raise LmlabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise LmlabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise LmlabError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.steps is not None and self.tokens is not None:
             raise LmlabError("give --steps or --tokens, not both")
         positive = {
@@ -92,7 +98,7 @@ class PretrainConfig:
             raise LmlabError(f"--warmup must be >= 0, got {self.warmup}")
         if self.clip is not None and not self.clip > 0:
             raise LmlabError(f"--clip must be positive (or omitted), got {self.clip}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise LmlabError(f"--workers must be >= 0, got {self.workers}")
         if not self.mix_alpha >= 0:
             raise LmlabError(f"--mix-alpha must be >= 0, got {self.mix_alpha}")

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_dir, atomic_write_json
@@ -57,16 +58,16 @@ from lmlab.train.data import (
     mixing_rates,
     val_keys,
 )
+from lmlab.train.loss import loss_sum
 from lmlab.train.optim import build_optimizer, build_scheduler
 
-IGNORE_INDEX = -100
 METRICS = "metrics.csv"
 METRIC_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed_s")
 FINAL = "final"
 # Settings a resumed run must share with the run it continues (the rest only affect reporting/length).
 _IDENTITY = ("data", "objective", "model", "batch_size", "seq_len", "lr", "min_lr_ratio", "optimizer",
-             "schedule", "warmup", "weight_decay", "grad_accum", "clip", "fsdp", "init", "mix_alpha", "seed",
-             "objective_args")  # fmt: skip
+             "schedule", "warmup", "weight_decay", "grad_accum", "clip", "precision", "fsdp", "init",
+             "mix_alpha", "seed", "objective_args")  # fmt: skip
 
 
 @dataclass
@@ -106,38 +107,6 @@ def make_objective(name: str, tokenizer, family: str, kwargs: dict[str, Any] | N
 # ---------------------------------------------------------------------------------------------- loss
 
 
-def _shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
-    out = labels.new_full(labels.shape, start)
-    out[:, 1:] = labels[:, :-1]
-    return out.masked_fill(out == IGNORE_INDEX, start)
-
-
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str, start_id: int = 0):
-    """Sum of the token cross-entropies of the batch's scored labels, fp32 scalar.
-
-    ``input_ids`` / ``labels``: (B, T) int64 (``labels`` −100 where unscored).  For decoder-only
-    models position t predicts label t+1 (Hugging Face's convention), so both are shifted here.
-    """
-    kw: dict[str, Any] = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        kw["attention_mask"] = batch["attention_mask"]
-    labels = batch["labels"]
-    if family == ENCODER_DECODER:
-        dec = batch.get("decoder_input_ids")
-        kw["decoder_input_ids"] = dec if dec is not None else _shift_right(labels, start_id)
-        kw["use_cache"] = False
-    elif family == DECODER:
-        kw["use_cache"] = False
-    logits = model(**kw).logits  # (B, T, V)
-    if family == DECODER:
-        # Shift the labels, not the logits: slicing (B, T, V) logits would copy them.
-        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-    V = logits.shape[-1]
-    return F.cross_entropy(
-        logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
 class LossHead(torch.nn.Module):
     """``model`` plus its loss, as one module: ``head(batch)`` → :func:`loss_sum`.
 
@@ -145,12 +114,12 @@ class LossHead(torch.nn.Module):
     log-softmax into the output projection's consumer instead of writing (B, T, V) fp32 logits.
     """
 
-    def __init__(self, model: torch.nn.Module, family: str, start_id: int = 0):
+    def __init__(self, model: torch.nn.Module, family: str, start_id: int = 0, fused: bool = True):
         super().__init__()
-        self.model, self.family, self.start_id = model, family, start_id
+        self.model, self.family, self.start_id, self.fused = model, family, start_id, fused
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_sum(self.model, batch, self.family, self.start_id)
+        return loss_sum(self.model, batch, self.family, self.start_id, fused=self.fused)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -158,14 +127,39 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+@functools.cache
+def _cpu_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); Linux only.
+
+    There oneDNN's bf16 matrix products run about 4× its fp32 ones (measured: 0.93 vs 0.19
+    TFLOP/s on 2 cores of an AVX512-BF16 EPYC); elsewhere bf16 is emulated and slower.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``bf16`` or ``fp32`` for a run on ``device``; ``auto`` (and None) picks bf16 where native."""
+    if precision in (None, "auto"):
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and _cpu_native_bf16() else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def _eval_pass(head: LossHead, loader, device: torch.device, d: ddp.Dist) -> tuple[float, int]:
+def _eval_pass(
+    head: LossHead, loader, device: torch.device, d: ddp.Dist, precision: str
+) -> tuple[float, int]:
     was_training = head.training
     head.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -174,7 +168,7 @@ def _eval_pass(head: LossHead, loader, device: torch.device, d: ddp.Dist) -> tup
             batch = _to(batch, device)
             n = batch.pop("n_targets")
             batch.pop("n_raw")
-            with _autocast(device):
+            with _autocast(device, precision):
                 s = head(batch)
             total += torch.stack([s.double(), n.double()])
     finally:
@@ -194,8 +188,11 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device | None = None,
     workers: int = 0,
+    precision: str | None = None,
 ) -> dict[str, float]:
     """Validation loss of ``model`` on the ``val`` split under ``objective`` (a name or an object).
+
+    ``precision``: ``bf16`` (autocast) or ``fp32``; by default bf16 on CUDA and fp32 on CPU.
 
     Returns ``loss`` (mean cross-entropy per scored target token, nats), ``perplexity``
     (``exp(loss)``: the perplexity of the objective's targets, e.g. the spans for span
@@ -217,7 +214,12 @@ def evaluate(
     loader = make_loader(dataset, keys, workers, pin_memory=False)
     model.to(dev)
     start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
-    s, n = _eval_pass(LossHead(model, family, start_id), loader, dev, ddp.Dist(device=dev))
+    # fp32 on CPU unless asked: quantized and float models are then compared on the same arithmetic.
+    if precision is None:
+        prec = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    else:
+        prec = resolve_precision(precision, dev)
+    s, n = _eval_pass(LossHead(model, family, start_id), loader, dev, ddp.Dist(device=dev), prec)
     loss = s / max(n, 1)
     return {
         "loss": loss,
@@ -401,6 +403,7 @@ class _Run:
         self.total = _resolve_steps(cfg, self.tokens_per_step)
         self.warmup = cfg.warmup if cfg.warmup is not None else min(1000, self.total // 20)
 
+        self.precision = resolve_precision(cfg.precision, d.device)
         self.base = model.to(d.device)
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -410,8 +413,14 @@ class _Run:
         # What a step calls: the loss head, compiled if asked, under DDP when on several ranks (nanoGPT's
         # order: compile, then DDP).  Evaluation uses the eager head: it runs rarely, and a compiled
         # no-grad graph would cost a second compilation.
-        self.eval_head = LossHead(self.base, self.family, self.start_id)
-        head = torch.compile(self.eval_head) if cfg.compile else self.eval_head
+        # The loss: the fused chunked projection + cross-entropy (lmlab.train.loss) in eager mode.  Under
+        # torch.compile the model's own logits path, which Inductor fuses itself; under FSDP too, whose
+        # unsharding hooks sit on the model's own forward.
+        self.eval_head = LossHead(self.base, self.family, self.start_id, fused=not cfg.fsdp)
+        if cfg.compile:
+            head = torch.compile(LossHead(self.base, self.family, self.start_id, fused=False))
+        else:
+            head = self.eval_head
         self.train_head = head if cfg.fsdp else ddp.wrap_ddp(head, d)
         self.sync_target = self.base if cfg.fsdp else self.train_head
         self.optimizer = build_optimizer(self.base, cfg, d.device)
@@ -451,6 +460,7 @@ class _Run:
             "total_steps": self.total,
             "warmup": self.warmup,
             "family": self.family,
+            "precision": self.precision,
             "world_size": self.d.world,
             "mixing_rates": {d: float(p) for d, p in zip(self.cfg.data, self.rates, strict=True)},
         }
@@ -495,7 +505,7 @@ class _Run:
         keys = val_keys(self.val_sources.n_rows, self.cfg.batch_size, self.cfg.eval_batches,
                         self.d.rank, self.d.world)  # fmt: skip
         loader = make_loader(self.val_dataset, keys, 0, pin_memory=False)
-        s, n = _eval_pass(self.eval_head, loader, self.d.device, self.d)
+        s, n = _eval_pass(self.eval_head, loader, self.d.device, self.d, self.precision)
         return s / max(n, 1)
 
     def run(self) -> PretrainResult:
@@ -518,7 +528,9 @@ class _Run:
     def _loop(self, start: int, metrics: _Metrics, result: PretrainResult) -> None:
         cfg, d, dev = self.cfg, self.d, self.d.device
         sampler = StepSampler(self.plan, start, self.total, d.rank, d.world, cfg.grad_accum)
-        loader = make_loader(self.dataset, sampler, cfg.workers, pin_memory=dev.type == "cuda")
+        # On CPU a worker process would take cycles from the model's threads (measured slower on 2 cores).
+        workers = cfg.workers if cfg.workers is not None else (0 if dev.type == "cpu" else 1)
+        loader = make_loader(self.dataset, sampler, workers, pin_memory=dev.type == "cuda")
         batches = iter(loader)
         peak = peak_flops(dev)
         flops = None
@@ -567,7 +579,10 @@ class _Run:
                     if flops is None:
                         tgt = b["labels"].shape[1] if self.family == ENCODER_DECODER else None
                         flops = flops_per_step(self.base, cfg.batch_size, b["input_ids"].shape[1], tgt)
-                    with ddp.no_sync(self.sync_target, cfg.fsdp, i == len(micro) - 1), _autocast(dev):
+                    with (
+                        ddp.no_sync(self.sync_target, cfg.fsdp, i == len(micro) - 1),
+                        _autocast(dev, self.precision),
+                    ):
                         s = self.train_head(b)
                         (s * (d.world / count)).backward()
                     step_loss += s.detach()
