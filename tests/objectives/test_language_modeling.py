@@ -48,6 +48,7 @@ def test_prefix_lm_splits_and_reassembles(lengths, pad, seed):
         labels = gpt["labels"][b].tolist()
         assert labels == [IGNORE_INDEX] * k + tokens[b, k:n].tolist() + [IGNORE_INDEX] * (L - n)
         assert gpt["attention_mask"][b].tolist() == [1] * n + [0] * (L - n)
+        assert gpt["prefix_mask"][b].tolist() == [1] * min(k, n) + [0] * (L - min(k, n))
         assert gpt["input_ids"][b, :n].tolist() == tokens[b, :n].tolist()
     dec = batch["decoder_input_ids"]
     assert (dec[:, :1] == 0).all() and torch.equal(dec[:, 1:], batch["labels"][:, :-1].clamp_min(0))

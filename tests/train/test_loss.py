@@ -14,6 +14,7 @@ from lmlab.train.loss import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
     loss_sum,
+    model_inputs,
     split_head,
 )
 
@@ -127,6 +128,35 @@ def test_loss_sum_split_equals_the_models_own_forward(preset, family):
             assert a is None or (a == 0).all()
         else:
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6, msg=lambda m, p=p: f"{p.shape}: {m}")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(attn):
+    from lmlab.objectives import PrefixLM
+
+    model = build_model("gpt-tiny", 300, seed=0, attn_implementation=attn)
+    tokens = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = PrefixLM(decoder_only=True)(tokens, generator=torch.Generator().manual_seed(3))
+    k = int(batch["prefix_mask"][0].sum())
+    assert 1 <= k < 16
+
+    def hidden(ids):
+        kw = model_inputs(model, {**batch, "input_ids": ids}, DECODER)
+        return model.transformer(input_ids=ids, attention_mask=kw["attention_mask"])[0]
+
+    base = hidden(tokens)
+    later_prefix = tokens.clone()
+    later_prefix[0, k - 1] = (later_prefix[0, k - 1] + 1) % 300  # the prefix's last token
+    assert not torch.allclose(hidden(later_prefix)[0, 0], base[0, 0])  # position 0 sees it: bidirectional
+    target = tokens.clone()
+    target[0, k] = (target[0, k] + 1) % 300  # the first target token
+    torch.testing.assert_close(hidden(target)[0, :k], base[0, :k])  # the prefix never sees the targets
+    assert not torch.allclose(hidden(target)[0, k], base[0, k])
+    # The loss path uses that mask, fused or not, and differs from plain causal attention.
+    ref = loss_sum(model, batch, DECODER, fused=False)
+    assert loss_sum(model, batch, DECODER, fused=True).item() == pytest.approx(ref.item(), rel=1e-5)
+    causal = {key: v for key, v in batch.items() if key != "prefix_mask"}
+    assert loss_sum(model, causal, DECODER).item() != pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_models_lmlab_does_not_split_keep_the_logits_path():

@@ -5,8 +5,10 @@
 * :class:`PrefixLM` — Raffel et al. 2020, §3.3.1 and Table 3 ("prefix language modeling"): a split
   point is drawn per row, uniformly in ``[1, L − 1]`` as T5's ``random_prefix_noise_mask`` does; the
   prefix is the input and the rest the target.  ``decoder_only=True`` gives one sequence for a
-  decoder with the loss on the continuation only (the prefix's labels are -100); a GPT then still
-  attends causally inside the prefix, where T5's prefix LM would attend fully.
+  decoder with the loss on the continuation only (the prefix's labels are -100) and
+  ``prefix_mask`` (1 on the prefix), with which lmlab's training loss lets the prefix attend to
+  itself fully and the continuation causally — §3.2.1's "causal with prefix" mask (Figure 3,
+  right).  T5X carries the same signal, shifted by one, as ``decoder_causal_attention``.
 * :class:`Deshuffle` — §3.3.1 and Table 4: the input is a uniformly random permutation of the
   row's tokens, the target the original row.
 
@@ -119,6 +121,7 @@ class PrefixLM(LengthPreserving):
                 "input_ids": tokens.masked_fill(~valid, self.pad_id),
                 "attention_mask": valid.long(),
                 "labels": tokens.masked_fill(~target, IGNORE_INDEX),
+                "prefix_mask": (valid & ~target).long(),
             }
         inputs = tokens.masked_fill(positions >= split[:, None], self.pad_id)
         # The continuation, moved to the front of its row: target[t] = tokens[split + t].

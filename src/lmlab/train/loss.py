@@ -149,7 +149,10 @@ def shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
     return out.masked_fill(out == IGNORE_INDEX, start)
 
 
-def _model_kwargs(batch: dict[str, torch.Tensor], family: str, start_id: int) -> dict[str, Any]:
+def model_inputs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str, start_id: int = 0
+) -> dict[str, Any]:
+    """The keyword arguments of ``model``'s forward for an objective's batch (no labels: lmlab scores)."""
     from lmlab.models import DECODER, ENCODER_DECODER
 
     kw: dict[str, Any] = {"input_ids": batch["input_ids"]}
@@ -161,7 +164,31 @@ def _model_kwargs(batch: dict[str, torch.Tensor], family: str, start_id: int) ->
         kw["use_cache"] = False
     elif family == DECODER:
         kw["use_cache"] = False
+        if "prefix_mask" in batch:
+            mask = prefix_lm_mask(batch["prefix_mask"], batch.get("attention_mask"))
+            if model.config._attn_implementation == "eager":
+                # Eager attention adds its mask: 0 where attended, the dtype's minimum elsewhere.
+                dtype = next(model.parameters()).dtype
+                bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                mask = bias.masked_fill_(~mask, torch.finfo(dtype).min)
+            kw["attention_mask"] = mask
     return kw
+
+
+def prefix_lm_mask(prefix_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query i may attend to key j: the prefix LM's mask.
+
+    Raffel et al. 2020 §3.2.1, Figure 3 (right): fully visible inside the prefix (``prefix_mask``
+    (B, T), 1 on the prefix), causal elsewhere, and never onto padding (``attention_mask``).  A
+    prepared 4D mask, which Hugging Face's decoders take as it is.
+    """
+    T = prefix_mask.shape[1]
+    p = prefix_mask.bool()
+    causal = torch.ones(T, T, dtype=torch.bool, device=p.device).tril_()
+    allowed = causal[None] | (p[:, :, None] & p[:, None, :])
+    if attention_mask is not None:
+        allowed &= attention_mask.bool()[:, None, :]
+    return allowed[:, None]
 
 
 def _scored_labels(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
@@ -241,7 +268,7 @@ def loss_sum(
     rows, for the models :func:`split_head` knows; otherwise (or ``fused=False``) the model's own
     forward and ``F.cross_entropy`` on its logits.
     """
-    kw = _model_kwargs(batch, family, start_id)
+    kw = model_inputs(model, batch, family, start_id)
     labels = _scored_labels(batch, family)
     kind = split_head(model) if fused else None
     if kind is not None:
