@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         "      * of the quantized linear layers, code tables included; embeddings and the output head stay in float"
     )
     _say(
-        f"      trained {result.step} steps at {result.tokens_per_s or 0:,.0f} tokens/s in {t_train:.0f} s; "
+        f"      trained {result.step} steps ({'bf16 autocast' if result.precision == 'bf16' else 'fp32'}) at "
+        f"{result.tokens_per_s or 0:,.0f} tokens/s in {t_train:.0f} s; "
         f"total {time.perf_counter() - t0:.0f} s"
     )
     _say(f"      run directory: {out} (final model: {result.final_dir}; metrics: {out / 'metrics.csv'})")

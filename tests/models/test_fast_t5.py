@@ -61,3 +61,19 @@ def test_dropout_in_training_falls_back():
     model.eval()
     assert supports(model)
     assert not supports(build_model("gpt-tiny", 100, seed=0))
+
+
+def test_quantized_layers_fall_back():
+    from lmlab.quant import NF4Config, quantize_
+    from lmlab.train.loss import loss_sum
+
+    model = build_model("t5-tiny", 100, seed=0)
+    batch = {"input_ids": torch.randint(4, 100, (2, 64)), "labels": torch.randint(4, 100, (2, 9))}
+    quantize_(model, NF4Config())
+    assert not supports(model)
+    with torch.no_grad():  # the loss still runs, through the model's own forward
+        fused, plain = (
+            loss_sum(model, batch, "encoder-decoder"),
+            loss_sum(model, batch, "encoder-decoder", fused=False),
+        )
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)

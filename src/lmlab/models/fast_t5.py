@@ -36,7 +36,22 @@ def supports(model: torch.nn.Module) -> bool:
         return False
     if model.training and c.dropout_rate > 0:
         return False
-    return model.shared.weight.dtype in (torch.float32, torch.bfloat16)
+    if model.shared.weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    # Every projection must be a plain nn.Linear: a quantized layer (lmlab.quant, bitsandbytes)
+    # keeps packed weights that only its own forward can use.
+    for stack in (model.encoder, model.decoder):
+        for block in stack.block:
+            for layer in block.layer:
+                for part in (getattr(layer, "SelfAttention", None), getattr(layer, "EncDecAttention", None),
+                             getattr(layer, "DenseReluDense", None)):  # fmt: skip
+                    if part is None:
+                        continue
+                    for name in ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"):
+                        sub = getattr(part, name, None)
+                        if sub is not None and type(sub) is not torch.nn.Linear:
+                            return False
+    return True
 
 
 @lru_cache(maxsize=64)

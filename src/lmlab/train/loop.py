@@ -81,6 +81,7 @@ class PretrainResult:
     tokens_per_s: float | None = None  # raw corpus tokens per second over the whole run (all ranks)
     mfu: float | None = None  # on GPUs with a known peak
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+    precision: str | None = None  # "bf16" (autocast) or "fp32", as resolved for the device
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -518,7 +519,7 @@ class _Run:
         if start >= self.total:
             self.log(f"lmlab pretrain: {self.run_dir} already reached step {start} of {self.total}")
         metrics = _Metrics(self.run_dir, start if cfg.resume else None, d.is_main, self.log)
-        result = PretrainResult(self.run_dir, None, start, None)
+        result = PretrainResult(self.run_dir, None, start, None, precision=self.precision)
         try:
             self._loop(start, metrics, result)
         finally:

@@ -210,13 +210,17 @@ def split_head(model: torch.nn.Module) -> str | None:
     """
     t = getattr(getattr(model, "config", None), "model_type", None)
     name = type(model).__name__
+    kind = None
     if t in ("t5", "mt5") and name in ("T5ForConditionalGeneration", "MT5ForConditionalGeneration"):
-        return "t5"
-    if t == "gpt2" and name == "GPT2LMHeadModel":
-        return "gpt2"
-    if t == "bert" and name == "BertForMaskedLM":
-        return "bert"
-    return None
+        kind = "t5"
+    elif t == "gpt2" and name == "GPT2LMHeadModel":
+        kind = "gpt2"
+    elif t == "bert" and name == "BertForMaskedLM":
+        kind = "bert"
+    # The fused loss reads the output layer's weight: it must be a plain nn.Linear, not a quantized one.
+    if kind is None or type(model.get_output_embeddings()) is not torch.nn.Linear:
+        return None
+    return kind
 
 
 def _hidden_and_head(model: torch.nn.Module, kind: str, kw: dict[str, Any], labels: torch.Tensor):
