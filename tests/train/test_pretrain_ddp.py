@@ -52,3 +52,9 @@ def test_two_processes_match_one(tmp_path, objective, model, engine):
         assert la == pytest.approx(lb, rel=1e-4)
         assert (va == "") == (vb == "") and (va == "" or float(va) == pytest.approx(float(vb), rel=1e-4))
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
+    # Each rank's dropout generator is saved (seeded per rank, so they differ) for a resume to continue.
+    import torch
+
+    state = torch.load(tmp_path / "two" / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])

@@ -163,6 +163,22 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_dir, tmp_path, capsys
     assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
 
 
+def test_dropout_is_seeded_and_resumes_bit_identical(data_dir, tmp_path):
+    """BERT trains with dropout 0.1: its masks come from the run's seed, and a resume continues them."""
+    kw = dict(objective="bert", model="bert-tiny", steps=6, save_every=3, eval_every=6)
+    state = torch.get_rng_state()
+    a = pretrain(tiny(data_dir, tmp_path / "a", **kw))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
+    b = pretrain(tiny(data_dir, tmp_path / "b", **kw))
+    assert a.losses == b.losses  # same seed, same dropout masks
+    c = pretrain(tiny(data_dir, tmp_path / "c", **kw), on_step=_stop_at(4, signal.SIGTERM))
+    assert c.stopped_by == "SIGTERM"
+    resumed = pretrain(PretrainConfig.resume_from(tmp_path / "c", progress=False))
+    assert resumed.losses == [x for x in a.losses if x[0] > 4]
+    saved = torch.load(tmp_path / "c" / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    assert len(saved["rng_ranks"]) == 1 and torch.equal(saved["rng_ranks"][0]["cpu"], saved["rng"]["cpu"])
+
+
 def test_resume_may_extend_steps(data_dir, tmp_path):
     pretrain(tiny(data_dir, tmp_path / "run", steps=4, schedule="constant"))
     longer = pretrain(PretrainConfig.resume_from(tmp_path / "run", steps=6, progress=False))

@@ -280,6 +280,10 @@ def make_loader(
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
+        # generator, shifting dropout's stream whenever a loader starts (a resume, every evaluation).
+        # The objectives take their noise from their own seeded generators, never from this one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
@@ -339,7 +340,10 @@ def pretrain(
         raise LmlabError("no --out run directory given")
     d = ddp.setup(cfg.device)
     try:
-        return _Run(cfg, d, on_step).run()
+        # The run seeds torch's global generators (dropout draws from them); the caller's state is restored.
+        devices = [d.device] if d.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return _Run(cfg, d, on_step).run()
     finally:
         ddp.teardown(d)
 
@@ -444,7 +448,10 @@ class _Run:
         state = ckpt.load_checkpoint(path, map_location=self.d.device)
         ddp.load_full_state(self.base, self.optimizer, state["model"], state["optimizer"], self.cfg.fsdp)
         self.scheduler.load_state_dict(state["state"]["scheduler"])
-        rng = state["state"]["rng"]
+        # Each rank continues its own dropout stream; a run resumed on another number of processes
+        # cannot, and takes rank 0's.
+        ranks = state["state"].get("rng_ranks")
+        rng = ranks[self.d.rank] if ranks and len(ranks) == self.d.world else state["state"]["rng"]
         torch.set_rng_state(rng["cpu"])
         if self.d.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.d.device)
@@ -472,11 +479,15 @@ class _Run:
     def _save(self, step: int, tokens: int, loss: float | None) -> Path | None:
         model_state, optim_state = ddp.full_state(self.base, self.optimizer, self.cfg.fsdp)
         path = None
+        rng = {"cpu": torch.get_rng_state()}
+        if self.d.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.d.device).cpu()
+        ranks = [rng]
+        if self.d.world > 1:
+            ranks = [None] * self.d.world
+            torch.distributed.all_gather_object(ranks, rng)
         if self.d.is_main:
-            rng = {"cpu": torch.get_rng_state()}
-            if self.d.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
-            extra = {"scheduler": self.scheduler.state_dict(), "rng": rng}
+            extra = {"scheduler": self.scheduler.state_dict(), "rng": ranks[0], "rng_ranks": ranks}
             trainer = {"tokens": tokens, "loss": loss, "data": {"next_step": step, "seed": self.cfg.seed}}
             path = ckpt.save_checkpoint(
                 self.run_dir, step, model_state, optim_state, extra, trainer, self.cfg.keep
@@ -513,6 +524,10 @@ class _Run:
         cfg, d = self.cfg, self.d
         self._check_out()
         self._build()
+        # Dropout's generator: seeded by the run's seed and the rank (so ranks draw different masks),
+        # then replaced by the checkpoint's own state on a resume.
+        a, b = np.random.SeedSequence([cfg.seed, 0x64726F70, d.rank]).generate_state(2, np.uint32)
+        torch.manual_seed(int(a) << 32 | int(b))
         start = self._restore()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_files()
