@@ -29,9 +29,11 @@ print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).tota
 PY
 
 start=$(date +%s)
+echo "== output projection + cross-entropy: lmlab's fused loss beside the plain path (bench/loss.py)"
+timeout 60 $PY bench/loss.py --gpu --repeats 10 2>&1 | grep -v -E "UserWarning|warnings.warn|torchao|_pytree|register_constant"
 echo "== compiled (bf16 autocast, fused AdamW, torch.compile); then eager"
 # Compiled figures print first; the eager ones are the first thing dropped if time runs out.
-timeout 270 $PY bench/pretrain.py --gpu --steps 30 --warmup-steps 12 --eager-too 2>&1 \
+timeout 240 $PY bench/pretrain.py --gpu --steps 30 --warmup-steps 12 --eager-too 2>&1 \
   | grep -v -E "Writing model shards|^lmlab pretrain: (step|done)|UserWarning|warnings.warn|torchao|_pytree|register_constant"
 rc=${PIPESTATUS[0]}
 echo "== done in $(( $(date +%s) - start )) s (exit $rc; 124 = stopped at the time limit)"

@@ -29,16 +29,19 @@ def test_equals_hugging_face_forward_and_gradients(ff, masked):
         mask = torch.ones(3, 20, dtype=torch.long)
         mask[1, 14:] = 0
     params = list(model.parameters())
+    # A fixed random readout: the squared sum of RMS-normed states would be nearly constant, its
+    # gradients rounding noise.
+    readout = torch.randn(3, 9, model.config.d_model, generator=g)
     ref = _hf_hidden(model, ids, dec, mask)
-    ref_g = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+    ref_g = torch.autograd.grad((ref * readout).sum(), params, allow_unused=True)
     got = t5_decoder_hidden(model, ids, dec, mask)
-    got_g = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+    got_g = torch.autograd.grad((got * readout).sum(), params, allow_unused=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(got_g, ref_g, strict=True):
         if r is None:
             assert a is None
         else:
-            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
     if masked:  # the mask matters: without it row 1 differs
         assert not torch.allclose(t5_decoder_hidden(model, ids, dec)[1], got[1], atol=1e-4)
 

@@ -127,7 +127,10 @@ def test_loss_sum_split_equals_the_models_own_forward(preset, family):
         if r is None:
             assert a is None or (a == 0).all()
         else:
-            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6, msg=lambda m, p=p: f"{p.shape}: {m}")
+            scale = max(1e-3, r.abs().max().item())  # fp32 rounding, judged against the gradient's scale
+            torch.testing.assert_close(
+                a, r, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, p=p: f"{p.shape}: {m}"
+            )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-# Elements of one chunk's logits: 1 Mi (4 MiB of fp32, 128 rows of an 8192-id vocabulary) on CPUs,
-# where 128-512 rows ran fastest for both fp32 and bf16 products (2 cores, d 128: 17.6 ms vs 25.4 ms
-# at 32 rows, bf16); GPUs take bigger chunks.
-_CPU_CHUNK_ELEMENTS = 1 << 20
+# Elements of one chunk's logits: 4 Mi (16 MiB of fp32, 512 rows of an 8192-id vocabulary) on CPUs.
+# Measured on 2 cores, d 128 (bench/loss.py): 32-row chunks were 1.4x slower than 128-512 rows, and
+# 512 beat 128 where there are few rows (960: fp32 1.0-1.1x the plain path instead of 0.8-1.0x),
+# as bigger chunks give the weight-gradient product a longer inner dimension.  GPUs take bigger chunks.
+_CPU_CHUNK_ELEMENTS = 1 << 22
 _GPU_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -112,7 +113,7 @@ def linear_cross_entropy(
 
     ``h``: (..., d) hidden states; ``weight``: (V, d); ``bias``: (V,) or None; ``targets``:
     (...) int64 ids, ``-100`` where unscored.  Differentiable in ``h``, ``weight`` and ``bias``;
-    never forms more than ``chunk_rows`` × V logits at once (default: 4 MiB of fp32 logits per
+    never forms more than ``chunk_rows`` × V logits at once (default: 16 MiB of fp32 logits per
     chunk on CPU, 256 MiB on GPUs).  Equal to :func:`linear_cross_entropy_reference` to
     float rounding.
     """
