@@ -187,6 +187,18 @@ def test_resume_may_extend_steps(data_dir, tmp_path):
         PretrainConfig.resume_from(tmp_path / "run", lr=1.0)
 
 
+def test_resume_a_run_whose_config_predates_a_setting(data_dir, tmp_path):
+    import json
+
+    pretrain(tiny(data_dir, tmp_path / "run", steps=4, precision="auto"))
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["precision"]  # as an lmlab without --precision wrote it
+    path.write_text(json.dumps(saved))
+    longer = pretrain(PretrainConfig.resume_from(tmp_path / "run", steps=5, progress=False))
+    assert longer.step == 5
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     def poison(step: int, loss) -> None:
         if step == 4:  # after the step-4 checkpoint, break the weights as a diverging run would

@@ -112,8 +112,9 @@ def make_objective(name: str, tokenizer, family: str, kwargs: dict[str, Any] | N
 class LossHead(torch.nn.Module):
     """``model`` plus its loss, as one module: ``head(batch)`` → :func:`loss_sum`.
 
-    Compiling the head (not just the model) lets ``torch.compile`` fuse the fp32 upcast and the
-    log-softmax into the output projection's consumer instead of writing (B, T, V) fp32 logits.
+    ``fused``: lmlab's chunked projection + cross-entropy on the model's body (eager runs).  A
+    compiled head takes ``fused=False``: compiling the model and its plain loss together lets
+    ``torch.compile`` fuse the fp32 upcast and the log-softmax into the projection's consumer.
     """
 
     def __init__(self, model: torch.nn.Module, family: str, start_id: int = 0, fused: bool = True):
@@ -315,7 +316,8 @@ def _resolve_steps(cfg: PretrainConfig, tokens_per_step: int) -> int:
 
 
 def _check_resume(cfg: PretrainConfig, run_dir: Path) -> None:
-    saved = read_run_config(run_dir)
+    # A setting a run's config.json predates (written by an older lmlab) had its default then.
+    saved = {**PretrainConfig().to_dict(), **read_run_config(run_dir)}
     now = cfg.to_dict()
     diff = [k for k in _IDENTITY if saved.get(k) != now.get(k)]
     if diff:
