@@ -183,6 +183,13 @@ def cpu(args) -> None:
         runs = " ".join(f"{x:,.0f}" for x in ours) + " | " + " ".join(f"{x:,.0f}" for x in theirs)
         print(f"{label:<34} {prec:>9} {max(ours):>12,.0f} {max(theirs):>14,.0f} {max(ours) / max(theirs):>5.2f}x   "
               f"{runs}   {lo:.4f} / {lt:.4f}")  # fmt: skip
+    # Each side as a user gets it without flags: lmlab's resolved precision, Trainer's fp32.
+    best = {(label, prec): (max(ours), max(theirs)) for label, prec, ours, theirs, _, _ in results}
+    for label in dict.fromkeys(label for label, *_ in results):
+        if (label, native) in best and (label, "fp32") in best:
+            ours, theirs = best[(label, native)][0], best[(label, "fp32")][1]
+            print(f"{label:<34} defaults: lmlab {native} {ours:,.0f} vs Trainer fp32 {theirs:,.0f} tok/s, "
+                  f"{ours / theirs:.2f}x")  # fmt: skip
     print(
         "(GPT's first-step losses differ by the mean's denominator: Trainer divides the summed loss by "
         "every label, 16x256, lmlab by the scored ones, 16x255)"
