@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmlab.models import build_model
-from lmlab.models.fast_t5 import _buckets, supports, t5_decoder_hidden
+from lmlab.models.fast_t5 import supports, t5_decoder_hidden
 
 
 def _hf_hidden(model, ids, dec, mask):
@@ -46,15 +46,15 @@ def test_equals_hugging_face_forward_and_gradients(ff, masked):
         assert not torch.allclose(t5_decoder_hidden(model, ids, dec)[1], got[1], atol=1e-4)
 
 
-def test_buckets_follow_t5s_law():
-    from transformers.models.t5.modeling_t5 import T5Attention
+def test_position_bias_equals_hugging_faces_for_any_lengths():
+    from lmlab.models.fast_t5 import _position_bias
 
-    for q, k, bidi in ((7, 7, True), (40, 300, True), (50, 50, False), (1, 9, False)):
-        rel = torch.arange(k)[None, :] - torch.arange(q)[:, None]
-        want = T5Attention._relative_position_bucket(
-            rel, bidirectional=bidi, num_buckets=32, max_distance=128
-        )
-        assert torch.equal(_buckets(q, k, bidi, 32, 128, "cpu"), want)
+    model = build_model("t5-tiny", 100, seed=0)
+    enc = model.encoder.block[0].layer[0].SelfAttention
+    dec = model.decoder.block[0].layer[0].SelfAttention
+    for q, k in ((7, 7), (40, 300), (1, 9), (130, 130)):
+        torch.testing.assert_close(_position_bias(enc, q, k, bidirectional=True), enc.compute_bias(q, k))
+        torch.testing.assert_close(_position_bias(dec, q, k, bidirectional=False), dec.compute_bias(q, k))
 
 
 def test_dropout_in_training_falls_back():

@@ -22,7 +22,6 @@ tested against is that forward.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -40,46 +39,26 @@ def supports(model: torch.nn.Module) -> bool:
         return False
     # Every projection must be a plain nn.Linear: a quantized layer (lmlab.quant, bitsandbytes)
     # keeps packed weights that only its own forward can use.
+    projections = {"q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"}
     for stack in (model.encoder, model.decoder):
-        for block in stack.block:
-            for layer in block.layer:
-                for part in (getattr(layer, "SelfAttention", None), getattr(layer, "EncDecAttention", None),
-                             getattr(layer, "DenseReluDense", None)):  # fmt: skip
-                    if part is None:
-                        continue
-                    for name in ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"):
-                        sub = getattr(part, name, None)
-                        if sub is not None and type(sub) is not torch.nn.Linear:
-                            return False
+        for name, sub in stack.named_modules():
+            if name.rpartition(".")[2] in projections and type(sub) is not torch.nn.Linear:
+                return False
     return True
 
 
 @lru_cache(maxsize=64)
 def _buckets(q_len: int, k_len: int, bidirectional: bool, num_buckets: int, max_distance: int, device: str):
-    """T5's relative-position bucket of every (query, key) pair, (q_len, k_len) int64.
+    """T5's relative-position bucket of every (query, key) pair, (q_len, k_len) int64, cached per shape.
 
-    Mesh TensorFlow's law: half the buckets (each direction's half when bidirectional) are
-    exact distances, the rest logarithmic up to ``max_distance``, beyond which one bucket.
+    The law itself (Mesh TensorFlow's: exact distances, then logarithmic bins up to
+    ``max_distance``) is Hugging Face's ``T5Attention._relative_position_bucket``; only the
+    per-forward recomputation is saved here.
     """
+    from transformers.models.t5.modeling_t5 import T5Attention
+
     rel = torch.arange(k_len)[None, :] - torch.arange(q_len)[:, None]  # key − query
-    out = torch.zeros_like(rel)
-    if bidirectional:
-        num_buckets //= 2
-        out += (rel > 0).long() * num_buckets
-        rel = rel.abs()
-    else:
-        rel = -torch.clamp(rel, max=0)
-    max_exact = num_buckets // 2
-    large = (
-        max_exact
-        + (
-            torch.log(rel.float() / max_exact)
-            / math.log(max_distance / max_exact)
-            * (num_buckets - max_exact)
-        ).long()
-    )
-    large = torch.clamp(large, max=num_buckets - 1)
-    out += torch.where(rel < max_exact, rel, large)
+    out = T5Attention._relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
     return out.to(device)
 
 

@@ -218,10 +218,7 @@ def evaluate(
     model.to(dev)
     start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
     # fp32 on CPU unless asked: quantized and float models are then compared on the same arithmetic.
-    if precision is None:
-        prec = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    else:
-        prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision or ("auto" if dev.type == "cuda" else "fp32"), dev)
     s, n = _eval_pass(LossHead(model, family, start_id), loader, dev, ddp.Dist(device=dev), prec)
     loss = s / max(n, 1)
     return {

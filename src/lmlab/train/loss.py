@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lmlab.objectives.base import IGNORE_INDEX
+
 # Elements of one chunk's logits: 4 Mi (16 MiB of fp32, 512 rows of an 8192-id vocabulary) on CPUs.
 # Measured on 2 cores, d 128 (bench/loss.py): 32-row chunks were 1.4x slower than 128-512 rows, and
 # 512 beat 128 where there are few rows (960: fp32 1.0-1.1x the plain path instead of 0.8-1.0x),
