@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmlab.models import build_model
-from lmlab.models.fast_t5 import supports, t5_decoder_hidden
+from lmlab.models.fast_t5 import _gelu_kind, supports, t5_decoder_hidden
 
 
 def _hf_hidden(model, ids, dec, mask):
@@ -16,11 +16,15 @@ def _hf_hidden(model, ids, dec, mask):
     )[0]
 
 
-@pytest.mark.parametrize("ff", ["gated-gelu_pytorch_tanh", "relu"])  # v1.1 / mT5, and T5 1.0
+# v1.1 (one-kernel GELU: lmlab's own backward), mT5's composed "gelu_new" (autograd's), T5 1.0
+@pytest.mark.parametrize("ff", ["gated-gelu_pytorch_tanh", "gated-gelu", "relu"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_equals_hugging_face_forward_and_gradients(ff, masked):
     model = build_model("t5-tiny", 200, seed=0, feed_forward_proj=ff)
     assert supports(model)
+    if ff.startswith("gated"):  # which backward the gate takes: lmlab's (one-kernel GELU) or autograd's
+        act = model.encoder.block[0].layer[1].DenseReluDense.act
+        assert _gelu_kind(act) == ("tanh" if ff == "gated-gelu_pytorch_tanh" else None)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 200, (3, 20), generator=g)
     dec = torch.randint(4, 200, (3, 9), generator=g)
@@ -80,3 +84,74 @@ def test_quantized_layers_fall_back():
             loss_sum(model, batch, "encoder-decoder", fused=False),
         )
     assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_bf16_autocast_is_close_to_hugging_faces_under_autocast():
+    model = build_model("t5-tiny", 200, seed=0)
+    g = torch.Generator().manual_seed(2)
+    ids, dec = torch.randint(4, 200, (4, 24), generator=g), torch.randint(4, 200, (4, 8), generator=g)
+    readout = torch.randn(4, 8, model.config.d_model, generator=g)
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _hf_hidden(model, ids, dec, None)
+        got = t5_decoder_hidden(model, ids, dec)
+    ref_g = torch.autograd.grad((ref.float() * readout).sum(), params)
+    got_g = torch.autograd.grad((got.float() * readout).sum(), params)
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.02, atol=0.02)
+    for a, r in zip(got_g, ref_g, strict=True):  # bf16 products: compare each gradient as a whole
+        assert a.dtype == r.dtype
+        assert (a - r).norm() <= 0.02 * r.norm() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rms_norm_backward_against_autograd(dtype):
+    from lmlab.models.fast_t5 import _RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 16, generator=g, dtype=dtype, requires_grad=True)
+    w = (1 + 0.2 * torch.randn(16, generator=g, dtype=dtype)).requires_grad_()
+    dy = torch.randn(3, 5, 16, generator=g, dtype=dtype)
+    ref = torch.nn.functional.rms_norm(x, (16,), w, 1e-6)
+    got = _RMSNorm.apply(x, w, 1e-6)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, **tol)
+    for a, r in zip(torch.autograd.grad(got, (x, w), dy), torch.autograd.grad(ref, (x, w), dy), strict=True):
+        torch.testing.assert_close(a, r, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gated_gelu_backward_against_autograd(approximate):
+    from lmlab.models.fast_t5 import _GatedGelu
+
+    u = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    a, b = u.chunk(2, dim=-1)
+    torch.testing.assert_close(
+        _GatedGelu.apply(u, approximate), torch.nn.functional.gelu(a, approximate=approximate) * b
+    )
+    assert torch.autograd.gradcheck(lambda u: _GatedGelu.apply(u, approximate), (u,))
+
+
+def test_split_heads_backward():
+    from lmlab.models.fast_t5 import _SplitHeads
+
+    u = torch.randn(2, 5, 3 * 4 * 3, dtype=torch.float64, requires_grad=True)
+    q, k, v = _SplitHeads.apply(u, 3, 4)
+    assert q.shape == (2, 4, 5, 3) and q.is_contiguous()
+    torch.testing.assert_close(k, u.view(2, 5, 3, 4, 3)[:, :, 1].transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda u: _SplitHeads.apply(u, 3, 4), (u,))
+    # An output left out of the loss gets a zero gradient.
+    (gu,) = torch.autograd.grad(q.sum() + v.sum(), u)
+    assert (gu.view(2, 5, 3, 4, 3)[:, :, 1] == 0).all() and (gu.view(2, 5, 3, 4, 3)[:, :, 0] == 1).all()
+
+
+def test_gelu_kind_knows_only_the_one_kernel_modules():
+    from transformers import activations
+
+    assert _gelu_kind(activations.GELUTanh()) == "tanh"
+    assert _gelu_kind(activations.GELUActivation()) == "none"
+    assert _gelu_kind(activations.GELUTanh(use_gelu_tanh_python=True)) is None
+    assert _gelu_kind(activations.NewGELUActivation()) is None
+    assert _gelu_kind(torch.nn.ReLU()) is None

@@ -22,7 +22,7 @@ tested against is that forward.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +77,104 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+class _RMSNorm(torch.autograd.Function):
+    """``x / sqrt(mean(x²) + eps) · w`` over the last dimension, with a hand-written backward.
+
+    ``F.rms_norm`` on CPU is a composite whose autograd graph makes about ten passes over x
+    in the backward; this makes three forward (one norm reduction, two products) and five
+    backward.  The statistics are fp32 at least, whatever the input dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        d = x.shape[-1]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+        rstd = ss.square_().div_(d).add_(eps).rsqrt_()  # (..., 1), fp32 at least
+        ctx.save_for_backward(x, w, rstd)
+        return torch.mul(x, rstd).mul_(w).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, rstd = ctx.saved_tensors
+        d = x.shape[-1]
+        xhat = x * rstd  # fp32 at least
+        dyw = dy.to(rstd.dtype) * w.to(rstd.dtype)  # (the casts are no-ops in fp32)
+        # ∂x = rstd · (dy·w − x̂ · mean(dy·w·x̂)), ∂w = Σ_rows dy · x̂
+        s = torch.linalg.vecdot(dyw, xhat, dim=-1).unsqueeze(-1).div_(d)
+        dx = dyw.addcmul_(xhat, s, value=-1.0).mul_(rstd).to(x.dtype)
+        dw = torch.linalg.vecdot(dy.reshape(-1, d).to(xhat.dtype), xhat.reshape(-1, d), dim=0)
+        return dx, dw.to(w.dtype), None
+
+
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    if x.dtype == norm.weight.dtype:
+        return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """A (B, T, p·n·d) projection output → p contiguous (B, n, T, d) tensors (q, k, v).
+
+    The backward writes the p gradients straight into one (B, T, p·n·d) buffer, where
+    autograd's ``chunk`` + ``view`` + ``transpose`` would copy each and then concatenate.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, parts: int, n: int):
+        B, T, width = u.shape
+        ctx.meta = (B, T, width, parts, n, u.dtype, u.device)
+        x = u.view(B, T, parts, n, width // (parts * n))
+        return tuple(x[:, :, i].transpose(1, 2).contiguous() for i in range(parts))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        B, T, width, parts, n, dtype, device = ctx.meta
+        du = torch.empty(B, T, parts, n, width // (parts * n), dtype=dtype, device=device)
+        for i, g in enumerate(grads):
+            if g is None:
+                du[:, :, i].zero_()
+            else:
+                du[:, :, i].copy_(g.transpose(1, 2))
+        return du.view(B, T, width), None, None
+
+
+class _GatedGelu(torch.autograd.Function):
+    """``gelu(a) ⊙ b`` for ``u = [a | b]`` (the gated feed-forward's one input product).
+
+    The backward writes ∂a and ∂b into one buffer shaped like u: no concatenation.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, approximate: str) -> torch.Tensor:
+        f = u.shape[-1] // 2
+        g = F.gelu(u[..., :f], approximate=approximate)
+        ctx.save_for_backward(u, g)
+        ctx.approximate = approximate
+        return g * u[..., f:]
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        u, g = ctx.saved_tensors
+        f = u.shape[-1] // 2
+        du = torch.empty_like(u)
+        torch.mul(dh, g, out=du[..., f:])
+        torch.ops.aten.gelu_backward.grad_input(
+            dh * u[..., f:], u[..., :f], approximate=ctx.approximate, grad_input=du[..., :f]
+        )
+        return du, None
+
+
+def _gelu_kind(act) -> str | None:
+    """``F.gelu``'s ``approximate`` for Hugging Face's one-kernel GELU modules, else None."""
+    from transformers import activations
+
+    inner = getattr(act, "act", None)
+    if type(act) is activations.GELUTanh and isinstance(inner, partial) and inner.func is F.gelu:
+        return "tanh"
+    if type(act) is activations.GELUActivation and inner is F.gelu:
+        return "none"
+    return None
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,25 +201,33 @@ def _attend(q, k, v, bias, attn) -> torch.Tensor:
 
 def _self_attention(x, attn, bias) -> torch.Tensor:
     w = torch.cat([attn.q.weight, attn.k.weight, attn.v.weight])
-    q, k, v = F.linear(x, w).chunk(3, dim=-1)
-    n = attn.n_heads
-    return _attend(_heads(q, n), _heads(k, n), _heads(v, n), bias, attn)
+    q, k, v = _SplitHeads.apply(F.linear(x, w), 3, attn.n_heads)
+    return _attend(q, k, v, bias, attn)
 
 
 def _cross_attention(x, enc, attn, mask) -> torch.Tensor:
     n = attn.n_heads
     q = _heads(F.linear(x, attn.q.weight), n)
-    k, v = F.linear(enc, torch.cat([attn.k.weight, attn.v.weight])).chunk(2, dim=-1)
-    return _attend(q, _heads(k, n), _heads(v, n), mask, attn)
+    k, v = _SplitHeads.apply(F.linear(enc, torch.cat([attn.k.weight, attn.v.weight])), 2, n)
+    return _attend(q, k, v, mask, attn)
 
 
 def _feed_forward(x, ff) -> torch.Tensor:
     if hasattr(ff, "wi_0"):  # gated (v1.1, mT5): act(x W0) ⊙ (x W1)
-        a, b = F.linear(x, torch.cat([ff.wi_0.weight, ff.wi_1.weight])).chunk(2, dim=-1)
-        h = ff.act(a) * b
+        u = F.linear(x, torch.cat([ff.wi_0.weight, ff.wi_1.weight]))
+        kind = _gelu_kind(ff.act)
+        if kind is not None:
+            h = _GatedGelu.apply(u, kind)
+        else:
+            a, b = u.chunk(2, dim=-1)
+            h = ff.act(a) * b
     else:  # T5 1.0: act(x Wi)
         h = ff.act(F.linear(x, ff.wi.weight))
-    return F.linear(h.to(ff.wo.weight.dtype), ff.wo.weight)
+    # Hugging Face casts h to wo's dtype; under autocast the product casts it back to bf16 at
+    # once, so the round trip (exact) is skipped there.
+    if not torch.is_autocast_enabled(h.device.type):
+        h = h.to(ff.wo.weight.dtype)
+    return F.linear(h, ff.wo.weight)
 
 
 def _stack(stack, x, bias, enc=None, cross_mask=None) -> torch.Tensor:
