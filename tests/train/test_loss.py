@@ -34,10 +34,11 @@ def _grads(fn, *leaves):
     vocab=st.integers(2, 300),
     chunk=st.integers(1, 80),
     bias=st.booleans(),
+    vocab_major=st.booleans(),
     ignored=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_fused_equals_reference(n, d, vocab, chunk, bias, ignored, seed):
+def test_fused_equals_reference(n, d, vocab, chunk, bias, vocab_major, ignored, seed):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(vocab, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -46,7 +47,9 @@ def test_fused_equals_reference(n, d, vocab, chunk, bias, ignored, seed):
     y[torch.rand(n, generator=g) < ignored] = IGNORE_INDEX
     leaves = [t for t in (h, w, b) if t is not None]
     ref, ref_g = _grads(lambda: linear_cross_entropy_reference(h, w, b, y), *leaves)
-    got, got_g = _grads(lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk), *leaves)
+    got, got_g = _grads(
+        lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk, vocab_major=vocab_major), *leaves
+    )
     assert got.dtype == torch.float64  # fp64 stays fp64; lower precisions sum in fp32
     assert got.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-12)
     for a, r in zip(got_g, ref_g, strict=True):
@@ -80,14 +83,17 @@ def test_fused_without_grad_and_with_nothing_scored():
     assert loss.item() == 0.0 and (hg.grad == 0).all()
 
 
-def test_fused_under_bf16_autocast_is_close_to_fp32():
+@pytest.mark.parametrize("vocab_major", [None, True])
+def test_fused_under_bf16_autocast_is_close_to_fp32(vocab_major):
     torch.manual_seed(0)
     h = torch.randn(64, 32, requires_grad=True)
     w = (torch.randn(500, 32) * 0.1).requires_grad_()
     y = torch.randint(0, 500, (64,))
     ref, ref_g = _grads(lambda: linear_cross_entropy_reference(h, w, None, y), h, w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, got_g = _grads(lambda: linear_cross_entropy(h, w, None, y, chunk_rows=16), h, w)
+        got, got_g = _grads(
+            lambda: linear_cross_entropy(h, w, None, y, chunk_rows=16, vocab_major=vocab_major), h, w
+        )
     assert got.dtype == torch.float32 and got_g[0].dtype == h.dtype and got_g[1].dtype == w.dtype
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
     for a, r in zip(got_g, ref_g, strict=True):
