@@ -60,6 +60,34 @@ def test_auto_precision_is_fp32_or_native_bf16(monkeypatch):
         PretrainConfig(data=["x"], out="y", precision="fp16")
 
 
+def test_keep_freed_memory_tunes_glibc_and_skips_other_c_libraries(monkeypatch):
+    import ctypes
+    import platform
+
+    from lmlab.train import loop
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(loop.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert loop.keep_freed_memory.__wrapped__() is True
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert loop.keep_freed_memory.__wrapped__() is False
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # the real call succeeds here
+        assert loop.keep_freed_memory.__wrapped__() is True
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))

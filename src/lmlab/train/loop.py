@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import functools
 import math
 import os
@@ -142,6 +143,31 @@ def _cpu_native_bf16() -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A CPU training step frees and re-allocates tens of MB of activations.  By default glibc
+    returns the free top of its heap to the kernel (and maps big blocks afresh), so each step
+    page-faults that memory back in, zero-filled by the kernel: measured for t5-tiny on 2 cores,
+    6-7k faults and 10 ms of system time per fp32 step, 16k and 27 ms per bf16 step; with the
+    thresholds raised, the bf16 step took 80 instead of 96 ms.  This is what Intel's PyTorch CPU
+    tuning guide gets by preloading jemalloc or tcmalloc.  Blocks up to 32 MiB (glibc's ceiling
+    for the setting) come from the heap, and up to 1 GiB of free heap is kept.  Process-wide, like
+    the TF32 switch of CUDA runs; True where it was applied (Linux with glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl): leave it as it is
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -412,6 +438,8 @@ class _Run:
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        else:
+            keep_freed_memory()
         if cfg.fsdp:
             ddp.shard_(self.base, d)
         # What a step calls: the loss head, compiled if asked, under DDP when on several ranks (nanoGPT's
