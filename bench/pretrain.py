@@ -8,7 +8,10 @@ CPU mode.  Each config is trained twice from the same seeded initialisation: onc
 ``lmlab.train.pretrain`` (its own data pipeline: packed rows, the objective in a DataLoader
 worker) and once by ``transformers.Trainer`` fed the *very batches* lmlab's pipeline produced for
 those steps, precomputed, so Trainer pays nothing for data.  Both use AdamW (β₂ 0.95, weight
-decay 0.01), cosine decay after warmup, clipping at 1.0, fp32.  Throughput is raw corpus tokens
+decay 0.01), cosine decay after warmup, clipping at 1.0, fp32 (and bf16 autocast, where the CPU
+has it natively).  Every run is a fresh Python process, so each side runs as its users get it:
+lmlab's loop sets glibc's malloc to keep freed memory (``lmlab.train.loop.keep_freed_memory``),
+Trainer leaves the default (``--same-malloc`` gives Trainer's process lmlab's setting too).  Throughput is raw corpus tokens
 per second over the steps after ``--warmup-steps`` (timestamps taken at the end of each step by
 lmlab's ``on_step`` hook and a ``TrainerCallback``); the first-step losses are printed to show both
 trained the same thing.
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,6 +154,34 @@ def trainer_run(
     return B * raw / step_time(marks, warm, steps), losses[0]
 
 
+def isolated(side: str, **spec) -> dict:
+    """One run of ``side`` ("lmlab" or "trainer") in a fresh Python process: its tokens/s and loss."""
+    cmd = [sys.executable, __file__, "--one", json.dumps({"side": side, **spec})]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one(spec: dict) -> None:
+    """The body of :func:`isolated`: run one side, print its result as a JSON line."""
+    side = spec.pop("side")
+    data = Path(spec.pop("data"))
+    args = (data, spec.pop("preset"), spec.pop("objective"), spec.pop("B"), spec.pop("L"), spec.pop("steps"),
+            spec.pop("warm"))  # fmt: skip
+    if side == "lmlab":
+        with tempfile.TemporaryDirectory() as tmp:
+            tps, loss, raw = lmlab_run(args[0], Path(tmp) / "run", *args[1:], device="cpu", **spec)
+        print(json.dumps({"tps": tps, "loss": loss, "raw": raw}))
+    else:
+        if spec.pop("same_malloc"):
+            from lmlab.train.loop import keep_freed_memory
+
+            keep_freed_memory()
+        tps, loss = trainer_run(*args, **spec)
+        print(json.dumps({"tps": tps, "loss": loss}))
+
+
 def cpu(args) -> None:
     from lmlab.data import ensure_default_data
     from lmlab.train.loop import resolve_precision
@@ -158,23 +191,24 @@ def cpu(args) -> None:
     precisions = args.precision or (["fp32", "bf16"] if native == "bf16" else ["fp32"])
     print(f"lmlab pretrain vs transformers.Trainer, CPU ({torch.get_num_threads()} threads), data {data}")
     print(f"{args.steps} steps per run, median step time after {args.warmup_steps}, best of {args.repeats} "
-          f"alternating runs{', both torch.compile' if args.compile else ', eager'}; lmlab's default "
-          f"precision on this CPU: {native}; bf16 = autocast on both sides (Trainer bf16=True)")  # fmt: skip
+          f"alternating runs, each in a fresh process{', both torch.compile' if args.compile else ', eager'}; "
+          f"lmlab's default precision on this CPU: {native}; bf16 = autocast on both sides (Trainer bf16=True)"
+          f"{'; Trainer with lmlab malloc setting' if args.same_malloc else ''}")  # fmt: skip
     results = []
     for name, (preset, objective, B, L) in CPU_CONFIGS.items():
         if args.only and name not in args.only:
             continue
         for prec in precisions:
             ours, theirs = [], []
+            common = dict(data=str(data), preset=preset, objective=objective, B=B, L=L, steps=args.steps,
+                          warm=args.warmup_steps, compile=args.compile)  # fmt: skip
             for _ in range(args.repeats):  # alternate, so a noisy neighbour hits both sides alike
-                with tempfile.TemporaryDirectory() as tmp:
-                    tps, loss_ours, raw = lmlab_run(data, Path(tmp) / "run", preset, objective, B, L, args.steps,
-                                                       args.warmup_steps, workers=args.cpu_workers, device="cpu",
-                                                       compile=args.compile, precision=prec)  # fmt: skip
-                ours.append(tps)
-                tps, loss_theirs = trainer_run(data, preset, objective, B, L, args.steps, args.warmup_steps, raw,
-                                               compile=args.compile, bf16=prec == "bf16")  # fmt: skip
-                theirs.append(tps)
+                r = isolated("lmlab", **common, workers=args.cpu_workers, precision=prec)
+                ours.append(r["tps"])
+                loss_ours, raw = r["loss"], r["raw"]
+                r = isolated("trainer", **common, raw=raw, bf16=prec == "bf16", same_malloc=args.same_malloc)
+                theirs.append(r["tps"])
+                loss_theirs = r["loss"]
             label = f"{name} ({preset}, {objective}, {B}x{L})"
             results.append((label, prec, ours, theirs, loss_ours, loss_theirs))
     print(f"{'config':<34} {'precision':>9} {'lmlab tok/s':>12} {'Trainer tok/s':>14} {'ratio':>6}   "
@@ -309,7 +343,15 @@ def main() -> None:
         help="CPU mode: lmlab DataLoader workers (default: its own, 0)",
     )
     p.add_argument("--dry-run", action="store_true", help="GPU mode's code path on CPU with tiny models")
+    p.add_argument(
+        "--same-malloc",
+        action="store_true",
+        help="CPU mode: give Trainer's process lmlab's malloc setting too (keep freed memory)",
+    )
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one side's run, in its own process
     args = p.parse_args()
+    if args.one:
+        return one(json.loads(args.one))
     args.steps = args.steps or (40 if args.gpu else 16)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (15 if args.gpu else 3)
     gpu(args) if args.gpu or args.dry_run else cpu(args)
