@@ -7,8 +7,10 @@ bias, relative position buckets shared by the layers of a stack, unscaled dot-pr
 attention) — in fewer, larger kernels:
 
 * q, k and v come from one matrix product with the three weights side by side (k and v from
-  one for cross-attention), and the gated feed-forward's two input projections from one;
-* RMS layer norm is ``F.rms_norm`` (one kernel) instead of five elementwise ops;
+  one for cross-attention), and the gated feed-forward's two input projections from one; their
+  backward passes write the parts' gradients into one buffer instead of concatenating them;
+* RMS layer norm and the GELU gate have hand-written backward passes (fewer passes over the
+  activations than autograd's composites), each tested against autograd with ``gradcheck``;
 * the relative-position buckets are computed once per length, and each stack's bias once per
   forward (as Hugging Face does), broadcast over the batch without copying;
 * no cache bookkeeping, no fp16 clamping, no output tuples.
