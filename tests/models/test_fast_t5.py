@@ -155,3 +155,21 @@ def test_gelu_kind_knows_only_the_one_kernel_modules():
     assert _gelu_kind(activations.GELUTanh(use_gelu_tanh_python=True)) is None
     assert _gelu_kind(activations.NewGELUActivation()) is None
     assert _gelu_kind(torch.nn.ReLU()) is None
+
+
+def test_bf16_weights_are_close_to_hugging_faces():
+    model = build_model("t5-tiny", 200, seed=0).to(torch.bfloat16)
+    assert supports(model)
+    g = torch.Generator().manual_seed(4)
+    ids, dec = torch.randint(4, 200, (2, 16), generator=g), torch.randint(4, 200, (2, 6), generator=g)
+    readout = torch.randn(2, 6, model.config.d_model, generator=g)
+    params = list(model.parameters())
+    ref = _hf_hidden(model, ids, dec, None)
+    got = t5_decoder_hidden(model, ids, dec)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.03, atol=0.03)
+    ref_g = torch.autograd.grad((ref.float() * readout).sum(), params)
+    got_g = torch.autograd.grad((got.float() * readout).sum(), params)
+    for a, r in zip(got_g, ref_g, strict=True):
+        assert a.dtype == r.dtype == torch.bfloat16
+        assert (a.float() - r.float()).norm() <= 0.03 * r.float().norm() + 1e-6

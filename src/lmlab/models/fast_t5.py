@@ -172,9 +172,12 @@ def _gelu_kind(act) -> str | None:
     from transformers import activations
 
     inner = getattr(act, "act", None)
-    if type(act) is activations.GELUTanh and isinstance(inner, partial) and inner.func is F.gelu:
+    # transformers 5's GELUTanh; 4.x's PytorchGELUTanh has no .act and keeps autograd's path.
+    gelu_tanh = getattr(activations, "GELUTanh", None)
+    one_kernel = isinstance(inner, partial) and inner.func is F.gelu
+    if gelu_tanh is not None and type(act) is gelu_tanh and one_kernel:
         return "tanh"
-    if type(act) is activations.GELUActivation and inner is F.gelu:
+    if type(act) is getattr(activations, "GELUActivation", None) and inner is F.gelu:
         return "none"
     return None
 
