@@ -54,6 +54,7 @@ def test_ctrl_c_checkpoints_and_resume_finishes(data_dir, tmp_path):
 
     r = lmlab_pretrain("--resume", str(run), "--steps", str(stopped + 2), "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert "%|" not in r.stderr, "a progress bar under --no-progress (Hugging Face's save bar?)"
     assert steps_logged(run) == list(range(1, stopped + 3))
     assert (run / "final" / "model.safetensors").is_file()
 
