@@ -122,6 +122,31 @@ def test_rms_norm_backward_against_autograd(dtype):
         assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, w))
 
 
+def test_norm_folded_into_the_next_product():
+    """rms_norm(x)·g then a linear layer equals the weightless norm into the matrix W·diag(g):
+    forward and the gradients of x, g and W; and the weightless norm's backward passes gradcheck."""
+    from types import SimpleNamespace
+
+    from lmlab.models.fast_t5 import _norm_then, _RMSScale
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    gain = (1 + 0.2 * torch.randn(16, generator=g)).requires_grad_()
+    w = torch.randn(24, 16, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 24, generator=g)
+    ref = torch.nn.functional.linear(torch.nn.functional.rms_norm(x, (16,), gain, 1e-6), w)
+    h, folded = _norm_then(x, SimpleNamespace(weight=gain, variance_epsilon=1e-6), w)
+    assert h.grad_fn.name().startswith("_RMSScale")  # the fp32 path folds
+    got = torch.nn.functional.linear(h, folded)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(
+        torch.autograd.grad(got, (x, gain, w), dy), torch.autograd.grad(ref, (x, gain, w), dy), strict=True
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    x64 = x.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: _RMSScale.apply(x, 1e-6), (x64,))
+
+
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_gated_gelu_backward_against_autograd(approximate):
     from lmlab.models.fast_t5 import _GatedGelu

@@ -11,6 +11,8 @@ attention) — in fewer, larger kernels:
   backward passes write the parts' gradients into one buffer instead of concatenating them;
 * RMS layer norm and the GELU gate have hand-written backward passes (fewer passes over the
   activations than autograd's composites), each tested against autograd with ``gradcheck``;
+  where a norm feeds a matrix product (all but each stack's last), its weight is folded into
+  that product's matrix, so the norm itself is one scaling;
 * the relative-position buckets are computed once per length, and each stack's bias once per
   forward (as Hugging Face does), broadcast over the batch without copying;
 * no cache bookkeeping, no fp16 clamping, no output tuples.
@@ -109,6 +111,43 @@ class _RMSNorm(torch.autograd.Function):
         return dx, dw.to(w.dtype), None
 
 
+class _RMSScale(torch.autograd.Function):
+    """``x / sqrt(mean(x²) + eps)`` over the last dimension, fp32, without the norm's weight.
+
+    Used where the norm feeds a matrix product, whose matrix then takes the weight instead
+    (:func:`_norm_then`).  The backward needs only the output y (which the product saves
+    anyway): ∂x = rstd · (∂y − y · mean(∂y · y)), four passes over the activations.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        rstd = ss.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        y = x * rstd
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, rstd = ctx.saved_tensors
+        s = torch.linalg.vecdot(dy, y, dim=-1).unsqueeze(-1).div_(y.shape[-1])
+        return dy.addcmul(y, s, value=-1.0).mul_(rstd), None
+
+
+def _norm_then(x: torch.Tensor, norm, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, W)`` with ``F.linear(h, W)`` = ``F.linear(rms_norm(x) ⊙ g, weight)``, g the norm's weight.
+
+    In fp32 (and under autocast, where the residual stream stays fp32) the weight g moves into
+    the matrix, W = weight · diag(g): a (out, in) product instead of a pass over the activations,
+    and autograd's gradient of g becomes a sum over that small matrix instead of a reduction over
+    every row.  Equal in exact arithmetic; rounding differs at the last bit.
+    """
+    g = norm.weight
+    if x.dtype == torch.float32 and g.dtype == torch.float32:
+        return _RMSScale.apply(x, norm.variance_epsilon), weight * g
+    return _rms(x, norm), weight
+
+
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
     if x.dtype == norm.weight.dtype:
         return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
@@ -204,22 +243,24 @@ def _attend(q, k, v, bias, attn) -> torch.Tensor:
     return F.linear(y.transpose(1, 2).reshape(B, T, n * d), attn.o.weight)
 
 
-def _self_attention(x, attn, bias) -> torch.Tensor:
-    w = torch.cat([attn.q.weight, attn.k.weight, attn.v.weight])
-    q, k, v = _SplitHeads.apply(F.linear(x, w), 3, attn.n_heads)
+def _self_attention(x, norm, attn, bias) -> torch.Tensor:
+    h, w = _norm_then(x, norm, torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+    q, k, v = _SplitHeads.apply(F.linear(h, w), 3, attn.n_heads)
     return _attend(q, k, v, bias, attn)
 
 
-def _cross_attention(x, enc, attn, mask) -> torch.Tensor:
+def _cross_attention(x, norm, enc, attn, mask) -> torch.Tensor:
     n = attn.n_heads
-    q = _heads(F.linear(x, attn.q.weight), n)
+    h, w = _norm_then(x, norm, attn.q.weight)
+    q = _heads(F.linear(h, w), n)
     k, v = _SplitHeads.apply(F.linear(enc, torch.cat([attn.k.weight, attn.v.weight])), 2, n)
     return _attend(q, k, v, mask, attn)
 
 
-def _feed_forward(x, ff) -> torch.Tensor:
+def _feed_forward(x, norm, ff) -> torch.Tensor:
     if hasattr(ff, "wi_0"):  # gated (v1.1, mT5): act(x W0) ⊙ (x W1)
-        u = F.linear(x, torch.cat([ff.wi_0.weight, ff.wi_1.weight]))
+        x, w = _norm_then(x, norm, torch.cat([ff.wi_0.weight, ff.wi_1.weight]))
+        u = F.linear(x, w)
         kind = _gelu_kind(ff.act)
         if kind is not None:
             h = _GatedGelu.apply(u, kind)
@@ -227,7 +268,8 @@ def _feed_forward(x, ff) -> torch.Tensor:
             a, b = u.chunk(2, dim=-1)
             h = ff.act(a) * b
     else:  # T5 1.0: act(x Wi)
-        h = ff.act(F.linear(x, ff.wi.weight))
+        x, w = _norm_then(x, norm, ff.wi.weight)
+        h = ff.act(F.linear(x, w))
     # Hugging Face casts h to wo's dtype; under autocast the product casts it back to bf16 at
     # once, so the round trip (exact) is skipped there.
     if not torch.is_autocast_enabled(h.device.type):
@@ -238,12 +280,10 @@ def _feed_forward(x, ff) -> torch.Tensor:
 def _stack(stack, x, bias, enc=None, cross_mask=None) -> torch.Tensor:
     for block in stack.block:
         layers = block.layer
-        x = x + _self_attention(_rms(x, layers[0].layer_norm), layers[0].SelfAttention, bias)
+        x = x + _self_attention(x, layers[0].layer_norm, layers[0].SelfAttention, bias)
         if enc is not None:
-            x = x + _cross_attention(
-                _rms(x, layers[1].layer_norm), enc, layers[1].EncDecAttention, cross_mask
-            )
-        x = x + _feed_forward(_rms(x, layers[-1].layer_norm), layers[-1].DenseReluDense)
+            x = x + _cross_attention(x, layers[1].layer_norm, enc, layers[1].EncDecAttention, cross_mask)
+        x = x + _feed_forward(x, layers[-1].layer_norm, layers[-1].DenseReluDense)
     return _rms(x, stack.final_layer_norm)
 
 
