@@ -235,7 +235,10 @@ def _attend(q, k, v, bias, attn) -> torch.Tensor:
         # 124 ms, interleaved A/B on 2 cores; fp32 even).  The softmax runs in fp32 under autocast.
         s = torch.matmul(q, k.transpose(-1, -2))
         if bias is not None:
-            s = s + bias
+            # In place where the dtypes agree (the product's backward keeps q and k, not s): the
+            # same numbers, one pass less (fwd+bwd of a (32, 4, 128, 32) attention 12.4 -> 11.7 ms).
+            # Under autocast s is bf16 and the fp32 bias promotes it, out of place.
+            s = s.add_(bias) if s.dtype == bias.dtype else s + bias
         y = torch.matmul(s.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
