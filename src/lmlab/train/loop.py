@@ -323,7 +323,10 @@ class _Metrics:
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
         except ImportError:
-            log("lmlab pretrain: tensorboard is not installed; logging to metrics.csv only")
+            log(
+                "lmlab pretrain: tensorboard is not installed; logging to metrics.csv only "
+                "(pip install 'lmlab[logging]' adds TensorBoard logs)"
+            )
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
