@@ -134,8 +134,8 @@ def linear_cross_entropy(
 
     ``h``: (..., d) hidden states; ``weight``: (V, d); ``bias``: (V,) or None; ``targets``:
     (...) int64 ids, ``-100`` where unscored.  Differentiable in ``h``, ``weight`` and ``bias``;
-    never forms more than ``chunk_rows`` × V logits at once (default: 16 MiB of fp32 logits per
-    chunk on CPU, 256 MiB on GPUs).  ``vocab_major``: hold each chunk's logits as (V, rows)
+    never forms more than ``chunk_rows`` × V logits at once (default on CPUs: 4 MiB of fp32
+    logits per chunk vocabulary-major, 16 MiB row-major; 256 MiB on GPUs).  ``vocab_major``: hold each chunk's logits as (V, rows)
     instead of (rows, V) (default: on CPUs in fp32/fp64, where it measured faster).  Equal to
     :func:`linear_cross_entropy_reference` to float rounding.
     """
