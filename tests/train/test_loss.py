@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmlab.models import DECODER, ENCODER, ENCODER_DECODER, build_model
+from lmlab.models import DECODER, ENCODER, ENCODER_DECODER, build_model, onednn
 from lmlab.train.loss import (
     IGNORE_INDEX,
     linear_cross_entropy,
@@ -54,6 +54,38 @@ def test_fused_equals_reference(n, d, vocab, chunk, bias, vocab_major, ignored, 
     assert got.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-12)
     for a, r in zip(got_g, ref_g, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="no oneDNN fp32 linear in this torch build")
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    d=st.integers(1, 40),
+    vocab=st.integers(2, 300),
+    chunk=st.integers(1, 80),
+    bias=st.booleans(),
+    ignored=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_fp32_through_onednn_equals_fp64_reference(n, d, vocab, chunk, bias, ignored, seed):
+    """fp32 on x86 CPUs takes oneDNN's products by default (∂Wᵀ accumulated, transposed at the end)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(vocab, d, generator=g, requires_grad=True)
+    b = torch.randn(vocab, generator=g, requires_grad=True) if bias else None
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignored] = IGNORE_INDEX
+    leaves = [t for t in (h, w, b) if t is not None]
+    got, got_g = _grads(lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk), *leaves)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_g = _grads(
+        lambda: linear_cross_entropy_reference(wide[0], wide[1], wide[2] if bias else None, y), *wide
+    )
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-4)
+    for a, r in zip(got_g, ref_g, strict=True):
+        assert a.dtype == torch.float32 and a.is_contiguous()
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_scales_by_the_incoming_gradient_and_keeps_batch_shape():

@@ -31,6 +31,8 @@ from functools import lru_cache, partial
 import torch
 import torch.nn.functional as F
 
+from lmlab.models.onednn import linear
+
 
 def supports(model: torch.nn.Module) -> bool:
     """Whether :func:`t5_decoder_hidden` reproduces ``model``'s forward (no active dropout, fp32/bf16)."""
@@ -243,27 +245,27 @@ def _attend(q, k, v, bias, attn) -> torch.Tensor:
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     B, n, T, d = y.shape
-    return F.linear(y.transpose(1, 2).reshape(B, T, n * d), attn.o.weight)
+    return linear(y.transpose(1, 2).reshape(B, T, n * d), attn.o.weight)
 
 
 def _self_attention(x, norm, attn, bias) -> torch.Tensor:
     h, w = _norm_then(x, norm, torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
-    q, k, v = _SplitHeads.apply(F.linear(h, w), 3, attn.n_heads)
+    q, k, v = _SplitHeads.apply(linear(h, w), 3, attn.n_heads)
     return _attend(q, k, v, bias, attn)
 
 
 def _cross_attention(x, norm, enc, attn, mask) -> torch.Tensor:
     n = attn.n_heads
     h, w = _norm_then(x, norm, attn.q.weight)
-    q = _heads(F.linear(h, w), n)
-    k, v = _SplitHeads.apply(F.linear(enc, torch.cat([attn.k.weight, attn.v.weight])), 2, n)
+    q = _heads(linear(h, w), n)
+    k, v = _SplitHeads.apply(linear(enc, torch.cat([attn.k.weight, attn.v.weight])), 2, n)
     return _attend(q, k, v, mask, attn)
 
 
 def _feed_forward(x, norm, ff) -> torch.Tensor:
     if hasattr(ff, "wi_0"):  # gated (v1.1, mT5): act(x W0) ⊙ (x W1)
         x, w = _norm_then(x, norm, torch.cat([ff.wi_0.weight, ff.wi_1.weight]))
-        u = F.linear(x, w)
+        u = linear(x, w)
         kind = _gelu_kind(ff.act)
         if kind is not None:
             h = _GatedGelu.apply(u, kind)
@@ -272,12 +274,12 @@ def _feed_forward(x, norm, ff) -> torch.Tensor:
             h = ff.act(a) * b
     else:  # T5 1.0: act(x Wi)
         x, w = _norm_then(x, norm, ff.wi.weight)
-        h = ff.act(F.linear(x, w))
+        h = ff.act(linear(x, w))
     # Hugging Face casts h to wo's dtype; under autocast the product casts it back to bf16 at
     # once, so the round trip (exact) is skipped there.
     if not torch.is_autocast_enabled(h.device.type):
         h = h.to(ff.wo.weight.dtype)
-    return F.linear(h, ff.wo.weight)
+    return linear(h, ff.wo.weight)
 
 
 def _stack(stack, x, bias, enc=None, cross_mask=None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmlab.models import onednn
 from lmlab.objectives.base import IGNORE_INDEX
 
 # Elements of one chunk's logits: 4 Mi (16 MiB of fp32, 512 rows of an 8192-id vocabulary) on CPUs.
@@ -42,15 +43,23 @@ _GPU_CHUNK_ELEMENTS = 1 << 26
 _CPU_FP32_CHUNK_ELEMENTS = 1 << 20
 
 
+# fp32 through oneDNN (lmlab.models.onednn, x86 CPUs): row-major logits, 4 Mi elements a chunk.  bench/loss.py
+# on 2 cores, d 128, V 8192, fwd+bwd ms for 960 / 4096 rows: 1 Mi 26.4 / 134, 2 Mi 26.8 / 110, 4 Mi 24.4 / 90,
+# 8 Mi 24.7 / 141 (MKL's vocabulary-major path: 41.5 / 164).
+_CPU_ONEDNN_CHUNK_ELEMENTS = 1 << 22
+
+
 def _vocab_major(device: torch.device, mm_dtype: torch.dtype) -> bool:
     return device.type == "cpu" and mm_dtype in (torch.float32, torch.float64)
 
 
-def _chunk_rows(device: torch.device, vocab: int, vocab_major: bool) -> int:
+def _chunk_rows(device: torch.device, vocab: int, layout: str) -> int:
     if device.type != "cpu":
         elements = _GPU_CHUNK_ELEMENTS
-    elif vocab_major:
+    elif layout == "vocab":
         elements = _CPU_FP32_CHUNK_ELEMENTS
+    elif layout == "onednn":
+        elements = _CPU_ONEDNN_CHUNK_ELEMENTS
     else:
         elements = _CPU_CHUNK_ELEMENTS
     return max(8, elements // max(vocab, 1))
@@ -60,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(h @ Wᵀ + b, y); the gradients are formed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk: int, vocab_major: bool):
+    def forward(ctx, h, weight, bias, targets, chunk: int, layout: str):
         n, vocab = h.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -70,17 +79,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         acc = torch.promote_types(mm_dtype, torch.float32)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # oneDNN accumulates ∂Wᵀ (d, V), the orientation it forms fastest, transposed once at the end.
+        w_shape = weight.shape[::-1] if layout == "onednn" else weight.shape
+        grad_w = torch.zeros(w_shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=h.device)
         hm, wm = h.to(mm_dtype), weight.to(mm_dtype)
         bm = bias.to(mm_dtype) if bias is not None else None
+        wt = wm.t().contiguous() if layout == "onednn" and need_h else None  # (d, V): ∂h's operand
         rows = torch.arange(chunk, device=h.device)
         with torch.autocast(dev, enabled=False):
             for start in range(0, n, chunk):
                 hc, yc = hm[start : start + chunk], targets[start : start + chunk]
                 m = hc.shape[0]
-                if vocab_major:  # stored (V, m), used through its transpose: see _CPU_FP32_CHUNK_ELEMENTS
+                if layout == "onednn":
+                    z = onednn.mm_nt(hc, wm, bm)  # (m, V) logits
+                elif (
+                    layout == "vocab"
+                ):  # stored (V, m), used through its transpose: see _CPU_FP32_CHUNK_ELEMENTS
                     zt = torch.mm(wm, hc.t()) if bm is None else torch.addmm(bm[:, None], wm, hc.t())
                     z = zt.to(acc).t()
                 else:
@@ -97,6 +113,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += z.sum(dim=0)
                 g = z.to(mm_dtype)
+                if layout == "onednn":
+                    if grad_h is not None:
+                        grad_h[start : start + m] = onednn.mm_nt(g, wt)
+                    if grad_w is not None:
+                        grad_w += onednn.mm_nt(hc.t(), g.t())  # ∂Wᵀ: (d, m)·(m, V)
+                    continue
                 if grad_h is not None:
                     if grad_h.dtype == g.dtype:
                         torch.mm(g, wm, out=grad_h[start : start + m])
@@ -107,6 +129,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w.addmm_(g.t(), hc)  # accumulate in place: no (V, d) temporary
                     else:
                         grad_w += (g.t() @ hc).to(acc)
+        if layout == "onednn" and grad_w is not None:
+            grad_w = grad_w.t().contiguous()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -134,10 +158,12 @@ def linear_cross_entropy(
 
     ``h``: (..., d) hidden states; ``weight``: (V, d); ``bias``: (V,) or None; ``targets``:
     (...) int64 ids, ``-100`` where unscored.  Differentiable in ``h``, ``weight`` and ``bias``;
-    never forms more than ``chunk_rows`` × V logits at once (default on CPUs: 4 MiB of fp32
-    logits per chunk vocabulary-major, 16 MiB row-major; 256 MiB on GPUs).  ``vocab_major``: hold each chunk's logits as (V, rows)
-    instead of (rows, V) (default: on CPUs in fp32/fp64, where it measured faster).  Equal to
-    :func:`linear_cross_entropy_reference` to float rounding.
+    never forms more than ``chunk_rows`` × V logits at once (defaults: 16 MiB on CPUs, 4 MiB for
+    MKL's vocabulary-major fp32 layout; 256 MiB on GPUs).  ``vocab_major`` (default None: the
+    fastest measured) True/False forces torch's own products with each chunk's logits held as
+    (V, rows) / (rows, V); by default fp32 on x86 CPUs takes oneDNN's products
+    (:mod:`lmlab.models.onednn`), other CPU fp32/fp64 the vocabulary-major layout, everything else
+    row-major.  Equal to :func:`linear_cross_entropy_reference` to float rounding.
     """
     h2 = h.reshape(-1, h.shape[-1])
     y = targets.reshape(-1)
@@ -145,12 +171,16 @@ def linear_cross_entropy(
     h2, y = h2[keep], y[keep]
     dev = h.device.type
     mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    if vocab_major is None:
-        vocab_major = _vocab_major(h.device, mm_dtype)
-    chunk = int(chunk_rows or _chunk_rows(h.device, weight.shape[0], vocab_major))
+    if vocab_major is None and onednn.applies(h2, weight) and (bias is None or bias.dtype == torch.float32):
+        layout = "onednn"
+    elif vocab_major is None:
+        layout = "vocab" if _vocab_major(h.device, mm_dtype) else "row"
+    else:
+        layout = "vocab" if vocab_major else "row"
+    chunk = int(chunk_rows or _chunk_rows(h.device, weight.shape[0], layout))
     if chunk < 1:
         raise ValueError(f"chunk_rows must be positive, not {chunk}")
-    return _LinearCrossEntropy.apply(h2, weight, bias, y, chunk, vocab_major)
+    return _LinearCrossEntropy.apply(h2, weight, bias, y, chunk, layout)
 
 
 def linear_cross_entropy_reference(
