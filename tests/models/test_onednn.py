@@ -102,3 +102,35 @@ def test_no_double_backward():
     (gx,) = torch.autograd.grad(onednn.linear(x, w).square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
+
+
+@needs_onednn
+def test_routing_sends_a_models_linear_layers_through_onednn():
+    """nn.Linear (F.linear) and GPT-2's Conv1D (torch.addmm) inside ``routing()``: oneDNN, same values."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 5), torch.nn.Linear(8, 5, bias=False), Conv1D(5, 8)]
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    for layer in layers:
+        params = [x, *layer.parameters()]
+        with onednn.routing():
+            got, got_g = _grads(lambda layer=layer: layer(x), *params)
+        ref, ref_g = _grads(lambda layer=layer: layer(x), *params)
+        nodes = [got.grad_fn, *(f for f, _ in got.grad_fn.next_functions if f is not None)]
+        assert "_LinearBackward" in {type(f).__name__ for f in nodes}
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        for a, r in zip(got_g, ref_g, strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_is_a_no_op_where_it_does_not_apply():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 5)
+    x = torch.randn(4, 8)
+    with onednn.routing(enabled=False):
+        assert type(layer(x).grad_fn).__name__ == "AddmmBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16), onednn.routing():
+        assert layer(x).dtype == torch.bfloat16
+    with onednn.routing():  # fp64 takes torch's own kernel
+        assert type(layer.double()(x.double()).grad_fn).__name__ == "AddmmBackward0"

@@ -30,12 +30,14 @@ itself differentiable (no double backward; training never needs one).  ``LMLAB_O
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
 
 _STATE: dict[str, bool] = {}
 
@@ -137,3 +139,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if applies(x, weight) and (bias is None or bias.dtype == torch.float32):
         return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+class _Routing(TorchFunctionMode):
+    """Sends ``F.linear`` (``nn.Linear``) and ``torch.addmm(bias, x, W)`` (GPT-2's ``Conv1D``) to :func:`linear`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return linear(*args, **kwargs)
+        if func is torch.addmm and not kwargs and len(args) == 3:
+            bias, x, w = args  # x (M, K) · w (K, N) + bias (N,): a linear layer with weight wᵀ
+            if (
+                bias.dim() == 1
+                and x.dim() == 2
+                and w.dim() == 2
+                and applies(x, w.t())
+                and bias.dtype == x.dtype
+            ):
+                return _Linear.apply(x, w.t(), bias)
+        return func(*args, **kwargs)
+
+
+def routing(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A context in which a model's own linear layers go through :func:`linear` (fp32 CPU only).
+
+    For models whose forward lmlab does not write itself (GPT-2, BERT, T5 with dropout): their
+    ``nn.Linear`` and ``Conv1D`` layers call ``F.linear`` / ``torch.addmm``, which this
+    ``TorchFunctionMode`` redirects while the forward runs; the backward passes are
+    :func:`linear`'s own.  A no-op (no mode, no per-op cost) when ``enabled`` is false, under
+    autocast or ``torch.compile``, or where oneDNN is not :func:`available`.
+    """
+    if not enabled or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or not available():
+        return contextlib.nullcontext()
+    return _Routing()

@@ -280,9 +280,17 @@ def split_head(model: torch.nn.Module) -> str | None:
     return kind
 
 
+def _on_cpu_in_fp32(model: torch.nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+
+
 def _hidden_and_head(model: torch.nn.Module, kind: str, kw: dict[str, Any], labels: torch.Tensor):
     """(scored hidden rows, their targets, output weight, output bias): everything before the projection."""
     keep = labels != IGNORE_INDEX
+    # Hugging Face's own forwards take oneDNN's fp32 products on x86 CPUs (lmlab.models.onednn);
+    # lmlab's T5 forward calls them itself.
+    route = onednn.routing(_on_cpu_in_fp32(model))
     if kind == "t5":
         from lmlab.models import fast_t5
 
@@ -291,25 +299,28 @@ def _hidden_and_head(model: torch.nn.Module, kind: str, kw: dict[str, Any], labe
                 model, kw["input_ids"], kw["decoder_input_ids"], kw.get("attention_mask")
             )
         else:
-            enc = model.encoder(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"))[0]
-            h = model.decoder(
-                input_ids=kw["decoder_input_ids"],
-                encoder_hidden_states=enc,
-                encoder_attention_mask=kw.get("attention_mask"),
-                use_cache=False,
-            )[0]
+            with route:
+                enc = model.encoder(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"))[0]
+                h = model.decoder(
+                    input_ids=kw["decoder_input_ids"],
+                    encoder_hidden_states=enc,
+                    encoder_attention_mask=kw.get("attention_mask"),
+                    use_cache=False,
+                )[0]
         h = h[keep]
         if model.config.scale_decoder_outputs:
             h = h * (model.model_dim**-0.5)
         head = model.lm_head
     elif kind == "gpt2":
-        h = model.transformer(
-            input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"), use_cache=False
-        )[0][keep]
+        with route:
+            h = model.transformer(
+                input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"), use_cache=False
+            )[0][keep]
         head = model.lm_head
     else:  # bert: the head's transform is per token, so it runs on the scored rows only
-        h = model.bert(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"))[0][keep]
-        h = model.cls.predictions.transform(h)
+        with route:
+            h = model.bert(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"))[0][keep]
+            h = model.cls.predictions.transform(h)
         head = model.cls.predictions.decoder
     return h, labels[keep], head.weight, head.bias
 
@@ -326,8 +337,10 @@ def loss_sum(
     ``input_ids`` / ``labels``: (B, T) int64 (``labels`` −100 where unscored).  For decoder-only
     models position t predicts label t+1 (Hugging Face's convention), so both are shifted here.
     ``fused`` (default): the model's body, then :func:`linear_cross_entropy` on the scored
-    rows, for the models :func:`split_head` knows; otherwise (or ``fused=False``) the model's own
-    forward and ``F.cross_entropy`` on its logits.
+    rows, for the models :func:`split_head` knows; otherwise the model's own forward and
+    ``F.cross_entropy`` on its logits.  Either way fp32 linear layers on x86 CPUs take oneDNN's
+    products (:mod:`lmlab.models.onednn`).  ``fused=False`` is the plain reference: the model's
+    own forward with torch's own kernels, then ``F.cross_entropy``.
     """
     kw = model_inputs(model, batch, family, start_id)
     labels = _scored_labels(batch, family)
@@ -335,7 +348,8 @@ def loss_sum(
     if kind is not None:
         h, y, weight, bias = _hidden_and_head(model, kind, kw, labels)
         return linear_cross_entropy(h, weight, bias, y)
-    logits = model(**kw).logits  # (B, T, V)
+    with onednn.routing(fused and _on_cpu_in_fp32(model)):
+        logits = model(**kw).logits  # (B, T, V)
     V = logits.shape[-1]
     return F.cross_entropy(
         logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
