@@ -16,7 +16,9 @@ users get it: lmlab's loop sets glibc's malloc to keep freed memory
 Trainer's process lmlab's setting too).  Throughput is raw corpus tokens per second over the
 steps after ``--warmup-steps`` (timestamps taken at the end of each step by lmlab's ``on_step``
 hook and a ``TrainerCallback``); the first-step losses are printed to show both trained the same
-thing.
+thing.  In fp32 on x86 CPUs lmlab's linear layers and loss take oneDNN's products
+(:mod:`lmlab.models.onednn`), Trainer's model MKL's, as each ships; ``LMLAB_ONEDNN=0 python
+bench/pretrain.py`` times lmlab on MKL too.
 
 GPU mode.  Synthetic uniform token ids over a GPT-2-sized vocabulary (50304) and T5's (32128),
 so the FLOPs match the reference runs; MFU = model FLOPs (:func:`lmlab.models.flops_per_step`)
