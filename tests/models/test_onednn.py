@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from lmlab.models import onednn
 
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason="no oneDNN fp32 linear in this torch build")
+
+@pytest.fixture(autouse=True)
+def _route_on_any_x86(monkeypatch):
+    """The path itself is tested wherever the op exists, not only on the CPUs it is on by default for."""
+    monkeypatch.setenv("LMLAB_ONEDNN", "1")
+
+
+needs_onednn = pytest.mark.skipif(not onednn._probe(), reason="no oneDNN fp32 linear in this torch build")
 
 
 def _grads(fn, *leaves):
@@ -134,3 +141,11 @@ def test_routing_is_a_no_op_where_it_does_not_apply():
         assert layer(x).dtype == torch.bfloat16
     with onednn.routing():  # fp64 takes torch's own kernel
         assert type(layer.double()(x.double()).grad_fn).__name__ == "AddmmBackward0"
+
+
+def test_auto_follows_the_cpu(monkeypatch):
+    """Unset, the routing is on exactly where MKL leaves AVX-512 idle (AMD with AVX-512) and the op works."""
+    monkeypatch.delenv("LMLAB_ONEDNN")
+    assert onednn.available() == (onednn._mkl_leaves_avx512_idle() and onednn._probe())
+    monkeypatch.setenv("LMLAB_ONEDNN", "auto")
+    assert onednn.available() == (onednn._mkl_leaves_avx512_idle() and onednn._probe())
