@@ -43,7 +43,7 @@ _GPU_CHUNK_ELEMENTS = 1 << 26
 _CPU_FP32_CHUNK_ELEMENTS = 1 << 20
 
 
-# fp32 through oneDNN (lmlab.models.onednn, x86 CPUs): row-major logits, 4 Mi elements a chunk.  bench/loss.py
+# fp32 through oneDNN (where lmlab.models.onednn applies): row-major logits, 4 Mi elements a chunk.  bench/loss.py
 # on 2 cores, d 128, V 8192, fwd+bwd ms for 960 / 4096 rows: 1 Mi 26.4 / 134, 2 Mi 26.8 / 110, 4 Mi 24.4 / 90,
 # 8 Mi 24.7 / 141 (MKL's vocabulary-major path: 41.5 / 164).
 _CPU_ONEDNN_CHUNK_ELEMENTS = 1 << 22
@@ -94,9 +94,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 m = hc.shape[0]
                 if layout == "onednn":
                     z = onednn.mm_nt(hc, wm, bm)  # (m, V) logits
-                elif (
-                    layout == "vocab"
-                ):  # stored (V, m), used through its transpose: see _CPU_FP32_CHUNK_ELEMENTS
+                elif layout == "vocab":
+                    # stored (V, m), used through its transpose: see _CPU_FP32_CHUNK_ELEMENTS
                     zt = torch.mm(wm, hc.t()) if bm is None else torch.addmm(bm[:, None], wm, hc.t())
                     z = zt.to(acc).t()
                 else:
@@ -161,9 +160,9 @@ def linear_cross_entropy(
     never forms more than ``chunk_rows`` × V logits at once (defaults: 16 MiB on CPUs, 4 MiB for
     MKL's vocabulary-major fp32 layout; 256 MiB on GPUs).  ``vocab_major`` (default None: the
     fastest measured) True/False forces torch's own products with each chunk's logits held as
-    (V, rows) / (rows, V); by default fp32 on x86 CPUs takes oneDNN's products
-    (:mod:`lmlab.models.onednn`), other CPU fp32/fp64 the vocabulary-major layout, everything else
-    row-major.  Equal to :func:`linear_cross_entropy_reference` to float rounding.
+    (V, rows) / (rows, V); by default fp32 on CPUs takes oneDNN's products where
+    :mod:`lmlab.models.onednn` applies (AMD's AVX-512 cores), other CPU fp32/fp64 the
+    vocabulary-major layout, everything else row-major.  Equal to :func:`linear_cross_entropy_reference` to float rounding.
     """
     h2 = h.reshape(-1, h.shape[-1])
     y = targets.reshape(-1)
@@ -288,7 +287,7 @@ def _on_cpu_in_fp32(model: torch.nn.Module) -> bool:
 def _hidden_and_head(model: torch.nn.Module, kind: str, kw: dict[str, Any], labels: torch.Tensor):
     """(scored hidden rows, their targets, output weight, output bias): everything before the projection."""
     keep = labels != IGNORE_INDEX
-    # Hugging Face's own forwards take oneDNN's fp32 products on x86 CPUs (lmlab.models.onednn);
+    # Hugging Face's own forwards take oneDNN's fp32 products where lmlab.models.onednn applies;
     # lmlab's T5 forward calls them itself.
     route = onednn.routing(_on_cpu_in_fp32(model))
     if kind == "t5":
@@ -338,8 +337,8 @@ def loss_sum(
     models position t predicts label t+1 (Hugging Face's convention), so both are shifted here.
     ``fused`` (default): the model's body, then :func:`linear_cross_entropy` on the scored
     rows, for the models :func:`split_head` knows; otherwise the model's own forward and
-    ``F.cross_entropy`` on its logits.  Either way fp32 linear layers on x86 CPUs take oneDNN's
-    products (:mod:`lmlab.models.onednn`).  ``fused=False`` is the plain reference: the model's
+    ``F.cross_entropy`` on its logits.  Either way fp32 linear layers on CPUs take oneDNN's
+    products where :mod:`lmlab.models.onednn` applies.  ``fused=False`` is the plain reference: the model's
     own forward with torch's own kernels, then ``F.cross_entropy``.
     """
     kw = model_inputs(model, batch, family, start_id)
