@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/objectives.py
 	$(BIN)/python bench/quant_cpu.py
+	$(BIN)/python bench/linear.py
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/pretrain.py
 
