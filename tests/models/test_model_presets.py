@@ -69,3 +69,23 @@ def test_flops_match_the_6n_rule():
     t5 = build_model("t5-tiny", 512, seed=0)
     # Encoder matrices see inputs, decoder matrices targets: more targets cost more.
     assert flops_per_step(t5, 4, 64, 32) < flops_per_step(t5, 4, 64, 64)
+
+
+def test_load_model_round_trip_without_hugging_faces_bar(tmp_path, capsys):
+    """``load_model`` (``--init``, evaluation) picks the Auto class and prints no loading bar of its own."""
+    import torch
+
+    from lmlab.models import load_model
+
+    m = build_model("gpt-tiny", 300, seed=0)
+    m.save_pretrained(tmp_path)
+    capsys.readouterr()
+    loaded = load_model(tmp_path)
+    assert type(loaded).__name__ == "GPT2LMHeadModel"
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    assert "%|" not in capsys.readouterr().err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # switched back on after

@@ -37,7 +37,9 @@ IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 def test_quantize_command(saved, name, argv, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["quantize", str(saved[name]), *argv, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "%|" not in captured.err, "Hugging Face's loading bar leaked into the command's output"
     assert "bits/param" in printed and "whole model" in printed and str(out) in printed
     assert (out / "tokenizer.json").read_text() == '{"stub": true}\n'
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind

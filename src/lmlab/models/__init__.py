@@ -17,6 +17,7 @@ from lmlab.models.presets import (
     load_model,
     max_positions,
     model_family,
+    quiet_hf_progress,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "max_positions",
     "model_family",
     "peak_flops",
+    "quiet_hf_progress",
 ]

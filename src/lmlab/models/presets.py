@@ -21,7 +21,9 @@ Nothing here imports torch or transformers until a model is built.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +184,25 @@ def model_family(model_or_config: Any) -> str:
     raise LmlabError(f"model type {t!r} is not one lmlab trains (T5, BERT or GPT-2 style)")
 
 
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hugging Face's own progress bars off for the block, restored after.
+
+    ``from_pretrained``'s "Loading weights" and ``save_pretrained``'s "Writing model shards" bars
+    flash for a moment on lmlab's small models and print even under ``--no-progress``; lmlab's
+    own bars say what is happening.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model_dir: str | os.PathLike) -> nn.Module:
     """Load a saved model (a run's ``final/`` or any ``save_pretrained`` directory) with its Auto class."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
@@ -195,7 +216,8 @@ def load_model(model_dir: str | os.PathLike) -> nn.Module:
         ENCODER: AutoModelForMaskedLM,
         DECODER: AutoModelForCausalLM,
     }[model_family(config)]
-    return auto.from_pretrained(d)
+    with quiet_hf_progress():
+        return auto.from_pretrained(d)
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     import transformers
 
+    from lmlab.models import quiet_hf_progress
     from lmlab.quant.api import quantize_
     from lmlab.quant.serialization import hf_model_class, save_quantized
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise LmlabError(f"{model_dir}: cannot read config.json ({e})") from e
     cls = hf_model_class(hf_config)
     try:
-        model = cls.from_pretrained(model_dir)
+        with quiet_hf_progress():
+            model = cls.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise LmlabError(f"{model_dir}: cannot load the model ({e})") from e
     model.eval()

@@ -46,6 +46,7 @@ from lmlab.models import (
     max_positions,
     model_family,
     peak_flops,
+    quiet_hf_progress,
 )
 from lmlab.train import checkpoint as ckpt
 from lmlab.train import distributed as ddp
@@ -168,21 +169,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # another C library (musl): leave it as it is
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-
-
-@contextlib.contextmanager
-def _quiet_hf_bars():
-    """Hugging Face's own progress bars off for the block (its one-shard "Writing model shards" bar
-    would print even under --no-progress), restored after."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -545,7 +531,7 @@ class _Run:
         final = self.run_dir / FINAL
         model_state, _ = ddp.full_state(self.base, self.optimizer, True) if self.cfg.fsdp else (None, None)
         if self.d.is_main:
-            with atomic_dir(final) as tmp, _quiet_hf_bars():
+            with atomic_dir(final) as tmp, quiet_hf_progress():
                 if self.cfg.fsdp and torch.distributed.is_initialized():
                     self.base.save_pretrained(tmp, state_dict=model_state)
                 else:
