@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,10 @@ def cpu(args) -> None:
           f"alternating runs, each in a fresh process{', both torch.compile' if args.compile else ', eager'}; "
           f"lmlab's default precision on this CPU: {native}; bf16 = autocast on both sides (Trainer bf16=True)"
           f"{'; Trainer with lmlab malloc setting' if args.same_malloc else ''}")  # fmt: skip
+    from lmlab.models import onednn
+
+    print(f"fp32 products: lmlab {'oneDNN' if onednn.available() else 'torch (MKL)'} "
+          f"(LMLAB_ONEDNN={os.environ.get('LMLAB_ONEDNN', 'auto')}), Trainer torch (MKL)")  # fmt: skip
     results = []
     for name, (preset, objective, B, L) in CPU_CONFIGS.items():
         if args.only and name not in args.only:
