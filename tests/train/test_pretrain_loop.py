@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import sys
@@ -38,6 +39,9 @@ def test_bf16_autocast_run_on_cpu(data_dir, tmp_path):
     assert r.losses[0][1] > r.losses[-1][1]  # it learns
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["config"]["precision"] == "bf16" and saved["resolved"]["precision"] == "bf16"
+    from lmlab.models import onednn
+
+    assert saved["resolved"]["cpu_fp32_products"] == ("onednn" if onednn.available() else "torch")
     # The weights stay fp32 (mixed precision), and evaluating with the run's precision repeats its last value.
     from lmlab.models import load_model
 
@@ -189,6 +193,23 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_dir, tmp_path, capsys
     a = torch.load(tmp_path / "full" / "checkpoints" / "step-00000008" / "optimizer.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoints" / "step-00000008" / "optimizer.pt", weights_only=True)
     assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
+
+
+def test_resume_notes_a_change_of_fp32_product_library(data_dir, tmp_path, capsys, monkeypatch):
+    """A run resumed with the other fp32 products (LMLAB_ONEDNN) says it will match to rounding only."""
+    from lmlab.models import onednn
+
+    if not onednn._probe():
+        pytest.skip("no oneDNN fp32 linear in this torch build")
+    monkeypatch.setenv("LMLAB_ONEDNN", "1")
+    pretrain(tiny(data_dir, tmp_path / "r", steps=4, eval_every=100))
+    monkeypatch.setenv("LMLAB_ONEDNN", "0")
+    capsys.readouterr()
+    resumed = pretrain(PretrainConfig.resume_from(tmp_path / "r", steps=6, progress=False))
+    err = capsys.readouterr().err
+    assert resumed.step == 6 and "multiplied fp32 with onednn, this process with torch" in err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["resolved"]
+    assert saved["cpu_fp32_products"] == "torch"  # what the resumed part ran with
 
 
 def test_dropout_is_seeded_and_resumes_bit_identical(data_dir, tmp_path):

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import ctypes
 import functools
+import json
 import math
 import os
 import re
@@ -45,6 +46,7 @@ from lmlab.models import (
     load_model,
     max_positions,
     model_family,
+    onednn,
     peak_flops,
     quiet_hf_progress,
 )
@@ -342,6 +344,19 @@ def _resolve_steps(cfg: PretrainConfig, tokens_per_step: int) -> int:
     return 1000
 
 
+def _cpu_fp32_products(device: torch.device) -> str:
+    """Which library multiplies fp32 on this device: "onednn" (lmlab.models.onednn) or "torch"."""
+    return "onednn" if device.type == "cpu" and onednn.available() else "torch"
+
+
+def _saved_resolved(run_dir: Path) -> dict[str, Any]:
+    """The ``resolved`` section of a run's config.json ({} if unreadable: it only informs a note)."""
+    try:
+        return dict(json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8")).get("resolved") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _check_resume(cfg: PretrainConfig, run_dir: Path) -> None:
     # A setting a run's config.json predates (written by an older lmlab) had its default then.
     saved = {**PretrainConfig().to_dict(), **read_run_config(run_dir)}
@@ -488,6 +503,12 @@ class _Run:
             torch.cuda.set_rng_state(rng["cuda"], self.d.device)
         step = int(state["trainer"]["step"])
         self.log(f"lmlab pretrain: resuming {self.run_dir} from {path.name}")
+        was, now = _saved_resolved(self.run_dir).get("cpu_fp32_products"), _cpu_fp32_products(self.d.device)
+        if was is not None and was != now:
+            self.log(
+                f"lmlab pretrain: note: the run multiplied fp32 with {was}, this process with {now} "
+                "(LMLAB_ONEDNN); its losses will match an uninterrupted run's to rounding, not bit for bit"
+            )
         return step
 
     def _write_run_files(self) -> None:
@@ -500,6 +521,9 @@ class _Run:
             "warmup": self.warmup,
             "family": self.family,
             "precision": self.precision,
+            # Which library multiplies fp32 on CPU (lmlab.models.onednn): results agree to rounding,
+            # not bit for bit, so a resumed run that must reproduce this one needs the same.
+            "cpu_fp32_products": _cpu_fp32_products(self.d.device),
             "world_size": self.d.world,
             "mixing_rates": {d: float(p) for d, p in zip(self.cfg.data, self.rates, strict=True)},
         }
