@@ -15,6 +15,8 @@ attention) — in fewer, larger kernels:
   that product's matrix, so the norm itself is one scaling;
 * the relative-position buckets are computed once per length, and each stack's bias once per
   forward (as Hugging Face does), broadcast over the batch without copying;
+* fp32 products go through :func:`lmlab.models.onednn.linear` (oneDNN where it applies, on AMD's
+  AVX-512 CPUs by default; ``F.linear`` everywhere else);
 * no cache bookkeeping, no fp16 clamping, no output tuples.
 
 The result is a plain function of the model's parameters, so autograd, DDP, checkpoints and
