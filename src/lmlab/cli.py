@@ -9,7 +9,8 @@
 Each subcommand lives in the package of its concern as a module with two functions,
 ``configure(parser)`` (adds its arguments; imports nothing heavy) and ``run(args) -> int``.
 A user's mistake raises :class:`lmlab.errors.LmlabError` and is printed here as one line with
-exit status 2.
+exit status 2; so is an error of the file system the user pointed lmlab at (a read-only or full
+disk, a permission, a path under a file), named with the file it concerns.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from lmlab import __version__
@@ -46,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for an error of the file system: what failed, and on which path."""
+    from lmlab.io import disk_error, is_disk_full
+
+    path = e.filename if e.filename is not None else "?"
+    if is_disk_full(e):
+        return str(disk_error(path))
+    what = e.strerror or str(e)
+    if e.filename2 is not None:
+        return f"{what}: {path} -> {e.filename2}"
+    return f"{what}: {path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -53,18 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(args._module)
+    # A full disk under a file-size limit (ulimit -f) is EFBIG from write(), not a killing SIGXFSZ.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return int(module.run(args) or 0)
     except LmlabError as e:
         print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"lmlab {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lmlab {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # `lmlab ... | head` closed the pipe: not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":
