@@ -285,8 +285,10 @@ def output_kind(path: str | os.PathLike) -> str | None:
         return "quantized"
     if (p / "meta.json").is_file():
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            if json.loads((p / "meta.json").read_text(encoding="utf-8")).get("format", "").startswith(
-                "lmlab-tokens"
+            if (
+                json.loads((p / "meta.json").read_text(encoding="utf-8"))
+                .get("format", "")
+                .startswith("lmlab-tokens")
             ):
                 return "prepared"
     if (p / "config.json").is_file():
@@ -339,7 +341,9 @@ def check_output_dir(
     for parent in [resolved, *resolved.parents]:
         if parent.exists():
             if not parent.is_dir():
-                what = "exists and is not a directory" if parent == resolved else f"is under the file {parent}"
+                what = (
+                    "exists and is not a directory" if parent == resolved else f"is under the file {parent}"
+                )
                 raise LmlabError(f"{flag} {path} {what}")
             break
     if not p.exists():
