@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except LmlabError as e:
-        print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
+        one_line = " ".join(str(e).split("\n"))  # a message quoting a library's multi-line text
+        print(f"lmlab {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except OSError as e:
         if isinstance(e, BrokenPipeError):

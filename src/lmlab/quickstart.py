@@ -42,9 +42,25 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def _remove_earlier_quickstart(out: Path) -> None:
+    """``--fresh``: delete ``out`` only if it is an earlier quickstart's run that nothing is writing."""
     import shutil
 
+    from lmlab.errors import LmlabError
+    from lmlab.io import DirLock, output_kind
+    from lmlab.train.config import read_run_config
+
+    saved = read_run_config(out) if output_kind(out) == "run" else {}
+    if {k: saved.get(k) for k in ("objective", "model")} != {k: DEFAULTS[k] for k in ("objective", "model")}:
+        raise LmlabError(
+            f"{out} holds something other than an earlier quickstart run; --fresh deletes only those "
+            "(choose another --out)"
+        )
+    with DirLock(out):  # refuses while a run is writing there
+        shutil.rmtree(out)
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -65,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             raise LmlabError(
                 f"{out} already holds a run; pass --fresh to replace it, or choose another --out"
             )
-        shutil.rmtree(out)
+        _remove_earlier_quickstart(out)
 
     _say("[1/4] prepare: corpus -> tokenizer -> token shards")
     if args.data:
