@@ -117,6 +117,7 @@ def test_save_and_load_without_requantizing(models, name, config, tmp_path, monk
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "config.json",
         "lmlab_quant.json",
+        "manifest.json",
         "model.safetensors",
     ]
 

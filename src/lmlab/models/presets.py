@@ -203,21 +203,113 @@ def quiet_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(model_dir: str | os.PathLike) -> nn.Module:
-    """Load a saved model (a run's ``final/`` or any ``save_pretrained`` directory) with its Auto class."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
+def check_not_quantized(model_dir: str | os.PathLike) -> None:
+    """Refuse a directory that already holds a quantized model (lmlab's or transformers + bitsandbytes')."""
+    import json
 
     d = Path(model_dir)
-    if not (d / "config.json").is_file():
+    if (d / "lmlab_quant.json").is_file():
+        raise LmlabError(
+            f"{model_dir} is already quantized (written by lmlab quantize); load it with "
+            "lmlab.quant.load_quantized, or start from the float model it came from"
+        )
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # read_hf_config reports an unreadable config.json
+    if isinstance(config, dict) and config.get("quantization_config"):
+        qc = config["quantization_config"]
+        how = qc.get("quant_method", "unknown method") if isinstance(qc, dict) else "unknown method"
+        raise LmlabError(
+            f"{model_dir} is already quantized (config.json has a quantization_config, {how}); "
+            "start from the float model it came from"
+        )
+
+
+def read_hf_config(model_dir: str | os.PathLike):
+    """The ``transformers`` config of a saved model directory; a missing, damaged or hand-edited
+    ``config.json`` (bad JSON, wrong types) is a one-line :class:`LmlabError`."""
+    import json
+
+    from transformers import AutoConfig
+
+    d = Path(model_dir)
+    path = d / "config.json"
+    if not path.is_file():
         raise LmlabError(f"{model_dir} is not a saved model (no config.json); pass a run's final/ directory")
-    config = AutoConfig.from_pretrained(d)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LmlabError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise LmlabError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    try:
+        return AutoConfig.from_pretrained(d)
+    except OSError:
+        raise
+    except Exception as e:  # transformers' and huggingface_hub's validation errors share no base class
+        raise LmlabError(f"{path}: cannot read the model config ({_first_line(e)})") from None
+
+
+def load_pretrained(cls: type, model_dir: str | os.PathLike) -> nn.Module:
+    """``cls.from_pretrained(model_dir)``, refusing what transformers would quietly paper over.
+
+    A weight missing from the directory (transformers initialises it at random and carries on), a
+    corrupt, truncated or empty weights file, or a tensor of the wrong shape is a one-line
+    :class:`LmlabError`. Tied weights that transformers re-ties are not missing.
+    """
+    from transformers.utils import logging as hf_logging
+
+    d = Path(model_dir)
+    check_not_quantized(d)
+    verbosity = hf_logging.get_verbosity()
+    # transformers prints a many-line load report before raising or initialising; we say it in one.
+    hf_logging.set_verbosity_error()
+    try:
+        with quiet_hf_progress():
+            model, info = cls.from_pretrained(d, output_loading_info=True)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise LmlabError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
+    except Exception as e:  # SafetensorError, a shape mismatch (RuntimeError), a bad config value
+        what = "does not match the config" if "mismatched" in str(e) else "is damaged or unreadable"
+        raise LmlabError(f"{model_dir}: the model's weights {what} ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LmlabError(
+            f"{model_dir}: the weights file lacks {len(missing)} tensor(s) the model needs "
+            f"({', '.join(missing[:3])}{more}); refusing to fill them with random values"
+        )
+    if info.get("mismatched_keys"):
+        raise LmlabError(f"{model_dir}: tensors of the wrong shape ({sorted(info['mismatched_keys'])[:3]})")
+    return model
+
+
+def load_model(model_dir: str | os.PathLike) -> nn.Module:
+    """Load a saved model (a run's ``final/`` or any ``save_pretrained`` directory) with its Auto class.
+
+    Refused in one line: a quantized directory, a damaged ``config.json`` or weights file, and a
+    weight missing from the file (never initialised at random).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    check_not_quantized(model_dir)
+    config = read_hf_config(model_dir)
     auto = {
         ENCODER_DECODER: AutoModelForSeq2SeqLM,
         ENCODER: AutoModelForMaskedLM,
         DECODER: AutoModelForCausalLM,
     }[model_family(config)]
-    with quiet_hf_progress():
-        return auto.from_pretrained(d)
+    return load_pretrained(auto, model_dir)
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -153,33 +153,165 @@ class Quantized4bit:
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "weight") -> Quantized4bit:
-        """Inverse of :meth:`state_dict`; accepts checkpoints written by bitsandbytes."""
+        """Inverse of :meth:`state_dict`; accepts checkpoints written by bitsandbytes.
+
+        Every tensor is checked against the stored quant state before it is used: presence, dtype
+        and size for the shape and block size, finite scales. A damaged or hand-edited entry raises
+        a one-line :class:`LmlabError` naming the key, never decodes to garbage.
+        """
         blob_keys = [k for k in tensors if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
-        if len(blob_keys) != 1 or prefix not in tensors:
-            raise LmlabError(f"{prefix}: not a 4-bit quantized entry (need {prefix} and one quant_state)")
-        meta = json.loads(bytes(tensors[blob_keys[0]].cpu().tolist()).decode("utf-8"))
+        if len(blob_keys) != 1:
+            raise LmlabError(
+                f"{prefix}: not a 4-bit quantized entry (need exactly one {prefix}.quant_state.bitsandbytes__*"
+                f" tensor, found {len(blob_keys)})"
+            )
+        if prefix not in tensors:
+            raise LmlabError(f"{prefix}: the packed 4-bit weight {prefix!r} is missing")
+        meta = _read_quant_state(tensors[blob_keys[0]], blob_keys[0])
         quant_type = meta["quant_type"]
-        if quant_type not in ("nf4", "fp4"):
-            raise LmlabError(f"{prefix}: unsupported quant_type {quant_type!r}")
-        nested = f"{prefix}.nested_absmax" in tensors
+        if blob_keys[0].rpartition("__")[2] != quant_type:
+            raise LmlabError(
+                f"{blob_keys[0]}: names {blob_keys[0].rpartition('__')[2]!r} but holds {quant_type!r}"
+            )
+        shape = torch.Size(meta["shape"])
+        n = math.prod(shape)
+        blocks = -(-n // meta["blocksize"])
         packed = tensors[prefix]
+        if not isinstance(packed, torch.Tensor):
+            raise LmlabError(f"{prefix}: expected a tensor, got {type(packed).__name__}")
         if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage option: same bytes
+            if packed.dtype.is_complex or packed.dtype == torch.bool:
+                raise LmlabError(f"{prefix}: packed 4-bit codes cannot be {packed.dtype}")
             packed = packed.contiguous().view(torch.uint8)
+        _expect(packed, f"{prefix}", torch.uint8, (n + 1) // 2, "packed 4-bit codes")
         packed = packed.reshape(-1, 1)
+        nested_keys = [k for k in (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map") if k in tensors]
+        nested = bool(nested_keys)
+        if nested and len(nested_keys) != 2:
+            raise LmlabError(f"{prefix}: double quantization needs both .nested_absmax and .nested_quant_map")
+        if nested != ("nested_offset" in meta):
+            raise LmlabError(
+                f"{blob_keys[0]}: the quant state {'lacks' if nested else 'has'} nested_offset but the "
+                f"nested tensors are {'present' if nested else 'missing'}"
+            )
+        absmax = _get(tensors, f"{prefix}.absmax")
+        code = _get(tensors, f"{prefix}.quant_map")
+        _expect(code, f"{prefix}.quant_map", "float", 16, "codebook", finite=True)
         device = packed.device
+        if nested:
+            nested_block_size = meta["nested_blocksize"]
+            _expect(absmax, f"{prefix}.absmax", torch.uint8, blocks, "8-bit scale codes")
+            nested_absmax = tensors[f"{prefix}.nested_absmax"]
+            nested_code = tensors[f"{prefix}.nested_quant_map"]
+            _expect(
+                nested_absmax,
+                f"{prefix}.nested_absmax",
+                "float",
+                -(-blocks // nested_block_size),
+                "nested scales",
+                finite=True,
+            )
+            _expect(nested_code, f"{prefix}.nested_quant_map", "float", 256, "8-bit map", finite=True)
+            return cls(
+                packed=packed,
+                absmax=absmax,
+                code=code.float(),
+                quant_type=quant_type,
+                block_size=meta["blocksize"],
+                shape=shape,
+                dtype=meta["dtype"],
+                offset=torch.tensor(meta["nested_offset"], device=device),
+                nested_absmax=nested_absmax.float(),
+                nested_code=nested_code.float(),
+                nested_block_size=nested_block_size,
+            )
+        _expect(absmax, f"{prefix}.absmax", "float", blocks, "block scales", finite=True)
         return cls(
             packed=packed,
-            absmax=tensors[f"{prefix}.absmax"],
-            code=tensors[f"{prefix}.quant_map"].float(),
+            absmax=absmax.float(),
+            code=code.float(),
             quant_type=quant_type,
-            block_size=int(meta["blocksize"]),
-            shape=torch.Size(meta["shape"]),
-            dtype=_dtype_from_name(meta["dtype"]),
-            offset=torch.tensor(float(meta["nested_offset"]), device=device) if nested else None,
-            nested_absmax=tensors[f"{prefix}.nested_absmax"].float() if nested else None,
-            nested_code=tensors[f"{prefix}.nested_quant_map"].float() if nested else None,
-            nested_block_size=int(meta.get("nested_blocksize", NESTED_BLOCK_SIZE)),
+            block_size=meta["blocksize"],
+            shape=shape,
+            dtype=meta["dtype"],
         )
+
+
+def _get(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise LmlabError(f"{key} is missing")
+    return tensors[key]
+
+
+def _expect(
+    t: object, key: str, dtype: torch.dtype | str, numel: int, what: str, finite: bool = False
+) -> None:
+    """Refuse ``t`` unless it is a tensor of ``dtype`` ("float": any floating dtype) with ``numel`` values."""
+    if not isinstance(t, torch.Tensor):
+        raise LmlabError(f"{key}: expected a tensor ({what}), got {type(t).__name__}")
+    ok = t.is_floating_point() if dtype == "float" else t.dtype == dtype
+    if not ok:
+        want = "a floating-point dtype" if dtype == "float" else str(dtype).removeprefix("torch.")
+        raise LmlabError(f"{key}: {what} must be {want}, got {str(t.dtype).removeprefix('torch.')}")
+    if t.numel() != numel:
+        raise LmlabError(
+            f"{key}: {what} must hold {numel} values for this shape and block size, got {t.numel()}"
+        )
+    if finite and not bool(torch.isfinite(t).all()):
+        raise LmlabError(f"{key}: {what} contain NaN or Inf")
+
+
+def _read_quant_state(blob: object, key: str) -> dict:
+    """The JSON quant state of a bitsandbytes 4-bit entry, every field checked and normalised."""
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise LmlabError(f"{key}: the quant state must be a 1-D uint8 tensor of JSON bytes")
+    try:
+        meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LmlabError(f"{key}: the quant state is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise LmlabError(f"{key}: the quant state must be a JSON object")
+
+    def field(name: str, types: type | tuple[type, ...], what: str):
+        v = meta.get(name)
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise LmlabError(f"{key}: quant state field {name!r} must be {what}, got {v!r}")
+        return v
+
+    quant_type = field("quant_type", str, "a string")
+    if quant_type not in ("nf4", "fp4"):
+        raise LmlabError(f"{key}: unsupported quant_type {quant_type!r}")
+    block_size = field("blocksize", int, "an integer")
+    if block_size not in BLOCK_SIZES:
+        raise LmlabError(
+            f"{key}: blocksize must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}"
+        )
+    shape = field("shape", list, "a list of sizes")
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise LmlabError(
+            f"{key}: quant state shape must be a non-empty list of positive integers, got {shape!r}"
+        )
+    dtype_name = field("dtype", str, "a dtype name")
+    try:
+        dtype = _dtype_from_name(dtype_name)
+    except LmlabError:
+        raise LmlabError(f"{key}: unsupported dtype {dtype_name!r} in the quant state") from None
+    out = {"quant_type": quant_type, "blocksize": block_size, "shape": shape, "dtype": dtype}
+    if "nested_offset" in meta or "nested_blocksize" in meta:
+        offset = field("nested_offset", (int, float), "a number")
+        if not math.isfinite(offset):
+            raise LmlabError(f"{key}: quant state nested_offset must be finite, got {offset!r}")
+        nested_block_size = meta.get("nested_blocksize", NESTED_BLOCK_SIZE)
+        if (
+            isinstance(nested_block_size, bool)
+            or not isinstance(nested_block_size, int)
+            or nested_block_size <= 0
+        ):
+            raise LmlabError(f"{key}: quant state nested_blocksize must be a positive integer")
+        if meta.get("nested_dtype", "float32") != "float32":
+            raise LmlabError(f"{key}: unsupported nested_dtype {meta.get('nested_dtype')!r}")
+        out.update(nested_offset=float(offset), nested_blocksize=nested_block_size)
+    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -399,6 +531,8 @@ def quantize_blockwise_8bit(
     inverse = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)  # no 0 * inf
     per_element = absmax.repeat_interleave(block_size)[:n]
     scaled = (flat * inverse.repeat_interleave(block_size)[:n]).clamp(-1.0, 1.0)
+    # 0 * (1 / a subnormal absmax) = 0 * inf = NaN would index the table out of range; it is a 0.
+    scaled = torch.nan_to_num(scaled, nan=0.0)
     grid = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).long()
     codes = _lut_8bit(code)[grid]
     codes = torch.where(per_element == 0, torch.zeros_like(codes), codes)
@@ -579,6 +713,10 @@ def quantize_4bit(
     if not double_quant:
         return Quantized4bit(packed, absmax, code, quant_type, block_size, w.shape, w.dtype)
     offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        # The float32 sum overflowed (scales near float32's maximum): take the mean in float64. Only
+        # then, so that ordinary weights keep bitsandbytes' float32 mean bit for bit.
+        offset = absmax.double().mean().float()
     nested_code = dynamic_map(w.device)
     codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCK_SIZE)
     return Quantized4bit(

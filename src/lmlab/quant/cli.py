@@ -5,6 +5,10 @@ with the class its config names (else ``AutoModelForSeq2SeqLM`` / ``AutoModelFor
 ``AutoModelForCausalLM``), quantized with :func:`lmlab.quant.quantize_`, and written with its
 config and tokenizer files to --out, atomically; the memory table is printed. The result loads
 with ``lmlab.quant.load_quantized(DIR)``.
+
+--out must be new or empty, or an earlier ``lmlab quantize`` output that ``--overwrite`` allows
+replacing; it is checked before anything is loaded. A damaged model directory (a missing weight, a
+NaN or Inf, a corrupt weights file, an already quantized model) is refused in one line.
 """
 
 from __future__ import annotations
@@ -15,66 +19,110 @@ from pathlib import Path
 from lmlab.errors import LmlabError
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
-_SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_SKIP_FILES = {
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "manifest.json",
+    "lmlab_quant.json",
+}
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_THRESHOLD = 6.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face save_pretrained directory")
     parser.add_argument("--method", required=True, choices=("nf4", "fp4", "int8"), help="quantization format")
-    parser.add_argument("--block-size", type=int, default=64, help="4-bit block size (default 64)")
+    # Defaults are None so that a flag given with a method it does not apply to can be refused.
     parser.add_argument(
-        "--double-quant", action="store_true", help="8-bit quantize the 4-bit scales too (QLoRA)"
+        "--block-size", type=int, default=None, help=f"nf4/fp4 block size (default {DEFAULT_BLOCK_SIZE})"
     )
     parser.add_argument(
-        "--threshold", type=float, default=6.0, help="LLM.int8() outlier threshold, 0 = none (default 6.0)"
+        "--double-quant",
+        action="store_true",
+        default=None,
+        help="nf4/fp4: 8-bit quantize the 4-bit scales too (QLoRA)",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"int8: LLM.int8() outlier threshold, 0 = none (default {DEFAULT_THRESHOLD})",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory: new, empty, or see --overwrite"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace DIR if it is an earlier lmlab quantize output"
+    )
 
 
 def _make_config(args: argparse.Namespace):
     from lmlab.quant.api import FP4Config, Int8Config, NF4Config
 
     if args.method == "int8":
-        if args.double_quant or args.block_size != 64:
-            raise LmlabError("--block-size and --double-quant apply to nf4 and fp4, not int8")
-        return Int8Config(threshold=args.threshold)
+        flags = (("--block-size", args.block_size), ("--double-quant", args.double_quant))
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            raise LmlabError(f"{' and '.join(given)} apply to nf4 and fp4, not int8")
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        return Int8Config(threshold=threshold)
+    if args.threshold is not None:
+        raise LmlabError(f"--threshold applies to int8 (LLM.int8()), not {args.method}")
     cls = NF4Config if args.method == "nf4" else FP4Config
-    return cls(block_size=args.block_size, double_quant=args.double_quant)
+    block_size = DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size
+    return cls(block_size=block_size, double_quant=bool(args.double_quant))
+
+
+def _check_finite(model, model_dir: Path) -> None:
+    """Refuse a model with a NaN or Inf anywhere: quantized or kept in float, it would be carried on."""
+    import torch
+
+    for kind, items in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise LmlabError(
+                    f"{model_dir}: {kind} {name} contains {bad}; refusing to quantize a damaged model"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmlab.io import check_output_dir, remove_stale_temps
+
     model_dir = Path(args.model_dir)
-    out = Path(args.out)
+    config = _make_config(args)
+    if not model_dir.is_dir():
+        raise LmlabError(
+            f"{model_dir}: no such directory (MODEL_DIR must be a saved model directory, with a config.json)"
+        )
     if not (model_dir / "config.json").is_file():
         raise LmlabError(f"{model_dir}: not a saved model directory (no config.json)")
-    if out.resolve() == model_dir.resolve():
-        raise LmlabError("--out must differ from MODEL_DIR")
-    config = _make_config(args)
+    from lmlab.models.presets import check_not_quantized
 
-    import transformers
+    check_not_quantized(model_dir)
+    out = check_output_dir(args.out, "quantized", overwrite=args.overwrite, inputs=[model_dir])
+    remove_stale_temps(out.resolve().parent)
 
-    from lmlab.models import quiet_hf_progress
+    from lmlab.models.presets import load_pretrained, read_hf_config
     from lmlab.quant.api import quantize_
     from lmlab.quant.serialization import hf_model_class, save_quantized
 
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise LmlabError(f"{model_dir}: cannot read config.json ({e})") from e
+    hf_config = read_hf_config(model_dir)
     cls = hf_model_class(hf_config)
-    try:
-        with quiet_hf_progress():
-            model = cls.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise LmlabError(f"{model_dir}: cannot load the model ({e})") from e
+    model = load_pretrained(cls, model_dir)
     model.eval()
+    _check_finite(model, model_dir)
     report = quantize_(model, config)
     extra = [
         f
         for f in sorted(model_dir.iterdir())
-        if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(_WEIGHT_SUFFIXES)
+        if f.is_file()
+        and not f.name.startswith(".")
+        and f.name not in _SKIP_FILES
+        and not f.name.endswith(_WEIGHT_SUFFIXES)
     ]
-    save_quantized(model, out, config, extra_files=extra)
+    save_quantized(model, out, config, extra_files=extra, overwrite=args.overwrite)
     print(f"{cls.__name__} from {model_dir}")
     print(report)
     print(f"saved to {out}")

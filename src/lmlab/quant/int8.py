@@ -32,6 +32,20 @@ def _check_float(x: torch.Tensor, what: str) -> None:
         raise LmlabError(f"{what}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
 
 
+def _check_scale(w_scale: torch.Tensor, rows: int) -> None:
+    # A wrong scale vector would broadcast (a scalar, an (N, 1)) or scale by garbage without an error.
+    if not isinstance(w_scale, torch.Tensor) or not w_scale.is_floating_point():
+        raise LmlabError(
+            f"int8_matmul: w_scale must be a floating-point tensor, got {getattr(w_scale, 'dtype', type(w_scale))}"
+        )
+    if w_scale.shape != (rows,):
+        raise LmlabError(
+            f"int8_matmul: w_scale must have shape ({rows},), one scale per weight row, got {tuple(w_scale.shape)}"
+        )
+    if not bool(torch.isfinite(w_scale).all()) or bool((w_scale < 0).any()):
+        raise LmlabError("int8_matmul: w_scale must hold finite row absmax values >= 0")
+
+
 def int8_vectorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8 quantization over the last dimension.
 
@@ -84,6 +98,7 @@ def int8_matmul(
         raise LmlabError(f"int8_matmul: w_q must be a 2-D int8 tensor, got {w_q.dtype} {tuple(w_q.shape)}")
     if x.shape[-1] != w_q.shape[1]:
         raise LmlabError(f"int8_matmul: input has {x.shape[-1]} features, the weight expects {w_q.shape[1]}")
+    _check_scale(w_scale, w_q.shape[0])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K)
     cols = outlier_columns(x2d, threshold)

@@ -198,7 +198,11 @@ class Linear4bit(nn.Module):
     ):
         ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(f"{prefix}weight.")}
         if ours:
-            ours["weight"] = state_dict.get(f"{prefix}weight", self.weight)
+            if f"{prefix}weight" not in state_dict:
+                # Never fall back to the empty shell: that would be an all-zero layer.
+                error_msgs.append(f"{prefix}weight: the packed 4-bit weight is missing")
+                return
+            ours["weight"] = state_dict[f"{prefix}weight"]
             try:
                 q = Quantized4bit.from_state_dict(ours, prefix="weight")
             except (LmlabError, KeyError, ValueError) as e:

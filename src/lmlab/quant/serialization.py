@@ -8,6 +8,7 @@ A saved directory holds
   ``weight`` (int8) and ``SCB``. Tied weights are stored once (safetensors' ``save_model``).
 * ``lmlab_quant.json`` -- the method, its settings, and every quantized layer with its shape.
 * ``config.json`` -- for Hugging Face models, so the architecture can be rebuilt.
+* ``manifest.json`` -- the SHA-256 and size of every other file, written last and checked on load.
 
 Nothing is pickled, so loading never executes code from the directory. Directories are written
 atomically (:func:`lmlab.io.atomic_dir`).
@@ -15,9 +16,12 @@ atomically (:func:`lmlab.io.atomic_dir`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,13 +29,20 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_dir
+from lmlab.io import atomic_dir, check_output_dir
 from lmlab.quant.api import Config, config_from_json, quantized_layers
-from lmlab.quant.blockwise import _dtype_from_name, _dtype_name
+from lmlab.quant.blockwise import (
+    BLOCK_SIZES,
+    NESTED_BLOCK_SIZE,
+    _dtype_from_name,
+    _dtype_name,
+    _read_quant_state,
+)
 from lmlab.quant.modules import Linear4bit, Linear8bit
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "lmlab_quant.json"
+MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -55,38 +66,72 @@ def _layer_meta(module: nn.Module) -> dict:
     return meta
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _state_nbytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
 def save_quantized(
     model: nn.Module,
     directory: str | os.PathLike,
     config: Config | None = None,
     extra_files: Iterable[str | os.PathLike] = (),
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (already passed through :func:`quantize_`) to ``directory``, atomically.
 
-    ``extra_files`` (e.g. tokenizer files) are copied in as they are.
+    ``directory`` must be new or empty, or (with ``overwrite=True``) an earlier quantized model;
+    anything else is refused, never replaced. ``extra_files`` (e.g. tokenizer files) are copied in
+    as they are. A ``manifest.json`` with the SHA-256 and size of every file is written last and
+    checked by :func:`load_quantized`.
     """
     from safetensors.torch import save_model
 
     layers = quantized_layers(model)
     if not layers:
         raise LmlabError("save_quantized: the model has no quantized layers; run quantize_ first")
+    directory = Path(directory)
+    try:
+        check_output_dir(directory, "quantized", overwrite=overwrite, flag="save_quantized: directory")
+    except LmlabError as e:
+        raise LmlabError(str(e).replace("pass --overwrite", "pass overwrite=True")) from None
     meta = {
         "format": FORMAT_VERSION,
         "config": config.to_json() if config is not None else None,
         "model_class": type(model).__name__,
         "layers": {name: _layer_meta(m) for name, m in layers.items()},
     }
-    directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    extra = [Path(f) for f in extra_files]
+    expected = _state_nbytes(model) + sum(f.stat().st_size for f in extra if f.is_file())
+    with atomic_dir(directory, expected_bytes=expected) as tmp:
         hf_config = getattr(model, "config", None)
         if hf_config is not None and hasattr(hf_config, "save_pretrained"):
             hf_config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for f in extra_files:
-            f = Path(f)
+        for f in extra:
             if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {
+            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"files": manifest}, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
@@ -150,6 +195,170 @@ def instantiate_hf_model(config) -> nn.Module:
     return cls(config)
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def verify_manifest(directory: str | os.PathLike) -> bool:
+    """Check every file of a quantized directory against its ``manifest.json``.
+
+    Returns False (after a warning) for a directory written before lmlab wrote manifests; a
+    manifest that is unreadable, has the wrong JSON types, does not list the weights, the layer
+    list and ``config.json``, or disagrees with a file raises a one-line :class:`LmlabError`.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        warnings.warn(
+            f"{directory} has no {MANIFEST_NAME} (written by an older lmlab); its files cannot be "
+            "checked for damage",
+            stacklevel=3,
+        )
+        return False
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LmlabError(f"{path}: not valid JSON ({e})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise LmlabError(f'{path}: must be a JSON object with a "files" object')
+    required = [WEIGHTS_NAME, META_NAME] + (["config.json"] if (directory / "config.json").is_file() else [])
+    for name in required:
+        if name not in files:
+            raise LmlabError(f"{path}: does not list {name}; the directory cannot be verified")
+    for name, want in files.items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise LmlabError(f"{path}: bad file name {name!r}")
+        sha, size = (want.get("sha256"), want.get("bytes")) if isinstance(want, dict) else (None, None)
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX):
+            raise LmlabError(f'{path}: the entry for {name} needs a 64-digit hex "sha256"')
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise LmlabError(f'{path}: the entry for {name} needs an integer "bytes"')
+        p = directory / name
+        if not p.is_file():
+            raise LmlabError(f"{p}: is missing (listed in {MANIFEST_NAME})")
+        actual = p.stat().st_size
+        if actual != size:
+            raise LmlabError(f"{p}: has {actual:,} bytes, {MANIFEST_NAME} says {size:,}; the file is damaged")
+        if _sha256(p) != sha:
+            raise LmlabError(f"{p}: fails its SHA-256 checksum in {MANIFEST_NAME}; the file is damaged")
+    return True
+
+
+def _read_meta(directory: Path) -> dict:
+    """``lmlab_quant.json``, every field checked: a hand-edited file is a one-line error."""
+    path = directory / META_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LmlabError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise LmlabError(f"{path}: must hold a JSON object")
+    if meta.get("format") != FORMAT_VERSION:
+        raise LmlabError(f"{path}: unsupported format {meta.get('format')!r}")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise LmlabError(f'{path}: "layers" must be a non-empty object')
+
+    def bad(name: str, field: str, what: str) -> LmlabError:
+        return LmlabError(f"{path}: layer {name}: {field!r} must be {what}, got {layers[name].get(field)!r}")
+
+    for name, lm in layers.items():
+        if not isinstance(lm, dict):
+            raise LmlabError(f"{path}: layer {name}: must be an object")
+        for field in ("in_features", "out_features"):
+            v = lm.get(field)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise bad(name, field, "a positive integer")
+        if not isinstance(lm.get("bias"), bool):
+            raise bad(name, "bias", "true or false")
+        if lm.get("weight_dtype", "float32") not in _FLOAT_NAMES:
+            raise bad(name, "weight_dtype", f"one of {', '.join(_FLOAT_NAMES)}")
+        kind = lm.get("kind")
+        if kind == "linear4bit":
+            if lm.get("quant_type") not in ("nf4", "fp4"):
+                raise bad(name, "quant_type", "nf4 or fp4")
+            if isinstance(lm.get("block_size"), bool) or lm.get("block_size") not in BLOCK_SIZES:
+                raise bad(name, "block_size", f"one of {', '.join(map(str, BLOCK_SIZES))}")
+            if not isinstance(lm.get("double_quant"), bool):
+                raise bad(name, "double_quant", "true or false")
+            if lm.get("compute_dtype") is not None and lm.get("compute_dtype") not in _FLOAT_NAMES:
+                raise bad(name, "compute_dtype", f"null or one of {', '.join(_FLOAT_NAMES)}")
+        elif kind == "linear8bit":
+            t = lm.get("threshold")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                raise bad(name, "threshold", "a finite number >= 0")
+        else:
+            raise bad(name, "kind", "linear4bit or linear8bit")
+    if meta.get("config") is not None and not isinstance(meta["config"], dict):
+        raise LmlabError(f'{path}: "config" must be an object or null')
+    return meta
+
+
+_FLOAT_NAMES = ("float32", "float16", "bfloat16")
+# safetensors' header dtype names
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+_ST_FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def _check_layer_tensors(weights: Path, f, header: dict, name: str, lm: dict, shell: nn.Module) -> None:
+    """Every tensor of one quantized layer present, of the dtype and size its shape and settings
+    give; the stored bitsandbytes quant state agrees with ``lmlab_quant.json``."""
+    expected = shell.state_dict(prefix=f"{name}.")
+    for key, ref in expected.items():
+        if key not in header:
+            raise LmlabError(f"{weights}: tensor {key} is missing")
+        dtype, shape = header[key]
+        if dtype != _ST_DTYPE.get(ref.dtype):
+            raise LmlabError(f"{weights}: tensor {key} is {dtype}, expected {_ST_DTYPE.get(ref.dtype)}")
+        blob = ".quant_state.bitsandbytes__" in key
+        if (len(shape) != 1) if blob else (list(shape) != list(ref.shape)):
+            want = "1-D" if blob else str(list(ref.shape))
+            raise LmlabError(f"{weights}: tensor {key} has shape {list(shape)}, expected {want}")
+    stray = [k for k in header if k.startswith(f"{name}.weight.") and k not in expected]
+    if stray:
+        raise LmlabError(
+            f"{weights}: tensor {stray[0]} does not belong to layer {name} as {META_NAME} describes it"
+        )
+    if lm["kind"] != "linear4bit":
+        return
+    key = f"{name}.weight.quant_state.bitsandbytes__{lm['quant_type']}"
+    state = _read_quant_state(f.get_tensor(key), f"{weights}: tensor {key}")
+    stored = {
+        "quant_type": state["quant_type"],
+        "block_size": state["blocksize"],
+        "shape": state["shape"],
+        "weight_dtype": _dtype_name(state["dtype"]),
+        "double_quant": "nested_offset" in state,
+    }
+    described = {
+        "quant_type": lm["quant_type"],
+        "block_size": lm["block_size"],
+        "shape": [lm["out_features"], lm["in_features"]],
+        "weight_dtype": lm.get("weight_dtype", "float32"),
+        "double_quant": lm["double_quant"],
+    }
+    for field, want in described.items():
+        if stored[field] != want:
+            raise LmlabError(
+                f"{weights}: tensor {key} says {field} {stored[field]!r} but {META_NAME} says {want!r}"
+            )
+    if state.get("nested_blocksize", NESTED_BLOCK_SIZE) != NESTED_BLOCK_SIZE:
+        raise LmlabError(
+            f"{weights}: tensor {key} has nested_blocksize {state['nested_blocksize']}, expected 256"
+        )
+
+
 def load_quantized(
     directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -157,8 +366,12 @@ def load_quantized(
 
     For Hugging Face models the architecture comes from ``config.json``; for other models pass a
     float ``model`` of the same architecture (its quantized layers are replaced by the stored ones).
+    Every file is checked against ``manifest.json`` (a directory without one, from an older lmlab,
+    loads with a warning), and every tensor's presence, dtype and size against the layer it belongs
+    to, before anything is used: a damaged or tampered directory is a one-line :class:`LmlabError`.
     Returns the model in eval mode.
     """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
     directory = Path(directory)
@@ -168,30 +381,61 @@ def load_quantized(
         raise LmlabError(
             f"{directory}: not a quantized model directory (needs {META_NAME} and {WEIGHTS_NAME})"
         )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise LmlabError(f"{meta_path}: unsupported format {meta.get('format')!r}")
+    verify_manifest(directory)
+    meta = _read_meta(directory)
     if model is None:
         if not (directory / "config.json").is_file():
             raise LmlabError(
                 f"{directory}: no config.json; pass the float model to load_quantized(dir, model)"
             )
         model = _build_hf_model(directory)
+    shells = {}
     for name, layer_meta in meta["layers"].items():
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError as e:
-            raise LmlabError(f"{directory}: the model has no module {name!r}") from e
-        setattr(parent, attr, _shell(layer_meta))
+        except AttributeError:
+            raise LmlabError(f"{directory}: the model has no module {name!r}") from None
+        if not hasattr(parent, attr):
+            raise LmlabError(f"{directory}: the model has no module {name!r}")
+        shells[name] = _shell(layer_meta)
+        setattr(parent, attr, shells[name])
+    try:
+        with safe_open(str(weights), "pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+            for name, layer_meta in meta["layers"].items():
+                _check_layer_tensors(weights, f, header, name, layer_meta, shells[name])
+    except SafetensorError as e:
+        raise LmlabError(f"{weights}: damaged or not a safetensors file ({e})") from None
+    quantized_keys = {k for name in shells for k in header if k.startswith(f"{name}.")}
+    for key, ref in model.state_dict().items():
+        if key in quantized_keys or key not in header:
+            continue  # a missing or unexpected key is reported by the strict load below
+        dtype = header[key][0]
+        if (dtype not in _ST_FLOATS) if ref.is_floating_point() else (dtype != _ST_DTYPE.get(ref.dtype)):
+            raise LmlabError(
+                f"{weights}: tensor {key} is {dtype}, expected {_ST_DTYPE.get(ref.dtype, ref.dtype)}"
+            )
     try:
         load_model(model, str(weights), strict=True, device=str(device))
-    except RuntimeError as e:
-        raise LmlabError(f"{weights}: does not match the model ({str(e).splitlines()[-1].strip()})") from e
+    except (RuntimeError, SafetensorError) as e:
+        raise LmlabError(f"{weights}: does not match the model ({str(e).splitlines()[-1].strip()})") from None
+    for name, layer in shells.items():
+        if isinstance(layer, Linear8bit) and not bool((torch.isfinite(layer.SCB) & (layer.SCB >= 0)).all()):
+            raise LmlabError(f"{weights}: tensor {name}.SCB holds a NaN, Inf or negative scale")
     model.to(device)
     return model.eval()
 
 
 def load_config(directory: str | os.PathLike) -> Config | None:
-    meta = json.loads((Path(directory) / META_NAME).read_text(encoding="utf-8"))
-    return None if meta.get("config") is None else config_from_json(meta["config"])
+    """The :class:`Config` a quantized directory was written with (None if it was not recorded)."""
+    path = Path(directory) / META_NAME
+    meta = _read_meta(Path(directory))
+    if meta.get("config") is None:
+        return None
+    try:
+        return config_from_json(meta["config"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise LmlabError(
+            f'{path}: bad "config" ({str(e).splitlines()[0] if str(e) else type(e).__name__})'
+        ) from None
