@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import sys
@@ -31,6 +32,8 @@ from lmlab.io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+# Every checkpoint holds these; a manifest that leaves one out (``"files": {}``) does not verify.
+FILES = ("model.safetensors", "optimizer.pt", "state.pt", "trainer.json")
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -88,7 +91,9 @@ def save_checkpoint(
         save_file(_plain_state_dict(model_state), str(tmp / "model.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(extra_state, tmp / "state.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer}, indent=2) + "\n")
+        # finite: the loop checked the loss and the weights before this save (lmlab.train.loop).
+        trainer = {"step": step, **trainer, "finite": True}
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
             name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
@@ -100,15 +105,31 @@ def save_checkpoint(
 
 
 def verify_checkpoint(path: Path) -> str | None:
-    """None when every file matches the manifest, else what is wrong, in a few words."""
+    """None when every file matches the manifest, else what is wrong, in a few words.
+
+    The manifest must list every file of :data:`FILES` with an integer size and a hex digest, and
+    ``trainer.json`` must hold an integer step: a hand-edited or foreign manifest is never "good".
+    """
     m = path / MANIFEST
     if not m.is_file():
         return f"{MANIFEST} is missing"
     try:
         manifest = json.loads(m.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         return f"{MANIFEST} is unreadable"
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} is unreadable (its files entry is not an object)"
+    for name in FILES:
+        if name not in manifest:
+            return f"{MANIFEST} does not list {name}"
     for name, want in manifest.items():
+        ok = (
+            isinstance(want, dict)
+            and isinstance(want.get("bytes"), int)
+            and isinstance(want.get("sha256"), str)
+        )
+        if not ok or "/" in name or name.startswith("."):
+            return f"{MANIFEST} has a malformed entry for {name!r}"
         p = path / name
         if not p.is_file():
             return f"{name} is missing"
@@ -116,6 +137,15 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is truncated ({p.stat().st_size} of {want['bytes']} bytes)"
         if _sha256(p) != want["sha256"]:
             return f"{name} fails its checksum"
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "trainer.json is unreadable"
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
+        return "trainer.json has no integer step"
+    loss = trainer.get("loss")
+    if isinstance(loss, int | float) and not math.isfinite(loss):
+        return f"its training loss is {loss}"
     return None
 
 
@@ -143,4 +173,15 @@ def latest_checkpoint(run_dir: str | Path, log=None) -> Path | None:
         log(f"lmlab pretrain: checkpoint {path} is corrupt ({problem}); falling back to the one before it")
     if found:
         raise LmlabError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINTS}: every one is corrupt")
+    return None
+
+
+def last_checked(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose weights and loss were checked finite before it was saved."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            if json.loads((path / "trainer.json").read_text()).get("finite") is True:
+                return path
+        except (OSError, ValueError, AttributeError):
+            continue
     return None

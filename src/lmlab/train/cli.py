@@ -121,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
         for need in ("data", "out"):
             if need not in given:
                 raise LmlabError(f"--{need} is required (or --resume RUN_DIR)")
+        if "init" in given and "model" in given:
+            raise LmlabError(
+                f"--model {given['model']} and --init {given['init']}: the model comes from --init; drop --model"
+            )
         cfg = PretrainConfig(**given)
 
     from lmlab.train.loop import pretrain

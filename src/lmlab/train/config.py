@@ -7,6 +7,7 @@ run directory keeps these settings in ``config.json``; ``--resume`` reads them b
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, str | Path):
             self.data = [self.data]
+        check_types(self)
         self.data = [str(d) for d in self.data]
         self.out = str(self.out)
         if self.init is not None:
@@ -92,8 +94,16 @@ class PretrainConfig:
         for k, v in positive.items():
             if v is not None and int(v) <= 0:
                 raise LmlabError(f"--{k.replace('_', '-')} must be positive, got {v}")
+        finite = {"lr": self.lr, "clip": self.clip, "weight_decay": self.weight_decay, "mix_alpha": self.mix_alpha,
+                  "min_lr_ratio": self.min_lr_ratio}  # fmt: skip
+        for k, v in finite.items():
+            if v is not None and not math.isfinite(v):
+                off = " (omit it, or 0, for no clipping)" if k == "clip" else ""
+                raise LmlabError(f"--{k.replace('_', '-')} must be a finite number, got {v}{off}")
         if self.lr is not None and not self.lr > 0:
             raise LmlabError(f"--lr must be positive, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise LmlabError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.warmup is not None and self.warmup < 0:
             raise LmlabError(f"--warmup must be >= 0, got {self.warmup}")
         if self.clip is not None and not self.clip > 0:
@@ -131,15 +141,58 @@ class PretrainConfig:
             saved["tokens"] = None
         if overrides.get("tokens") is not None:
             saved["steps"] = None
-        return cls.from_dict({**saved, **overrides, "out": str(run_dir), "resume": True})
+        try:
+            return cls.from_dict({**saved, **overrides, "out": str(run_dir), "resume": True})
+        except LmlabError as e:
+            raise LmlabError(f"{Path(run_dir) / RUN_CONFIG}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        if not isinstance(d, dict):
+            raise LmlabError(f"run config must be a JSON object of settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise LmlabError(f"run config has unknown settings {sorted(unknown)} (written by another lmlab?)")
         return cls(**d)
+
+
+# The JSON types each setting may have (None where the field allows it); checked so that a
+# hand-edited config.json ("steps": "ten") is a one-line error, not a TypeError deep in the loop.
+_INT = ("steps", "tokens", "batch_size", "seq_len", "warmup", "grad_accum", "eval_every", "eval_batches",
+        "save_every", "keep", "log_every", "seed", "workers")  # fmt: skip
+_FLOAT = ("lr", "min_lr_ratio", "weight_decay", "clip", "mix_alpha")
+_STR = ("out", "objective", "model", "optimizer", "schedule", "precision", "init", "device")
+_BOOL = ("compile", "fsdp", "progress", "resume")
+_OPTIONAL = ("steps", "tokens", "seq_len", "lr", "warmup", "clip", "init", "workers", "device")
+
+
+def _kind(name: str, value: Any) -> str | None:
+    """What ``value`` should have been for setting ``name``, or None when it is fine."""
+    if value is None:
+        return None if name in _OPTIONAL else "given"
+    if name in _INT:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if name in _FLOAT:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    if name in _STR:
+        return None if isinstance(value, str | Path) else "a string"
+    if name in _BOOL:
+        return None if isinstance(value, bool) else "true or false"
+    if name == "data":
+        ok = isinstance(value, list | tuple) and all(isinstance(x, str | Path) for x in value)
+        return None if ok else "a list of directories"
+    if name == "objective_args":
+        return None if isinstance(value, dict) and all(isinstance(k, str) for k in value) else "an object"
+    return None
+
+
+def check_types(cfg: PretrainConfig) -> None:
+    """A one-line error naming the first setting whose value has the wrong type."""
+    for f in dataclasses.fields(cfg):
+        want = _kind(f.name, getattr(cfg, f.name))
+        if want is not None:
+            raise LmlabError(f"setting {f.name} must be {want}, got {getattr(cfg, f.name)!r}")
 
 
 RUN_CONFIG = "config.json"
@@ -172,6 +225,10 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise LmlabError(f"{run_dir} is not an lmlab run directory (no {RUN_CONFIG}); nothing to resume")
     try:
         saved = json.loads(p.read_text(encoding="utf-8"))["config"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-        raise LmlabError(f"{p} is unreadable ({e})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{p} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict):
+        raise LmlabError(
+            f"{p} is unreadable: its config is {type(saved).__name__}, not an object of settings"
+        )
     return saved

@@ -21,6 +21,11 @@ uninterrupted one would.  Blocks rather than single examples because the objecti
 vectorised: one call on 32 rows costs about what a call on one row does (184 µs vs 147 µs for
 span corruption of 141 tokens), so per-example calls made the data 25× dearer than the objective.
 Validation rows, dealt round-robin to ranks, keep one generator per example.
+
+Objectives whose output widths depend on the draw (``iid-span``, ``drop``) give blocks of
+different widths; :func:`pad_parts` right-pads them to the micro-batch's widest (pad id in the
+inputs, ``attention_mask`` 0, labels ``-100``), so each row's content -- and every scored value,
+up to float rounding -- is the same however the batch is split; only the padding width differs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from lmlab.errors import LmlabError
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 NOISE_BLOCK = 32  # examples per objective call (and per generator) in a training step
+IGNORE_INDEX = -100
+_RANGE_CHUNK = 1 << 24  # ids per numpy max when a split's id range is checked (32 MiB of uint16)
 
 
 def mixing_rates(sizes: Sequence[int], alpha: float) -> np.ndarray:
@@ -126,14 +133,23 @@ class BatchPlan:
 
 @dataclass
 class Sources:
-    """The prepared directories of a run, their token memmaps and row counts."""
+    """The prepared directories of a run, their token memmaps and row counts.
+
+    Opening them checks every id against the directory's vocabulary once (a pass of numpy max
+    over the memmap, about a second per GB), so an out-of-range id is one error naming the file,
+    not an ``IndexError`` in the middle of training.
+    """
 
     dirs: list[str]
     raw_len: int
     split: str = "train"
 
     def __post_init__(self) -> None:
+        if self.raw_len <= 0:
+            raise LmlabError(f"rows of {self.raw_len} corpus tokens are too short; raise --seq-len")
         self.tokens = [load_tokens(d, self.split) for d in self.dirs]
+        for d, t in zip(self.dirs, self.tokens, strict=True):
+            check_id_range(t, int(load_meta(d)["vocab_size"]), Path(d) / f"{self.split}.bin")
         self.n_rows = [len(t) // self.raw_len for t in self.tokens]
         for d, t, n in zip(self.dirs, self.tokens, self.n_rows, strict=True):
             if n == 0:
@@ -145,6 +161,22 @@ class Sources:
     def read(self, source: int, row: int) -> np.ndarray:
         R = self.raw_len
         return np.asarray(self.tokens[source][row * R : (row + 1) * R], dtype=np.int64)
+
+
+def check_id_range(tokens: np.ndarray, vocab_size: int, path: str | Path) -> None:
+    """Raise a one-line error naming ``path`` if an id of ``tokens`` is ``>= vocab_size``."""
+    if tokens.size == 0 or np.iinfo(tokens.dtype).max < vocab_size:
+        return
+    for lo in range(0, tokens.size, _RANGE_CHUNK):
+        chunk = tokens[lo : lo + _RANGE_CHUNK]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            at = lo + int(np.argmax(chunk >= vocab_size))
+            raise LmlabError(
+                f"{path} holds token id {int(tokens[at])} at position {at}, outside the vocabulary of "
+                f"{vocab_size} ids in meta.json: the file is corrupt or from another tokenizer; "
+                "run `lmlab prepare` again"
+            )
 
 
 def check_same_tokenizer(dirs: Sequence[str]) -> dict[str, Any]:
@@ -164,6 +196,34 @@ def check_same_tokenizer(dirs: Sequence[str]) -> dict[str, Any]:
             f"--data sources {', '.join(dirs)} have different tokenizer.json files; they must share one"
         )
     return first
+
+
+def pad_parts(parts: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate the objective's outputs of several blocks, right-padding ragged widths.
+
+    Each ``(B_i, W_i)`` tensor is padded to the widest ``W``: ``labels`` with ``-100``,
+    ``attention_mask`` with 0, every other key (``input_ids``, ``decoder_input_ids``) with
+    ``pad_id``.  Padded inputs without an ``attention_mask`` get one, so padding is never attended.
+    """
+    keys = list(parts[0])
+    widths = {k: max(p[k].shape[1] for p in parts) for k in keys if parts[0][k].dim() == 2}
+    if "attention_mask" not in keys and any(p["input_ids"].shape[1] < widths["input_ids"] for p in parts):
+        parts = [{**p, "attention_mask": torch.ones_like(p["input_ids"])} for p in parts]
+        keys.append("attention_mask")
+        widths["attention_mask"] = widths["input_ids"]
+    out = {}
+    for k in keys:
+        fill = IGNORE_INDEX if k == "labels" else 0 if k == "attention_mask" else pad_id
+        ts = [p[k] for p in parts]
+        if k in widths:
+            ts = [
+                torch.nn.functional.pad(t, (0, widths[k] - t.shape[1]), value=fill)
+                if t.shape[1] < widths[k]
+                else t
+                for t in ts
+            ]
+        out[k] = torch.cat(ts)
+    return out
 
 
 class ObjectiveBatches(torch.utils.data.Dataset):
@@ -220,7 +280,7 @@ class ObjectiveBatches(torch.utils.data.Dataset):
             stream, step, rows = key
             parts = self._rows(stream, step, rows)
             n_rows = rows.shape[0]
-        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        batch = pad_parts(parts, int(getattr(self.objective, "pad_id", 0)))
         mask = batch.get("attention_mask")
         if mask is not None and bool(mask.all()):
             del batch["attention_mask"]

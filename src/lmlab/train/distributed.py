@@ -36,7 +36,7 @@ def setup(device: str | None) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -45,6 +45,25 @@ def setup(device: str | None) -> Dist:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
     return Dist(rank, world, local, dev, owns)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a one-line error when this machine cannot train on it."""
+    from lmlab.errors import LmlabError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LmlabError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise LmlabError(f"--device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LmlabError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise LmlabError(f"--device {device}: lmlab pretrain trains on cpu or cuda devices")
+    return dev
 
 
 def teardown(d: Dist) -> None:

@@ -35,8 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmlab.data.shards import load_meta
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_dir, atomic_write_json
+from lmlab.io import (
+    LOCK_NAME,
+    DirLock,
+    atomic_dir,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    disk_error,
+    is_disk_full,
+    remove_stale_temps,
+)
 from lmlab.models import (
     DECODER,
     ENCODER_DECODER,
@@ -54,6 +66,7 @@ from lmlab.train import checkpoint as ckpt
 from lmlab.train import distributed as ddp
 from lmlab.train.config import RUN_CONFIG, PretrainConfig, read_run_config
 from lmlab.train.data import (
+    TRAIN_STREAM,
     BatchPlan,
     ObjectiveBatches,
     Sources,
@@ -287,25 +300,67 @@ class _Stop:
 # ---------------------------------------------------------------------------------------------- logging
 
 
+def read_metrics_rows(path: Path, upto: int | None) -> list[dict[str, str]]:
+    """The complete, parseable rows of ``metrics.csv`` with ``step <= upto``, in step order.
+
+    What a crash (or a second writer) can leave is skipped, never a crash: a torn last line, NUL
+    padding, a row with the wrong number of fields or a step that is not an increasing integer.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # what follows the last newline is a torn row
+    if not lines:
+        return []
+    header = next(csv.reader([lines[0].replace("\x00", "")]), [])
+    if "step" not in header:
+        header = list(METRIC_FIELDS)
+        lines = ["", *lines]
+    rows, last = [], 0
+    for line in lines[1:]:
+        if "\x00" in line or not line.strip():
+            continue
+        try:
+            fields = next(csv.reader([line]))
+        except csv.Error:
+            continue
+        if len(fields) != len(header):
+            continue
+        row = dict(zip(header, fields, strict=True))
+        try:
+            step = int(row["step"])
+        except ValueError:
+            continue
+        if step <= last or (upto is not None and step > upto):
+            continue
+        rows.append({k: row.get(k, "") for k in METRIC_FIELDS})
+        last = step
+    return rows
+
+
 class _Metrics:
-    """``metrics.csv`` (always) and TensorBoard (when installed), rank 0 only."""
+    """``metrics.csv`` (always) and TensorBoard (when installed), rank 0 only.
+
+    The file is rewritten whole through a temporary file and a rename when the run starts (a
+    resume keeps the rows up to its checkpoint, repaired: :func:`read_metrics_rows`), then
+    appended to, one flushed row per logged step.
+    """
 
     def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool, log: Callable[[str], None]):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        path = run_dir / METRICS
-        rows = []
-        if resume_step is not None and path.is_file():
-            # A killed run may have logged steps past its last checkpoint: those are redone.
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        self.f = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.path = path = run_dir / METRICS
+        # A killed run may have logged steps past its last checkpoint: those are redone.
+        rows = read_metrics_rows(path, resume_step) if resume_step is not None else []
+        with atomic_open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        self.f = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
         self.w = csv.DictWriter(self.f, fieldnames=METRIC_FIELDS)
-        self.w.writeheader()
-        self.w.writerows(rows)
-        self.f.flush()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -319,8 +374,13 @@ class _Metrics:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
-        self.f.flush()
+        try:
+            self.w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+            self.f.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_error(self.path) from None
+            raise
         if self.tb is not None:
             for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                 if row.get(k) is not None:
@@ -328,7 +388,8 @@ class _Metrics:
 
     def close(self) -> None:
         if self.enabled:
-            self.f.close()
+            with contextlib.suppress(OSError):  # a full disk was reported where it happened
+                self.f.close()
             if self.tb is not None:
                 self.tb.close()
 
@@ -355,6 +416,74 @@ def _saved_resolved(run_dir: Path) -> dict[str, Any]:
         return dict(json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8")).get("resolved") or {})
     except (OSError, ValueError, AttributeError):
         return {}
+
+
+_EDGE = 1 << 20  # bytes hashed at each end of a token file for the data's identity
+
+
+def _edges_sha256(path: Path) -> str | None:
+    """sha256 of a file's first and last MiB (and its size): cheap, unlike hashing GBs of tokens."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h = hashlib.sha256(str(size).encode())
+            h.update(f.read(_EDGE))
+            if size > _EDGE:
+                f.seek(max(_EDGE, size - _EDGE))
+                h.update(f.read(_EDGE))
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
+
+
+def data_identity(dirs: list[str]) -> dict[str, dict[str, Any]]:
+    """What a resumed run checks its ``--data`` against, per directory.
+
+    The sha256 of ``tokenizer.json`` (the id mapping), ``meta.json``'s vocabulary size, token
+    counts and source hashes, and a sha256 of each token file's size and first and last MiB --
+    not of the whole file, which would cost a pass over gigabytes on every resume.  A re-prepared
+    corpus with a new tokenizer or new text changes at least one of these.
+    """
+    import hashlib
+
+    out = {}
+    for d in dirs:
+        meta = load_meta(d)
+        tok = Path(d) / "tokenizer.json"
+        sources = meta.get("sources")
+        out[d] = {
+            "tokenizer_sha256": hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None,
+            "vocab_size": meta.get("vocab_size"),
+            "tokens": {split: (meta.get(split) or {}).get("tokens") for split in ("train", "val")},
+            "sources_sha256": [x.get("sha256") for x in sources if isinstance(x, dict)]
+            if isinstance(sources, list)
+            else None,
+            "edges_sha256": {split: _edges_sha256(Path(d) / f"{split}.bin") for split in ("train", "val")},
+        }
+    return out
+
+
+def _check_same_data(cfg: PretrainConfig, run_dir: Path) -> None:
+    saved = _saved_resolved(run_dir).get("data_identity")
+    if not isinstance(saved, dict):
+        return  # a run from an lmlab that did not record it
+    now = data_identity(cfg.data)
+    for d in cfg.data:
+        was, is_ = saved.get(d), now[d]
+        if not isinstance(was, dict):
+            continue
+        diff = [k for k in is_ if k in was and was[k] != is_[k]]
+        if diff:
+            what = {"tokenizer_sha256": "tokenizer.json", "vocab_size": "the vocabulary size",
+                    "tokens": "the token counts", "sources_sha256": "the source files",
+                    "edges_sha256": "the token files"}  # fmt: skip
+            raise LmlabError(
+                f"--resume {run_dir}: the data in {d} changed since the run started "
+                f"({', '.join(what[k] for k in diff)} differ); resume on the data it was trained on, "
+                "or start a new --out"
+            )
 
 
 def _check_resume(cfg: PretrainConfig, run_dir: Path) -> None:
@@ -386,8 +515,9 @@ def pretrain(
     try:
         # The run seeds torch's global generators (dropout draws from them); the caller's state is restored.
         devices = [d.device] if d.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return _Run(cfg, d, on_step).run()
+        run = _Run(cfg, d, on_step)
+        with run.claim(), torch.random.fork_rng(devices=devices):
+            return run.run()
     finally:
         ddp.teardown(d)
 
@@ -403,10 +533,50 @@ class _Run:
         cfg, run_dir = self.cfg, self.run_dir
         if cfg.resume:
             _check_resume(cfg, run_dir)
+            _check_same_data(cfg, run_dir)
         elif (run_dir / RUN_CONFIG).exists() or ckpt.list_checkpoints(run_dir):
             raise LmlabError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )
+        else:
+            inputs = [*cfg.data, *([cfg.init] if cfg.init else [])]
+            check_output_dir(run_dir, "run", inputs=inputs)
+
+    @contextlib.contextmanager
+    def claim(self):
+        """Own the run directory for the whole run: checked, locked, and rid of dead writers' temps.
+
+        One writer per run directory (:class:`lmlab.io.DirLock`, rank 0 only: the other ranks never
+        write it); a second ``pretrain`` on the same directory gets a one-line error naming the
+        holder's PID.  The checks run before the lock (so a refused ``--out`` is left exactly as it
+        was) and again under it (another process may have started a run meanwhile).  A run that
+        fails before writing anything takes away the directory or lock file it created.
+        """
+        if self.cfg.resume:
+            read_run_config(self.run_dir)  # a one-line error for a directory that holds no run
+        self._check_out()
+        if not self.d.is_main:
+            yield
+            return
+        existed = self.run_dir.exists()
+        had_lock = (self.run_dir / LOCK_NAME).exists()
+        lock = DirLock(self.run_dir).acquire()
+        ok = False
+        try:
+            self._check_out()
+            remove_stale_temps(self.run_dir)
+            remove_stale_temps(self.run_dir / ckpt.CHECKPOINTS)
+            yield
+            ok = True
+        finally:
+            lock.release()
+            if not ok and not had_lock:
+                with contextlib.suppress(OSError):
+                    left = {p.name for p in self.run_dir.iterdir()}
+                    if left == {LOCK_NAME}:
+                        (self.run_dir / LOCK_NAME).unlink()
+                        if not existed:
+                            self.run_dir.rmdir()
 
     def _build(self) -> None:
         from lmlab.data import load_tokenizer
@@ -434,7 +604,14 @@ class _Run:
         if limit is not None and self.seq_len > limit:
             raise LmlabError(f"--seq-len {self.seq_len} exceeds the model's {limit} positions")
         self.objective = make_objective(cfg.objective, self.tokenizer, self.family, cfg.objective_args)
+        if self.seq_len < 1:
+            raise LmlabError(f"--seq-len must be positive, got {self.seq_len}")
         self.raw_len = int(self.objective.raw_length(self.seq_len))
+        if self.raw_len < 1:
+            raise LmlabError(
+                f"--seq-len {self.seq_len} is too short for --objective {cfg.objective} "
+                f"(its rows would hold {self.raw_len} corpus tokens); raise --seq-len"
+            )
         model.config.lmlab_seq_len = self.seq_len
         model.config.lmlab_objective = cfg.objective
         self.start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
@@ -479,10 +656,28 @@ class _Run:
         self.dataset = ObjectiveBatches(
             self.sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
         )
-        self.val_sources = Sources(cfg.data, self.raw_len, split="val")
-        self.val_dataset = ObjectiveBatches(
-            self.val_sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
-        )
+        self._check_targets()
+        self.val_sources = None
+        if all(int(load_meta(x)["val"]["tokens"]) == 0 for x in cfg.data):
+            self.log(
+                "lmlab pretrain: note: the data has no validation split (prepared with --val-fraction 0); "
+                "training without a validation loss"
+            )
+        else:
+            self.val_sources = Sources(cfg.data, self.raw_len, split="val")
+            self.val_dataset = ObjectiveBatches(
+                self.val_sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
+            )
+
+    def _check_targets(self) -> None:
+        """Refuse a configuration that scores no target (causal at ``--seq-len 1``: a loss of 0)."""
+        rows = np.array([[0, r] for r in range(min(8, self.sources.n_rows[0]))], dtype=np.int64)
+        batch = self.dataset[(TRAIN_STREAM, 0, rows, 0, len(rows))]
+        if int(batch["n_targets"]) == 0:
+            raise LmlabError(
+                f"--objective {self.cfg.objective} with --seq-len {self.seq_len} leaves no target to score "
+                f"(0 scored tokens in {len(rows)} rows); raise --seq-len"
+            )
 
     def _restore(self) -> int:
         if not self.cfg.resume:
@@ -526,12 +721,50 @@ class _Run:
             "cpu_fp32_products": _cpu_fp32_products(self.d.device),
             "world_size": self.d.world,
             "mixing_rates": {d: float(p) for d, p in zip(self.cfg.data, self.rates, strict=True)},
+            # Checked by --resume (data_identity's docstring says what it covers).
+            "data_identity": data_identity(self.cfg.data),
         }
         atomic_write_json(self.run_dir / RUN_CONFIG, {"config": self.cfg.to_dict(), "resolved": resolved})
-        shutil.copyfile(Path(self.cfg.data[0]) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        tok = self.run_dir / "tokenizer.json"
+        if not (self.cfg.resume and tok.is_file()):  # a resume never replaces the run's own tokenizer
+            atomic_write_bytes(tok, (Path(self.cfg.data[0]) / "tokenizer.json").read_bytes())
 
     # -- state ------------------------------------------------------------------------------------
+    def _diverged(self, step: int, what: str) -> LmlabError:
+        last = ckpt.last_checked(self.run_dir)
+        if last is not None:
+            where = f"the last good checkpoint is {last.name}"
+        elif ckpt.list_checkpoints(self.run_dir):
+            where = "no checkpoint of this run was checked finite"
+        else:
+            where = "no checkpoint was written"
+        return LmlabError(
+            f"{what} at step {step}; stopping ({where}). Lower --lr, raise --warmup or set --clip"
+        )
+
+    def _check_finite(self, step: int) -> None:
+        """Refuse to save a diverged state: every loss since the last check, and every weight.
+
+        The losses were summed on the device as the steps ran (no host sync per step); the weights
+        take one max-abs pass (``torch._foreach_norm(·, inf)``, which cannot overflow).  On all
+        ranks together, so they all stop, or all save.
+        """
+        params = [p.detach() for p in self.base.parameters() if p.is_floating_point()]
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        params = [p for p in params if p.numel()]
+        bad = torch.zeros(2, dtype=torch.float64, device=self.d.device)
+        bad[0] = (~torch.isfinite(self.unchecked_loss)).double()
+        if params:
+            bad[1] = (~torch.isfinite(torch.stack(torch._foreach_norm(params, math.inf)))).any().double()
+        ddp.all_reduce_sum(bad, self.d)
+        if bad[0] > 0:
+            raise self._diverged(step, "the training loss became nan or inf")
+        if bad[1] > 0:
+            raise self._diverged(step, "the training loss became nan: the model's weights hold nan or inf")
+        self.unchecked_loss.zero_()
+
     def _save(self, step: int, tokens: int, loss: float | None) -> Path | None:
+        self._check_finite(step)
         model_state, optim_state = ddp.full_state(self.base, self.optimizer, self.cfg.fsdp)
         path = None
         rng = {"cpu": torch.get_rng_state()}
@@ -551,7 +784,8 @@ class _Run:
             torch.distributed.barrier()
         return path
 
-    def _save_final(self) -> Path:
+    def _save_final(self, step: int) -> Path:
+        self._check_finite(step)
         final = self.run_dir / FINAL
         model_state, _ = ddp.full_state(self.base, self.optimizer, True) if self.cfg.fsdp else (None, None)
         if self.d.is_main:
@@ -561,14 +795,16 @@ class _Run:
                 else:
                     self.base.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
-                # The data's own tokenizer.json, byte for byte, so load_tokenizer(final) sees lmlab's layout.
-                shutil.copyfile(Path(self.cfg.data[0]) / "tokenizer.json", tmp / "tokenizer.json")
+                # The run's own tokenizer.json, byte for byte, so load_tokenizer(final) sees lmlab's layout.
+                shutil.copyfile(self.run_dir / "tokenizer.json", tmp / "tokenizer.json")
         if self.d.world > 1:
             torch.distributed.barrier()
         return final
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _evaluate(self) -> float:
+    def _evaluate(self) -> float | None:
+        if self.val_sources is None:
+            return None
         keys = val_keys(self.val_sources.n_rows, self.cfg.batch_size, self.cfg.eval_batches,
                         self.d.rank, self.d.world)  # fmt: skip
         loader = make_loader(self.val_dataset, keys, 0, pin_memory=False)
@@ -618,6 +854,9 @@ class _Run:
         timed_tokens, timed_s = 0, 0.0
         t_begin = time.perf_counter()
         step = start
+        # Every step's loss is added here until a save checks it (_check_finite): a checkpoint is
+        # never written from a diverged state, even when the steps before it were not logged.
+        self.unchecked_loss = torch.zeros((), dtype=torch.float32, device=dev)
         self.train_head.train()
         with _Stop() as stop:
             while step < self.total:
@@ -657,6 +896,7 @@ class _Run:
                         s = self.train_head(b)
                         (s * (d.world / count)).backward()
                     step_loss += s.detach()
+                self.unchecked_loss += step_loss
                 grad_norm = None
                 if cfg.clip is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.base.parameters(), cfg.clip)
@@ -675,16 +915,7 @@ class _Run:
                     ddp.all_reduce_sum(step_loss, d)
                     loss_value = float(step_loss) / count
                     if not math.isfinite(loss_value):
-                        last = ckpt.list_checkpoints(self.run_dir)
-                        where = (
-                            f"the last good checkpoint is {last[-1][1]}"
-                            if last
-                            else "no checkpoint was written"
-                        )
-                        raise LmlabError(
-                            f"the training loss became {loss_value} at step {step}; stopping ({where}). "
-                            "Lower --lr, raise --warmup or set --clip"
-                        )
+                        raise self._diverged(step, f"the training loss became {loss_value}")
                     last_loss = loss_value
                     result.losses.append((step, loss_value))
                 row: dict[str, Any] | None = None
@@ -704,7 +935,7 @@ class _Run:
                         if mfu is not None:
                             post["mfu"] = f"{100 * mfu:.1f}%"
                         bar.set_postfix(post, refresh=False)
-                if is_eval:
+                if is_eval and self.val_sources is not None:
                     val = self._evaluate()
                     result.evals.append((step, val))
                     row = row or dict(step=step, loss=loss_value, lr=lr, tokens=tokens)
@@ -741,5 +972,5 @@ class _Run:
                 return
         if saved_step != step:
             self._save(step, tokens, last_loss)
-        result.final_dir = self._save_final()
+        result.final_dir = self._save_final(step)
         self.log(f"lmlab pretrain: done, {step} steps; model in {result.final_dir}")
