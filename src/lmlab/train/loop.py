@@ -548,18 +548,22 @@ class _Run:
 
         One writer per run directory (:class:`lmlab.io.DirLock`, rank 0 only: the other ranks never
         write it); a second ``pretrain`` on the same directory gets a one-line error naming the
-        holder's PID.  The checks run before the lock (so a refused ``--out`` is left exactly as it
-        was) and again under it (another process may have started a run meanwhile).  A run that
+        holder's PID.  The checks run before the lock is taken in a directory without one (so a
+        refused ``--out`` is left exactly as it was) and again under it (another process may have
+        started a run meanwhile).  A run that
         fails before writing anything takes away the directory or lock file it created.
         """
         if self.cfg.resume:
             read_run_config(self.run_dir)  # a one-line error for a directory that holds no run
-        self._check_out()
+        existed = self.run_dir.exists()
+        had_lock = (self.run_dir / LOCK_NAME).exists()
+        # A directory with a lock file is (or was) a run's: a live holder is named before anything
+        # else is said about it; any other directory is checked before a lock file is put in it.
+        if not had_lock or not self.d.is_main:
+            self._check_out()
         if not self.d.is_main:
             yield
             return
-        existed = self.run_dir.exists()
-        had_lock = (self.run_dir / LOCK_NAME).exists()
         lock = DirLock(self.run_dir).acquire()
         ok = False
         try:
