@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from lmlab_cli_harness import tree_hashes
 
 from lmlab.data import load_meta, load_tokenizer, load_tokens, prepare, token_dtype
 from lmlab.data import pipeline as prepare_mod
@@ -99,25 +100,45 @@ def test_split_is_stable_when_documents_are_added(prepared, small_corpus, tmp_pa
     assert np.array_equal(np.asarray(load_tokens(tmp_path / "out", "train"))[: old_train.size], old_train)
 
 
-def test_killed_prepare_leaves_no_complete_looking_output(prepared, small_corpus, tmp_path, monkeypatch):
+def test_failed_prepare_leaves_the_old_directory_intact(prepared, small_corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
     prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False)
-    load_meta(out)
+    before = tree_hashes(out)
     calls = {"n": 0}
     real = prepare_mod.encode_documents
 
     def dies_midway(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if killed part-way through the shards
+            raise KeyboardInterrupt  # as if interrupted part-way through the shards
         return real(*a, **k)
 
     monkeypatch.setattr(prepare_mod, "encode_documents", dies_midway)
     with pytest.raises(KeyboardInterrupt):
+        prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False, overwrite=True)
+    assert calls["n"] == 2
+    assert tree_hashes(out) == before  # the old directory, byte for byte
+    load_tokens(out, "train")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
+
+
+def test_an_existing_prepared_directory_needs_overwrite(prepared, small_corpus, tmp_path):
+    out = tmp_path / "out"
+    prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False)
+    before = tree_hashes(out)
+    with pytest.raises(LmlabError, match="--overwrite"):
         prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False)
-    with pytest.raises(LmlabError, match="did not finish"):
-        load_meta(out)
-    assert not list(out.glob(".*.tmp"))  # temporary files were cleaned up
+    assert tree_hashes(out) == before
+    # Replaced whole, and the same corpus gives the same files.
+    res = prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert res.meta["train"]["sha256"] == before["train.bin"] == tree_hashes(out)["train.bin"]
+    # --overwrite replaces what prepare wrote, never a file the user put beside it.
+    (out / "notes.txt").write_text("mine")
+    before = tree_hashes(out)
+    with pytest.raises(LmlabError, match="notes.txt"):
+        prepare([small_corpus], out, tokenizer=prepared.out_dir, progress=False, overwrite=True)
+    assert tree_hashes(out) == before
 
 
 def test_truncated_shard_is_detected(prepared, tmp_path):
@@ -142,7 +163,7 @@ def test_bad_inputs(tmp_path, small_corpus):
         prepare([small_corpus], tmp_path / "o", vocab_size=50)
     with pytest.raises(LmlabError, match="val-fraction"):
         prepare([small_corpus], tmp_path / "o", val_fraction=1.5)
-    assert not (tmp_path / "o" / "meta.json").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_undecodable_bytes_counted_in_meta(tmp_path, prepared):

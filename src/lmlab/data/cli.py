@@ -38,19 +38,29 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=256,
         help="train the tokenizer on a hash-sampled ~N MB of the corpus (256)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is already a prepared directory (only once the new one is complete)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     from lmlab.data.pipeline import default_data_dir, prepare
     from lmlab.errors import LmlabError
 
+    overwrite = args.overwrite
     if args.out is None:
         if args.corpus is not None:
             raise LmlabError("--out is required with --corpus")
         args.out = default_data_dir()
-    if args.tokenizer_train_mb <= 0:
-        raise LmlabError("--tokenizer-train-mb must be positive")
+        overwrite = True  # lmlab's own cache
+    mb = args.tokenizer_train_mb
+    if not math.isfinite(mb) or mb <= 0:
+        raise LmlabError(f"--tokenizer-train-mb must be a positive number of megabytes, got {mb:g}")
     res = prepare(
         args.corpus,
         args.out,
@@ -59,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_type=args.tokenizer_type,
         val_fraction=args.val_fraction,
         doc_sep=args.doc_sep,
-        tokenizer_train_bytes=int(args.tokenizer_train_mb * 2**20),
+        tokenizer_train_bytes=max(1, int(mb * 2**20)),
         progress=False if args.no_progress else None,
+        overwrite=overwrite,
     )
     print(res.summary())
     return 0

@@ -7,8 +7,9 @@ and directories, searched recursively for files with those suffixes in sorted or
 Plain text is split into documents at blank lines (one or more lines holding only whitespace),
 or with ``doc_sep="line"`` one document per line; each JSON line is one document.  A document
 is cut at the first line end past :data:`MAX_DOC_CHARS` characters (a longer line is read in
-pieces of that size), so neither a file without blank lines nor one giant line can blow up
-memory, and the validation split stays fine-grained.  Bytes that are not UTF-8 are
+pieces of that size), and a JSON record longer than that is cut the same way, so neither a file
+without blank lines, nor one giant line, nor one giant record can blow up memory, and the
+validation split stays fine-grained.  A JSON line longer than :data:`MAX_RECORD_CHARS` is refused.  Bytes that are not UTF-8 are
 replaced with U+FFFD and counted.
 
 The embedded default corpus is the English that ships with every CPython: the ``pydoc`` topic
@@ -28,16 +29,19 @@ import json
 import os
 import sys
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_open
+from lmlab.io import atomic_open, remove_stale_temps
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
 MAX_DOC_CHARS = 1 << 16
+# The longest JSON Lines record read (in characters); a longer line is refused with an error.
+MAX_RECORD_CHARS = 1 << 26
 DOC_SEPARATORS = ("blank", "line")
 _READ_CHUNK = 1 << 20
 
@@ -143,21 +147,37 @@ def _open_text(path: Path, stats: SourceStats) -> io.TextIOWrapper:
     return io.TextIOWrapper(hashed, encoding="utf-8", errors="lmlab-count", newline=None)
 
 
-def _plain_documents(f: io.TextIOWrapper, doc_sep: str) -> Iterator[str]:
+def _file_pieces(f: io.TextIOBase) -> Iterator[str]:
+    """The stream's lines, a line longer than :data:`MAX_DOC_CHARS` in pieces of that size."""
+    return iter(lambda: f.readline(MAX_DOC_CHARS), "")
+
+
+def _text_pieces(text: str) -> Iterator[str]:
+    """The same pieces as :func:`_file_pieces` for text already in memory (no copy of it whole)."""
+    pos, n = 0, len(text)
+    while pos < n:
+        nl = text.find("\n", pos, pos + MAX_DOC_CHARS)
+        end = pos + MAX_DOC_CHARS if nl < 0 else nl + 1
+        yield text[pos:end]
+        pos = end
+
+
+def _plain_documents(pieces: Iterator[str], doc_sep: str | None) -> Iterator[str]:
+    """Documents from lines; ``doc_sep=None`` cuts only for length (a huge JSON record)."""
     lines: list[str] = []
     size = 0
-    for piece in iter(lambda: f.readline(MAX_DOC_CHARS), ""):
-        blank = not piece.strip()
-        if not blank:
+    for piece in pieces:
+        if doc_sep is not None and not piece.strip():
+            end = True  # a blank line
+        else:
             lines.append(piece)
             size += len(piece)
-        at_line_end = piece.endswith("\n")
-        end = (
-            blank
-            or (doc_sep == "line" and at_line_end)
-            or (size >= MAX_DOC_CHARS and at_line_end)
-            or size >= 2 * MAX_DOC_CHARS  # one enormous line: cut it in pieces
-        )
+            at_line_end = piece.endswith("\n")
+            end = (
+                (doc_sep == "line" and at_line_end)
+                or (size >= MAX_DOC_CHARS and at_line_end)
+                or size >= 2 * MAX_DOC_CHARS  # one enormous line: cut it in pieces
+            )
         if end and lines:
             doc = "".join(lines).strip()
             lines, size = [], 0
@@ -168,19 +188,35 @@ def _plain_documents(f: io.TextIOWrapper, doc_sep: str) -> Iterator[str]:
 
 
 def _jsonl_documents(f: io.TextIOWrapper, path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(f, 1):
+    lineno = 0
+    # A capped read: a file that is one endless line is refused, not read whole into memory.
+    while line := f.readline(MAX_RECORD_CHARS + 1):
+        lineno += 1
+        if len(line) > MAX_RECORD_CHARS and not line.endswith("\n"):
+            raise LmlabError(
+                f"{path}:{lineno}: a JSON Lines record longer than {MAX_RECORD_CHARS:,} characters; "
+                "split it into several records, or give the text as a plain text file"
+            )
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise LmlabError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        line = ""
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
             raise LmlabError(f'{path}:{lineno}: expected an object with a string "text" field')
+        obj = None
         text = text.strip()
-        if text:
-            yield text
+        if len(text) <= MAX_DOC_CHARS:
+            if text:
+                yield text
+        else:
+            # A huge record is cut into documents exactly as plain text without blank lines
+            # would be, so its batches stay small (the tokenizer's memory grows with the
+            # longest document).
+            yield from _plain_documents(_text_pieces(text), None)
 
 
 def iter_documents(path: Path, stats: SourceStats | None = None, doc_sep: str = "blank") -> Iterator[str]:
@@ -191,14 +227,16 @@ def iter_documents(path: Path, stats: SourceStats | None = None, doc_sep: str = 
     _current.append(stats)
     try:
         with _open_text(path, stats) as f:
-            docs = _jsonl_documents(f, path) if is_jsonl(path) else _plain_documents(f, doc_sep)
+            docs = _jsonl_documents(f, path) if is_jsonl(path) else _plain_documents(_file_pieces(f), doc_sep)
             for doc in docs:
                 stats.documents += 1
                 yield doc
             # Drain whatever the decoder has not consumed so the hash covers the whole file.
             f.buffer.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise LmlabError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        # gzip.BadGzipFile is an OSError; a damaged deflate stream is zlib.error, a truncated one EOFError.
+        what = "a damaged or truncated gzip file" if path.name.endswith(".gz") else "unreadable"
+        raise LmlabError(f"cannot read {path} ({what}): {e}") from None
     finally:
         _current.remove(stats)
     stats.sha256 = stats._hash.hexdigest()
@@ -241,6 +279,7 @@ def default_corpus_path() -> Path:
         return path
     import pydoc_data.topics
 
+    remove_stale_temps(path.parent)  # what an extraction killed part-way left behind
     with atomic_open(path, "w", encoding="utf-8") as f:
         for name in sorted(pydoc_data.topics.topics):
             f.write(json.dumps({"text": pydoc_data.topics.topics[name].strip()}) + "\n")

@@ -15,13 +15,25 @@ Peak memory is the tokenizer plus one batch (about :data:`BATCH_CHARS` character
 ids) plus, while a tokenizer is trained, the trainer's table of distinct pre-tokens, which grows
 with the vocabulary of the corpus rather than its size, and is capped by the sampling budget.
 
-Outputs go through temporary files renamed into place, and ``meta.json`` — the marker that a
-directory is complete — is removed first and written last.
+Guarantees.  The whole output — ``tokenizer.json``, ``train.bin``, ``val.bin`` and ``meta.json``
+(written last) — is built in a temporary directory beside ``--out`` and swapped in only once it is
+complete (:func:`lmlab.io.atomic_dir`): an empty corpus, a typo, a bad tokenizer, Ctrl-C, SIGKILL
+or a full disk leave an existing prepared directory exactly as it was, and a full disk is a
+one-line error.  ``--out`` must be new or empty; an existing prepared directory is replaced only
+with ``--overwrite``, and nothing else (a training run, a model, a directory of the user's files,
+the corpus itself) ever is (:func:`lmlab.io.check_output_dir`).  What a killed run left beside
+its output is removed by the next one (:func:`lmlab.io.remove_stale_temps`).
+
+The same corpus and settings give byte-identical ``tokenizer.json``, ``train.bin`` and
+``val.bin`` on every run and any number of threads (see :func:`lmlab.data.tokenizer.train_tokenizer`);
+``meta.json`` differs only in its ``created`` time, and records each file's SHA-256.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import resource
 import sys
@@ -38,7 +50,14 @@ from lmlab.data import corpus as corpus_
 from lmlab.data import shards
 from lmlab.data import tokenizer as tokenizer_
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_write_json
+from lmlab.io import (
+    _TMP_RE,
+    LOCK_NAME,
+    atomic_dir,
+    check_output_dir,
+    recover_interrupted_swap,
+    remove_stale_temps,
+)
 
 BATCH_CHARS = 1 << 22  # text per tokenization batch
 BATCH_DOCS = 4096
@@ -81,8 +100,21 @@ class PrepareResult:
             f"({(m['train']['tokens'] + m['val']['tokens']) / max(self.seconds, 1e-9) / 1e6:.2f} M tokens/s), "
             f"peak memory {self.peak_rss_bytes / 2**20:.0f} MiB",
         ]
-        if m["val"]["documents"] == 0 and m["val_fraction"] > 0:
+        if m["val_fraction"] == 0:
+            lines.append(
+                "  note        no validation split (--val-fraction 0): every document is for training"
+            )
+        elif m["val"]["documents"] == 0:
             lines.append("  note        the validation split is empty: the corpus has too few documents")
+        unk = m["train"].get("unk_tokens", 0) + m["val"].get("unk_tokens", 0)
+        text_tokens = (
+            m["train"]["tokens"] + m["val"]["tokens"] - m["train"]["documents"] - m["val"]["documents"]
+        )
+        if unk > 0.01 * text_tokens:
+            lines.append(
+                f"  note        {unk / max(text_tokens, 1):.0%} of the tokens are <unk>: characters the "
+                "tokenizer never saw (a larger --tokenizer-train-mb helps)"
+            )
         return "\n".join(lines)
 
 
@@ -117,6 +149,75 @@ def encode_documents(tok, docs: list[str], eos_id: int, dtype: np.dtype) -> np.n
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def _check_settings(val_fraction: float, tokenizer_train_bytes: int, doc_sep: str) -> None:
+    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise LmlabError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not isinstance(tokenizer_train_bytes, int) or tokenizer_train_bytes <= 0:
+        raise LmlabError(f"--tokenizer-train-mb must be a positive size, got {tokenizer_train_bytes} bytes")
+    if doc_sep not in corpus_.DOC_SEPARATORS:
+        raise LmlabError(f"--doc-sep must be one of {', '.join(corpus_.DOC_SEPARATORS)}, got {doc_sep!r}")
+
+
+def _check_not_cwd(out: Path) -> None:
+    # The output is swapped in by renaming directories: never the one the user stands in.
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise LmlabError(f"--out {out} is the current directory or holds it; name a directory to create")
+
+
+def _check_writable(out: Path) -> None:
+    """A one-line error now, rather than an OSError naming a temporary path later."""
+    anc = Path(os.path.abspath(out)).parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not os.access(anc, os.W_OK | os.X_OK):
+        try:
+            ro = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+        except OSError:
+            ro = False
+        why = "a read-only file system" if ro else "no permission to write there"
+        raise LmlabError(f"--out {out}: cannot create it in {anc} ({why})")
+
+
+def _check_no_foreign_files(out: Path) -> None:
+    """``--overwrite`` replaces what ``prepare`` wrote, never a file the user put beside it."""
+    if not out.is_dir():
+        return
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name not in _PREPARED_NAMES and not _is_lmlab_temp(p.name)
+    )
+    if foreign:
+        raise LmlabError(
+            f"--out {out} also holds {foreign[0]!r}"
+            + (f" and {len(foreign) - 1} more file(s)" if len(foreign) > 1 else "")
+            + " that prepare did not write; move them away, or choose another directory"
+        )
+
+
+def _is_lmlab_temp(name: str) -> bool:
+    return name == LOCK_NAME or _TMP_RE.match(name) is not None
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _count_alphabet(docs: Iterator[str]) -> int:
+    """How many distinct characters the Unigram trainer must keep: NFKC, runs of blanks made one
+    space, and every space shown as the metaspace (approximately the trainer's own count)."""
+    import re
+    import unicodedata
+
+    chars: set[str] = set()
+    for d in docs:
+        chars.update(re.sub(r"[ \t]+", " ", unicodedata.normalize("NFKC", d)))
+    chars.discard(" ")
+    return len(chars) + 1  # "▁"
+
+
 def prepare(
     sources: list[str | os.PathLike] | None,
     out_dir: str | os.PathLike,
@@ -127,59 +228,117 @@ def prepare(
     doc_sep: str = "blank",
     tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> PrepareResult:
     """Turn ``sources`` (files / directories; ``None`` = the embedded default corpus) into a
     prepared directory ``out_dir``.  See the module docstring for the pipeline and guarantees.
 
+    ``out_dir`` must be new or empty, or (with ``overwrite``, the CLI's ``--overwrite``) a
+    prepared directory, which is replaced only once the new one is complete.
     ``progress=None`` shows progress bars only on a terminal.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    if not 0 <= val_fraction < 1:
-        raise LmlabError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    _check_settings(val_fraction, tokenizer_train_bytes, doc_sep)
     if tokenizer is None:
         # Fail on bad settings before reading a byte of the corpus.
         tokenizer_.check_settings(vocab_size, tokenizer_type)
     default = sources is None
-    paths = [corpus_.default_corpus_path()] if default else corpus_.resolve_sources(list(sources))
-    if not paths:
+    if not default and not sources:
         raise LmlabError("no corpus given")
+    paths = None if default else corpus_.resolve_sources(list(sources))
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LmlabError(f"--out {out_dir} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    # From here until meta.json is written again the directory is marked incomplete.
-    (out / shards.META_NAME).unlink(missing_ok=True)
+    _check_not_cwd(out)
+    recover_interrupted_swap(out)  # a swap killed between its two renames: put the old one back
+    check_output_dir(out, "prepared", overwrite=overwrite, inputs=[] if default else list(sources))
+    _check_no_foreign_files(out)
+    _check_writable(out)
+    if paths is None:
+        paths = [corpus_.default_corpus_path()]
+    tok = tokenizer_.read_tokenizer(tokenizer) if tokenizer is not None else None
+    remove_stale_temps(out.parent)  # what killed runs of prepare left beside their outputs
+    made = [a for a in Path(os.path.abspath(out)).parents if not a.exists()]  # nearest first
+    try:
+        with atomic_dir(out) as tmp:
+            meta = _prepare_into(
+                tmp, paths, tok, tokenizer, vocab_size, tokenizer_type, val_fraction, doc_sep,
+                tokenizer_train_bytes, progress, default,
+            )  # fmt: skip
+    except BaseException:
+        for a in made:  # the parents made for an output that never came
+            with contextlib.suppress(OSError):
+                a.rmdir()
+        raise
+    return PrepareResult(out, meta, time.perf_counter() - t0, _peak_rss())
+
+
+def _prepare_into(
+    tmp: Path,
+    paths: list[Path],
+    tok,
+    tok_source: str | os.PathLike | None,
+    vocab_size: int,
+    tokenizer_type: str,
+    val_fraction: float,
+    doc_sep: str,
+    tokenizer_train_bytes: int,
+    progress: bool | None,
+    default: bool,
+) -> dict[str, Any]:
+    """Both passes, writing everything into the temporary directory ``tmp``; returns meta.json."""
+    from tqdm.auto import tqdm
+
     disable = None if progress is None else not progress
+    trained = tok is None
+    sample = {"documents": 0, "chars": 0}
 
     # Pass 1: the tokenizer.
-    if tokenizer is not None:
-        tok = tokenizer_.read_tokenizer(tokenizer)
-        tok_source = str(tokenizer)
-    else:
+    if trained:
         total_bytes = sum(p.stat().st_size * (4 if p.name.endswith(".gz") else 1) for p in paths)
         rate = min(1.0, tokenizer_train_bytes / max(total_bytes, 1))
-        stats1 = [corpus_.SourceStats(str(p)) for p in paths]
-        bar = tqdm(desc="training tokenizer", unit="B", unit_scale=True, disable=disable, total=total_bytes)
 
-        def training_docs() -> Iterator[str]:
+        def training_docs(stats: list[corpus_.SourceStats], bar=None) -> Iterator[str]:
             read_before = 0  # bytes of the sources already finished
-            for p, st in zip(paths, stats1, strict=True):
+            for p, st in zip(paths, stats, strict=True):
                 for d in corpus_.iter_documents(p, st, doc_sep):
-                    bar.update(read_before + st.bytes - bar.n)
+                    if bar is not None:
+                        bar.update(read_before + st.bytes - bar.n)
                     if not is_validation(d, val_fraction) and (
                         rate >= 1.0 or _unit_hash(d, _SAMPLE_SALT) < rate
                     ):
+                        sample["documents"] += 1
+                        sample["chars"] += len(d)
                         yield d
                 read_before += st.bytes
 
-        tok = tokenizer_.train_tokenizer(training_docs(), vocab_size, tokenizer_type)
+        stats1 = [corpus_.SourceStats(str(p)) for p in paths]
+        bar = tqdm(desc="training tokenizer", unit="B", unit_scale=True, disable=disable, total=total_bytes)
+        try:
+            tok = tokenizer_.train_tokenizer(training_docs(stats1, bar), vocab_size, tokenizer_type)
+        except tokenizer_.AlphabetTooLarge:
+            bar.close()
+            # Counted only now, in a second read: counting on every run would slow the usual case.
+            recount = [corpus_.SourceStats(str(p)) for p in paths]
+            n = _count_alphabet(training_docs(recount))
+            bad = sum(s.undecodable_bytes for s in recount)
+            raise LmlabError(
+                f"--vocab-size {vocab_size} is too small for this corpus: its text has about {n:,} distinct "
+                f"characters and a Unigram vocabulary must hold every one of them plus "
+                f"{len(tokenizer_.BASE_SPECIALS) + tokenizer_.NUM_SENTINELS} special tokens; use "
+                f"--vocab-size {n + len(tokenizer_.BASE_SPECIALS) + tokenizer_.NUM_SENTINELS} or more, or "
+                "--tokenizer-type bpe (bytes, any alphabet)"
+                + (f" ({bad:,} bytes of it are not UTF-8: is it text?)" if bad else "")
+            ) from None
         bar.close()
-        if sum(s.documents for s in stats1) == 0:
+        n_docs = sum(s.documents for s in stats1)
+        if n_docs == 0:
             raise LmlabError(f"the corpus is empty: no non-blank text in {', '.join(map(str, paths))}")
-        tok_source = None
-        tokenizer_.save_tokenizer(tok, out / "tokenizer.json")
+        if sample["documents"] == 0:
+            raise LmlabError(
+                f"--tokenizer-train-mb {tokenizer_train_bytes / 2**20:g} samples none of the corpus's "
+                f"{n_docs:,} training documents: there is nothing to train the tokenizer on; raise it"
+            )
+    tokenizer_json = tok.to_str(pretty=False).encode("utf-8")
+    _write_file(tmp / "tokenizer.json", tokenizer_json)
 
     # Text is text: a literal "</s>" or "<extra_id_0>" in a document must not become a special id.
     tok.encode_special_tokens = True
@@ -190,9 +349,10 @@ def prepare(
     # Pass 2: the shards.
     stats = [corpus_.SourceStats(str(p)) for p in paths]
     counts = {"train": 0, "val": 0}
+    unk = {"train": 0, "val": 0}
     with (
-        shards.ShardWriter(out / "train.bin", dtype) as train_w,
-        shards.ShardWriter(out / "val.bin", dtype) as val_w,
+        shards.ShardWriter(tmp / "train.bin", dtype, keep_on_error=True) as train_w,
+        shards.ShardWriter(tmp / "val.bin", dtype, keep_on_error=True) as val_w,
         tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=disable) as bar,
     ):
         for batch in _batches(_documents(paths, stats, doc_sep)):
@@ -203,29 +363,42 @@ def prepare(
                     arr = encode_documents(tok, docs, ids["eos"], dtype)
                     w.write(arr)
                     counts[split] += len(docs)
+                    unk[split] += int(np.count_nonzero(arr == ids["unk"]))
                     bar.update(arr.size)
         if counts["train"] + counts["val"] == 0:
             raise LmlabError(f"the corpus is empty: no non-blank text in {', '.join(map(str, paths))}")
-        if tokenizer is not None:
-            tokenizer_.save_tokenizer(tok, out / "tokenizer.json")
+        _check_unknown_share(unk, train_w.tokens + val_w.tokens - sum(counts.values()), tok_source, sample,
+                             tokenizer_train_bytes)  # fmt: skip
         train_w.commit()
         val_w.commit()
 
     meta = {
         "format": shards.FORMAT,
         "lmlab_version": __version__,
+        # The only field that differs between two runs on the same corpus and settings.
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dtype": dtype.name,
         "vocab_size": v,
         "special_ids": ids,
         "tokenizer": {
             "type": _tokenizer_type(tok),
-            "trained": tokenizer is None,
-            "source": tok_source,
-            "requested_vocab_size": vocab_size if tokenizer is None else None,
+            "trained": trained,
+            "source": None if trained else str(tok_source),
+            "requested_vocab_size": vocab_size if trained else None,
+            "sha256": hashlib.sha256(tokenizer_json).hexdigest(),
         },
-        "train": {"tokens": train_w.tokens, "documents": counts["train"]},
-        "val": {"tokens": val_w.tokens, "documents": counts["val"]},
+        "train": {
+            "tokens": train_w.tokens,
+            "documents": counts["train"],
+            "unk_tokens": unk["train"],
+            "sha256": train_w.sha256,
+        },
+        "val": {
+            "tokens": val_w.tokens,
+            "documents": counts["val"],
+            "unk_tokens": unk["val"],
+            "sha256": val_w.sha256,
+        },
         "val_fraction": val_fraction,
         "split": "blake2b-64 of the document text < val_fraction",
         "doc_sep": doc_sep,
@@ -233,8 +406,34 @@ def prepare(
         "sources": [s.as_dict() for s in stats],
         "undecodable_bytes": sum(s.undecodable_bytes for s in stats),
     }
-    atomic_write_json(out / shards.META_NAME, meta)
-    return PrepareResult(out, meta, time.perf_counter() - t0, _peak_rss())
+    _write_file(tmp / shards.META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    return meta
+
+
+# Above this share of <unk> among the tokens of the documents the dataset is refused: a model
+# trained on it would mostly learn to predict <unk>.  A quarter, not a half, because the Unigram
+# model fuses each run of unknown characters into one <unk>: a Chinese text under an English
+# tokenizer is "▁" + <unk> per document, 50% of the tokens but all of the text.  Shares above 1%
+# are reported in the summary.
+MAX_UNK_SHARE = 0.25
+
+
+def _check_unknown_share(
+    unk: dict[str, int], text_tokens: int, tok_source, sample: dict[str, int], train_bytes: int
+) -> None:
+    share = sum(unk.values()) / max(text_tokens, 1)
+    if share <= MAX_UNK_SHARE:
+        return
+    if tok_source is not None:
+        why = f"the tokenizer {tok_source} does not know most of this corpus's characters"
+        fix = "train one on this corpus instead"
+    else:
+        why = (
+            f"the tokenizer was trained on only {sample['chars']:,} characters "
+            f"(--tokenizer-train-mb {train_bytes / 2**20:g})"
+        )
+        fix = "raise --tokenizer-train-mb"
+    raise LmlabError(f"{share:.0%} of the tokens would be <unk>: {why}; {fix}")
 
 
 def _tokenizer_type(tok) -> str:
@@ -248,8 +447,19 @@ def default_data_dir() -> Path:
     return corpus_.cache_dir() / "data" / "default"
 
 
+# What ``prepare`` has ever written into a prepared directory (older versions left the
+# ``.*.bin.tmp`` files and no ``meta.json`` when killed).
+_PREPARED_NAMES = frozenset(
+    {"tokenizer.json", "train.bin", "val.bin", "meta.json", ".train.bin.tmp", ".val.bin.tmp"}
+)
+
+
 def ensure_default_data(progress: bool | None = None) -> Path:
     """The prepared default-corpus directory, preparing it first if it is missing or incomplete."""
+    import shutil
+
+    from lmlab.io import output_kind
+
     d = default_data_dir()
     try:
         meta = shards.load_meta(d)
@@ -258,7 +468,10 @@ def ensure_default_data(progress: bool | None = None) -> Path:
         v = sys.version_info
         if Path(meta["sources"][0]["path"]).name == f"default-corpus-py{v.major}.{v.minor}.{v.micro}.jsonl":
             return d
-    except (LmlabError, KeyError, IndexError):
+    except (LmlabError, KeyError, IndexError, TypeError):
         pass
-    prepare(None, d, progress=progress)
+    # The cache is lmlab's own: an incomplete directory an older lmlab left there may go.
+    if d.is_dir() and output_kind(d) is None and all(p.name in _PREPARED_NAMES for p in d.iterdir()):
+        shutil.rmtree(d)
+    prepare(None, d, progress=progress, overwrite=True)
     return d

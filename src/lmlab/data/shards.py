@@ -5,7 +5,7 @@ A prepared directory holds
     tokenizer.json   the tokenizer (loads with transformers.PreTrainedTokenizerFast)
     train.bin        flat little-endian token ids, documents separated by </s>
     val.bin          the same for the validation documents
-    meta.json        dtype, vocab size, counts, special ids, sources (written last)
+    meta.json        dtype, vocab size, counts, special ids, sources, SHA-256 of each file (written last)
 
 The ids are ``uint16`` when the vocabulary fits in 16 bits, else ``uint32`` (nanoGPT's format,
 plus the metadata that makes it self-describing).  ``meta.json`` is written last and records
@@ -15,6 +15,8 @@ files is reported as incomplete instead of being trained on.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -81,19 +83,29 @@ class ShardWriter:
     """Appends token arrays to ``<path>`` through a temporary file; :meth:`commit` renames it.
 
     Nothing is visible at ``path`` until :meth:`commit`; :meth:`abort` (or an exception inside a
-    ``with`` block) deletes the temporary file.
+    ``with`` block) deletes the temporary file, unless ``keep_on_error``: ``prepare`` writes its
+    shards inside a temporary directory (:func:`lmlab.io.atomic_dir`) that is removed whole, and
+    that first measures what was written for its full-disk error.  :attr:`sha256` is the hash of
+    what was written.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: np.dtype):
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype, keep_on_error: bool = False):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
+        self.keep_on_error = keep_on_error
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._hash = hashlib.sha256()
         self.tokens = 0
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
         self._f.write(ids.data)
+        self._hash.update(ids.data)
         self.tokens += ids.size
 
     def commit(self) -> None:
@@ -103,7 +115,8 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        if not self._f.closed:
+        # Closing flushes the buffer, which fails again on a full disk; the first error is the one to report.
+        with contextlib.suppress(OSError):
             self._f.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -111,5 +124,10 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        if exc_type is not None:
+        if exc_type is None:
+            return
+        if self.keep_on_error:
+            with contextlib.suppress(OSError):
+                self._f.close()
+        else:
             self.abort()

@@ -33,6 +33,13 @@ TOKENIZER_TYPES = ("unigram", "bpe")
 DEFAULT_VOCAB_SIZE = 8192
 # The smallest vocabulary worth training: the specials, the sentinels and room for an alphabet.
 MIN_VOCAB_SIZE = len(BASE_SPECIALS) + NUM_SENTINELS + 64
+# The trainers reserve memory for the whole vocabulary up front (32 bytes an entry: 32 GB, and a
+# crash, at a billion); the largest vocabularies in use are a few hundred thousand.
+MAX_VOCAB_SIZE = 1 << 24
+
+
+class AlphabetTooLarge(LmlabError):
+    """The corpus has more distinct characters than the Unigram vocabulary has room for."""
 
 
 def check_settings(vocab_size: int, kind: str) -> None:
@@ -44,8 +51,8 @@ def check_settings(vocab_size: int, kind: str) -> None:
             f"--vocab-size {vocab_size} is too small: the {len(BASE_SPECIALS)} special tokens and "
             f"{NUM_SENTINELS} sentinels need at least {MIN_VOCAB_SIZE}"
         )
-    if vocab_size > 1 << 32:
-        raise LmlabError(f"--vocab-size {vocab_size} does not fit in 32-bit token ids")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise LmlabError(f"--vocab-size {vocab_size} is too large: lmlab supports at most {MAX_VOCAB_SIZE:,}")
 
 
 def train_tokenizer(
@@ -95,31 +102,91 @@ def train_tokenizer(
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-    tok.train_from_iterator(texts, trainer=trainer)
+    try:
+        tok.train_from_iterator(texts, trainer=trainer)
+    except Exception as e:  # tokenizers raises a bare Exception
+        if "not large enough to contain all chars" not in str(e):
+            raise
+        raise AlphabetTooLarge(
+            f"--vocab-size {vocab_size} is too small for the distinct characters of this text: a Unigram "
+            "vocabulary must hold every one of them; use a larger --vocab-size, or --tokenizer-type bpe"
+        ) from None
     if kind == "unigram":
-        tok = _demote_special_pieces(tok)
+        tok = _canonical_unigram(tok)
     # Added in reverse so that <extra_id_0> lands on the highest id (T5's convention).
     tok.add_special_tokens(list(reversed(SENTINELS)))
     _check_layout(tok)
     return tok
 
 
-def _demote_special_pieces(tok: Tokenizer) -> Tokenizer:
-    """Give the special tokens' Unigram pieces the lowest score.
+# Scores are rounded to this many decimals before ids are assigned: the trainer's log-probabilities
+# carry summation-order noise (up to ~4e-11 seen) that would otherwise reorder tied pieces.
+SCORE_DECIMALS = 5
+# Scores closer than this are the same score plus that noise.
+_SCORE_TOLERANCE = 1e-9
+# The step the Unigram trainer adds to the score of each required character it had pruned
+# (tokenizers' ``UnigramTrainer::finalize``, ``min_score_penalty_delta``).
+_REQUIRED_CHAR_STEP = 0.0001
 
-    The trainer stores them with log-probability 0, the best score a piece can have, so with
-    ``encode_special_tokens`` (how ``prepare`` encodes documents) the literal text "</s>" would
-    still become the end-of-document id.  Demoted, such text is spelled out in ordinary pieces.
+
+def _canonical_unigram(tok: Tokenizer) -> Tokenizer:
+    """Rebuild a freshly trained Unigram vocabulary in one stable order, specials demoted.
+
+    The trainer is not reproducible: it walks its table of pre-tokens in hash order (random per
+    process, even single-threaded), so scores differ in their last bits from run to run; it gives
+    the characters it had pruned the scores ``min + k * 0.0001`` in hash order too; and tied
+    pieces get ids in whatever order they arrived.  Here the pruned characters get their scores
+    by code point, every score is rounded to :data:`SCORE_DECIMALS` decimals, and the pieces are
+    sorted by (score descending, piece), so one corpus always gives one ``tokenizer.json``.
+
+    The trainer also stores the special tokens with log-probability 0, the best score a piece can
+    have, so with ``encode_special_tokens`` (how ``prepare`` encodes documents) the literal text
+    "</s>" would still become the end-of-document id.  They get the lowest score instead, so such
+    text is spelled out in ordinary pieces.
     """
     from tokenizers import Tokenizer
 
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
-    floor = min(score for _, score in vocab) - 1000.0
-    for entry in vocab:
-        if entry[0] in BASE_SPECIALS:
-            entry[1] = floor
+    n_special = len(BASE_SPECIALS)
+    if [p for p, _ in vocab[:n_special]] != list(BASE_SPECIALS):
+        raise LmlabError(f"the Unigram trainer did not put {', '.join(BASE_SPECIALS)} first")
+    pieces = {p: s for p, s in vocab[n_special:]}
+    pieces.update(_reorder_required_chars(pieces))
+    rounded = sorted(((round(s, SCORE_DECIMALS), p) for p, s in pieces.items()), key=lambda e: (-e[0], e[1]))
+    floor = round((rounded[-1][0] if rounded else 0.0) - 1000.0, SCORE_DECIMALS)
+    spec["model"]["vocab"] = [[p, floor] for p in BASE_SPECIALS] + [[p, s] for s, p in rounded]
     return Tokenizer.from_str(json.dumps(spec))
+
+
+def _reorder_required_chars(pieces: dict[str, float]) -> dict[str, float]:
+    """New scores for the characters at the bottom of a trained Unigram vocabulary.
+
+    The trainer's lowest piece has the model's minimum score ``m``; the characters it had pruned
+    get ``m``, ``m + 0.0001``, ``m + 0.0002``, ... in hash order, and other rare characters can
+    sit at ``m`` too (to within float noise).  The same scores are handed out again in code-point
+    order.
+    """
+    import bisect
+
+    singles = sorted((s, p) for p, s in pieces.items() if len(p) == 1)
+    if not singles:
+        return {}
+    lowest = min(pieces.values())
+    keys = [s for s, _ in singles]
+    chain: list[str] = []
+    scores: list[float] = []
+    penalty = 0.0
+    while True:
+        want = lowest + penalty
+        lo = bisect.bisect_left(keys, want - _SCORE_TOLERANCE)
+        hi = bisect.bisect_right(keys, want + _SCORE_TOLERANCE)
+        if lo == hi:
+            break
+        chain.extend(p for _, p in singles[lo:hi])
+        scores.extend([want] * (hi - lo))
+        penalty += _REQUIRED_CHAR_STEP
+    return dict(zip(sorted(chain), sorted(scores, reverse=True), strict=True))
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
