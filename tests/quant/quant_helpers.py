@@ -75,3 +75,14 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         if model.config.is_encoder_decoder:
             return model(input_ids=ids, decoder_input_ids=ids[:, : ids.shape[1] // 2]).logits
         return model(input_ids=ids).logits
+
+
+def tiny_gpt2():
+    """A GPT-2 of ~30k parameters (saves to ~125 KB, quantizes to ~45 KB) for the CLI and fault tests."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2
+    )
+    return T.GPT2LMHeadModel(config).eval()

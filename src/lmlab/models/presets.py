@@ -209,7 +209,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_not_quantized(model_dir: str | os.PathLike) -> None:
-    """Refuse a directory that already holds a quantized model (lmlab's or transformers + bitsandbytes')."""
+    """Refuse a directory that already holds a quantized model (lmlab's or transformers + bitsandbytes'),
+    or whose ``config.json`` is not a JSON object; needs neither torch nor transformers."""
     import json
 
     d = Path(model_dir)
@@ -218,11 +219,16 @@ def check_not_quantized(model_dir: str | os.PathLike) -> None:
             f"{model_dir} is already quantized (written by lmlab quantize); load it with "
             "lmlab.quant.load_quantized, or start from the float model it came from"
         )
+    path = d / "config.json"
     try:
-        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return  # read_hf_config reports an unreadable config.json
-    if isinstance(config, dict) and config.get("quantization_config"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # read_hf_config says what is missing
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LmlabError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise LmlabError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    if config.get("quantization_config"):
         qc = config["quantization_config"]
         how = qc.get("quant_method", "unknown method") if isinstance(qc, dict) else "unknown method"
         raise LmlabError(

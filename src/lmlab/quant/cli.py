@@ -57,18 +57,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _make_config(args: argparse.Namespace):
-    from lmlab.quant.api import FP4Config, Int8Config, NF4Config
-
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag given with a method it does not apply to (before torch is imported)."""
     if args.method == "int8":
         flags = (("--block-size", args.block_size), ("--double-quant", args.double_quant))
         given = [flag for flag, value in flags if value is not None]
         if given:
             raise LmlabError(f"{' and '.join(given)} apply to nf4 and fp4, not int8")
-        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        return Int8Config(threshold=threshold)
-    if args.threshold is not None:
+    elif args.threshold is not None:
         raise LmlabError(f"--threshold applies to int8 (LLM.int8()), not {args.method}")
+
+
+def _make_config(args: argparse.Namespace):
+    from lmlab.quant.api import FP4Config, Int8Config, NF4Config
+
+    _check_flags(args)
+    if args.method == "int8":
+        return Int8Config(threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
     cls = NF4Config if args.method == "nf4" else FP4Config
     block_size = DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size
     return cls(block_size=block_size, double_quant=bool(args.double_quant))
@@ -87,11 +92,28 @@ def _check_finite(model, model_dir: Path) -> None:
                 )
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before the model is loaded when --out cannot be written (a read-only file system)."""
+    import errno
+    import os
+
+    where = out.resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK):
+        try:
+            ro = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+        except OSError:
+            ro = False
+        why = os.strerror(errno.EROFS) if ro else "no write permission"
+        raise LmlabError(f"--out {out}: cannot write in {where} ({why})")
+
+
 def run(args: argparse.Namespace) -> int:
     from lmlab.io import check_output_dir, remove_stale_temps
 
     model_dir = Path(args.model_dir)
-    config = _make_config(args)
+    _check_flags(args)
     if not model_dir.is_dir():
         raise LmlabError(
             f"{model_dir}: no such directory (MODEL_DIR must be a saved model directory, with a config.json)"
@@ -102,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_not_quantized(model_dir)
     out = check_output_dir(args.out, "quantized", overwrite=args.overwrite, inputs=[model_dir])
-    remove_stale_temps(out.resolve().parent)
+    _check_writable(out)
+    config = _make_config(args)  # imports torch: after the checks that need none
+    remove_stale_temps(out.resolve().parent)  # what a killed quantize left beside DIR
 
     from lmlab.models.presets import load_pretrained, read_hf_config
     from lmlab.quant.api import quantize_

@@ -5,7 +5,7 @@ A saved directory holds
 * ``model.safetensors`` -- the whole state dict; 4-bit layers in bitsandbytes' key layout
   (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
   ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), int8 layers as
-  ``weight`` (int8) and ``SCB``. Tied weights are stored once (safetensors' ``save_model``).
+  ``weight`` (int8) and ``SCB``. Tied weights are stored once.
 * ``lmlab_quant.json`` -- the method, its settings, and every quantized layer with its shape.
 * ``config.json`` -- for Hugging Face models, so the architecture can be rebuilt.
 * ``manifest.json`` -- the SHA-256 and size of every other file, written last and checked on load.
@@ -100,8 +100,6 @@ def save_quantized(
     as they are. A ``manifest.json`` with the SHA-256 and size of every file is written last and
     checked by :func:`load_quantized`.
     """
-    from safetensors.torch import save_model
-
     layers = quantized_layers(model)
     if not layers:
         raise LmlabError("save_quantized: the model has no quantized layers; run quantize_ first")
@@ -118,21 +116,43 @@ def save_quantized(
     }
     extra = [Path(f) for f in extra_files]
     expected = _state_nbytes(model) + sum(f.stat().st_size for f in extra if f.is_file())
+    try:
+        _write(model, directory, meta, extra, expected)
+    except OSError as e:  # a full disk is already an LmlabError (atomic_dir); this is the rest
+        raise LmlabError(f"cannot write {directory}: {e.strerror or e} ({e.filename or directory})") from None
+    return directory
+
+
+def _write(model: nn.Module, directory: Path, meta: dict, extra: list[Path], expected: int) -> None:
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    state = model.state_dict()
+    # Tied weights are stored once, as safetensors' save_model does; its alias map goes into the
+    # header's metadata, whose order varies from run to run, so the same model would not give the
+    # same bytes. load_model re-ties from the model itself and needs no alias map.
+    for aliases in _remove_duplicate_names(state).values():
+        for name in aliases:
+            del state[name]
+    state = {k: v.contiguous() for k, v in state.items()}
     with atomic_dir(directory, expected_bytes=expected) as tmp:
         hf_config = getattr(model, "config", None)
         if hf_config is not None and hasattr(hf_config, "save_pretrained"):
             hf_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for f in extra:
-            if f.is_file() and not (tmp / f.name).exists():
+            if f.is_file() and f.name not in (META_NAME, MANIFEST_NAME) and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        manifest = {
-            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+        meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+        files = {
+            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
         }
-        (tmp / MANIFEST_NAME).write_text(json.dumps({"files": manifest}, indent=2) + "\n", encoding="utf-8")
-    return directory
+        files[META_NAME] = {"sha256": hashlib.sha256(meta_bytes).hexdigest(), "bytes": len(meta_bytes)}
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
+        # lmlab_quant.json last: it marks a quantized directory, so a directory that has it is complete
+        # (whatever kills the writer, the temporary directory lacks it until everything else is there).
+        (tmp / META_NAME).write_bytes(meta_bytes)
 
 
 def _shell(meta: dict) -> nn.Module:
