@@ -95,6 +95,12 @@ def fake_quantized_dir(d: Path) -> Path:
     return d
 
 
+def dead_pid() -> int:
+    """A PID no process can have: above the kernel's limit."""
+    limit = Path("/proc/sys/kernel/pid_max")
+    return (int(limit.read_text()) if limit.exists() else 1 << 22) + 12345
+
+
 def tree_entries(root: Path) -> list[str]:
     """Every path under ``root``, directories too (tree_hashes sees only files)."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))

@@ -1,8 +1,10 @@
 import gzip
 import hashlib
 import json
+import os
 
 import pytest
+from prepare_helpers import dead_pid
 
 from lmlab.data.corpus import (
     MAX_DOC_CHARS,
@@ -103,3 +105,47 @@ def test_default_corpus_is_english_from_python():
     text = " ".join(docs[:200]).lower()
     for word in (" the ", " and ", " of "):
         assert word in text
+
+
+def test_a_huge_jsonl_record_is_cut_like_plain_text(tmp_path):
+    lines = [f"line {i} of a record with no blank lines, about whales and the sea" for i in range(60_000)]
+    text = "\n".join(lines)  # about 4 MB
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": text}) + "\n" + json.dumps({"text": "small"}) + "\n"
+    )
+    docs = docs_of(tmp_path / "a.jsonl")
+    assert len(docs) > 30 and all(len(d) <= MAX_DOC_CHARS + 100 for d in docs)
+    assert docs[:-1] == docs_of(tmp_path / "a.txt") and docs[-1] == "small"
+    assert "\n".join(docs[:-1]) == text  # cut at line ends: nothing lost, nothing split
+
+
+def test_an_endless_jsonl_line_is_refused(tmp_path, monkeypatch):
+    import lmlab.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "MAX_RECORD_CHARS", 1000)
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "y" * 2000}) + "\n")
+    with pytest.raises(LmlabError, match=r"x.jsonl:2: a JSON Lines record longer than 1,000 characters"):
+        docs_of(p)
+
+
+def test_damaged_gzip_names_the_file(tmp_path):
+    good = gzip.compress(b"one\n\ntwo\n" * 1000)
+    bad = bytearray(good)
+    bad[10] = 0xFF  # an invalid deflate block type: zlib.error, not an OSError
+    (tmp_path / "c.txt.gz").write_bytes(good + bytes(bad))
+    (tmp_path / "t.txt.gz").write_bytes(good[: len(good) // 2])
+    for name in ("c.txt.gz", "t.txt.gz"):
+        with pytest.raises(LmlabError, match=rf"{name} \(a damaged or truncated gzip file\)"):
+            docs_of(tmp_path / name)
+
+
+def test_default_corpus_extraction_removes_dead_writers_temps(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
+    dead = tmp_path / f".default-corpus-py3.jsonl.{dead_pid()}.abc123.tmp"
+    live = tmp_path / f".default-corpus-py3.jsonl.{os.getpid()}.abc123.tmp"
+    dead.write_text("half an extraction")
+    live.write_text("another process is writing this")
+    p = default_corpus_path()
+    assert p.is_file() and not dead.exists() and live.exists()

@@ -2,7 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from lmlab_cli_harness import tree_hashes
+from lmlab_cli_harness import run_lmlab, tree_hashes
+from prepare_helpers import english_docs, write_corpus
 
 from lmlab.data import load_meta, load_tokenizer, load_tokens, prepare, token_dtype
 from lmlab.data import pipeline as prepare_mod
@@ -190,3 +191,60 @@ def test_real_corpus_moby_dick(tmp_path, corpus_file):
     # A 2k-piece Unigram model spends roughly 3-5 bytes of English per token.
     assert 3.0 < src.stat().st_size / total < 5.0
     assert json.loads((tmp_path / "md" / "meta.json").read_text())["val"]["documents"] > 0
+
+
+@pytest.mark.slow
+def test_prepare_is_reproducible_across_runs_and_threads(tmp_path):
+    """Separate processes (the Rust trainer's hash order differs in each), one of them single-threaded."""
+    corpus = write_corpus(tmp_path / "c.txt", 3000)
+    outs = []
+    for i, env in enumerate(({}, {}, {"RAYON_NUM_THREADS": "1"})):
+        out = tmp_path / f"o{i}"
+        r = run_lmlab(["prepare", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "400",
+                       "--no-progress"], env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append(out)
+    first = tree_hashes(outs[0])
+    meta0 = json.loads((outs[0] / "meta.json").read_text())
+    for out in outs[1:]:
+        hashes = tree_hashes(out)
+        for name in ("tokenizer.json", "train.bin", "val.bin"):
+            assert hashes[name] == first[name], name
+        meta = json.loads((out / "meta.json").read_text())
+        assert {k: v for k, v in meta.items() if k != "created"} == {
+            k: v for k, v in meta0.items() if k != "created"
+        }
+    assert (
+        meta0["train"]["sha256"] == first["train.bin"]
+        and meta0["tokenizer"]["sha256"] == first["tokenizer.json"]
+    )
+
+
+@pytest.mark.slow
+def test_huge_jsonl_record_prepares_like_the_same_text(tmp_path, prepared):
+    # A few MB in one record, no blank lines: cut into documents exactly as the plain text is.
+    text = "\n".join(english_docs(12_000, seed=2, words=30))
+    (tmp_path / "big.txt").write_text(text)
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    a = prepare([tmp_path / "big.txt"], tmp_path / "a", tokenizer=prepared.out_dir, progress=False)
+    b = prepare([tmp_path / "big.jsonl"], tmp_path / "b", tokenizer=prepared.out_dir, progress=False)
+    assert b.meta["train"]["documents"] + b.meta["val"]["documents"] > 10
+    for split in ("train", "val"):
+        assert a.meta[split] == b.meta[split]
+    assert tree_hashes(tmp_path / "a")["train.bin"] == tree_hashes(tmp_path / "b")["train.bin"]
+
+
+def test_ensure_default_data_replaces_only_its_own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
+    d = prepare_mod.default_data_dir()
+    d.mkdir(parents=True)
+    (d / "tokenizer.json").write_text("{}")  # what an older lmlab's killed prepare left: no meta.json
+    (d / ".train.bin.tmp").write_bytes(b"\0" * 10)
+    calls = []
+    monkeypatch.setattr(prepare_mod, "prepare", lambda *a, **k: calls.append(k))
+    assert prepare_mod.ensure_default_data(progress=False) == d
+    assert calls == [{"progress": False, "overwrite": True}] and not d.exists()
+    d.mkdir()
+    (d / "mine.txt").write_text("not lmlab's")
+    prepare_mod.ensure_default_data(progress=False)
+    assert (d / "mine.txt").read_text() == "not lmlab's"  # left for check_output_dir to refuse

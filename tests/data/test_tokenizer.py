@@ -2,6 +2,7 @@ import pytest
 
 from lmlab.data.corpus import default_corpus_path, iter_documents
 from lmlab.data.tokenizer import (
+    BASE_SPECIALS,
     MIN_VOCAB_SIZE,
     SENTINELS,
     load_tokenizer,
@@ -61,3 +62,39 @@ def test_foreign_tokenizer_is_rejected(tmp_path, texts):
         read_tokenizer(tmp_path)
     with pytest.raises(LmlabError, match="no tokenizer"):
         read_tokenizer(tmp_path / "nowhere")
+
+
+def _raw_unigram(pieces):
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(
+        models.Unigram([(s, 0.0) for s in BASE_SPECIALS] + pieces, unk_id=2, byte_fallback=False)
+    )
+
+
+def test_unigram_ids_do_not_depend_on_the_trainers_hash_order():
+    """The trainer's vocabulary varies from run to run in three ways; the ids must not."""
+    import itertools
+    import json
+    import random
+
+    from lmlab.data.tokenizer import _canonical_unigram
+
+    m, chain, penalty = -9.0, [], 0.0
+    for _ in range(3):  # the scores the trainer gives the characters it had pruned, in its order
+        chain.append(m + penalty)
+        penalty += 0.0001
+    results = set()
+    rng = random.Random(0)
+    for order in itertools.permutations("zqx"):
+        pieces = [("▁the", -2.0), ("e", -3.0), ("t", -3.0 + 2e-15), ("ab", -5.0), ("y", m + 3e-14)]
+        pieces += list(zip(order, chain, strict=True))  # hash order decides who gets which score
+        rng.shuffle(pieces)  # ... and which of two tied pieces comes first
+        noisy = [(p, s + rng.choice((0.0, 1e-13, -1e-13))) for p, s in pieces]  # summation-order noise
+        results.add(_canonical_unigram(_raw_unigram(noisy)).to_str())
+    assert len(results) == 1
+    vocab = json.loads(results.pop())["model"]["vocab"]
+    assert [p for p, _ in vocab] == [*BASE_SPECIALS, "▁the", "e", "t", "ab", "q", "x", "y", "z"]
+    # The pruned characters (and "y", tied with the lowest) get the same scores, by code point.
+    assert [s for _, s in vocab[-4:]] == [-8.9998, -8.9999, -9.0, -9.0]
+    assert all(s < -1000 for _, s in vocab[:4])  # specials demoted below every piece

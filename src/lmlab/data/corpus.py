@@ -275,11 +275,11 @@ def default_corpus_path() -> Path:
     """The embedded default corpus as JSON Lines, extracted on first use (a few seconds)."""
     v = sys.version_info
     path = cache_dir() / f"default-corpus-py{v.major}.{v.minor}.{v.micro}.jsonl"
+    remove_stale_temps(path.parent)  # what an extraction killed part-way left behind
     if path.is_file():
         return path
     import pydoc_data.topics
 
-    remove_stale_temps(path.parent)  # what an extraction killed part-way left behind
     with atomic_open(path, "w", encoding="utf-8") as f:
         for name in sorted(pydoc_data.topics.topics):
             f.write(json.dumps({"text": pydoc_data.topics.topics[name].strip()}) + "\n")
