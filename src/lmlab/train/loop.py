@@ -559,11 +559,14 @@ class _Run:
         had_lock = (self.run_dir / LOCK_NAME).exists()
         # A directory with a lock file is (or was) a run's: a live holder is named before anything
         # else is said about it; any other directory is checked before a lock file is put in it.
-        if not had_lock or not self.d.is_main:
-            self._check_out()
         if not self.d.is_main:
+            # The other ranks never write the directory; rank 0 may already have started filling it.
+            if self.cfg.resume:
+                self._check_out()
             yield
             return
+        if not had_lock:
+            self._check_out()
         lock = DirLock(self.run_dir).acquire()
         ok = False
         try:
