@@ -52,6 +52,7 @@ def world(tmp_path_factory) -> Path:
     fake_run_dir(w / "run")
     fake_model_dir(w / "model")
     fake_quantized_dir(w / "quantized")
+    (w / "link").symlink_to(w / "prepared")
     (w / "user").mkdir()
     (w / "user" / "notes.txt").write_text("my notes\n")
     (w / "blank.txt").write_text("\n  \n\t\n")
@@ -95,6 +96,8 @@ CASES = [
      ["not a directory"], None),
     ("out-under-a-file", ["--corpus", "{w}/corpus.txt", "--out", "{w}/user/notes.txt/o"],
      ["under the file"], None),
+    ("out-is-a-symlink", ["--corpus", "{w}/corpus.txt", "--out", "{w}/link", "--overwrite"],
+     ["symbolic link"], None),
     ("out-is-cwd", ["--corpus", "{w}/corpus.txt", "--out", "."], ["current directory"], "corpusdir"),
     ("cjk-vocab-too-small", ["--corpus", "{w}/cjk.txt", "--out", "{w}/o", "--vocab-size", "1000"],
      ["--vocab-size 1000", "distinct characters", "bpe"], None),

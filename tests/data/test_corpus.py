@@ -141,11 +141,14 @@ def test_damaged_gzip_names_the_file(tmp_path):
             docs_of(tmp_path / name)
 
 
-def test_default_corpus_extraction_removes_dead_writers_temps(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
-    dead = tmp_path / f".default-corpus-py3.jsonl.{dead_pid()}.abc123.tmp"
-    live = tmp_path / f".default-corpus-py3.jsonl.{os.getpid()}.abc123.tmp"
+def test_default_corpus_lookup_removes_dead_writers_temps():
+    cache = default_corpus_path().parent  # extracted once per session
+    dead = cache / f".default-corpus-py3.jsonl.{dead_pid()}.abc123.tmp"
+    live = cache / f".default-corpus-py3.jsonl.{os.getpid()}.abc123.tmp"
     dead.write_text("half an extraction")
     live.write_text("another process is writing this")
-    p = default_corpus_path()
-    assert p.is_file() and not dead.exists() and live.exists()
+    try:
+        assert default_corpus_path().is_file()
+        assert not dead.exists() and live.exists()
+    finally:
+        live.unlink()

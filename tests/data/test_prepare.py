@@ -204,6 +204,14 @@ def test_prepare_is_reproducible_across_runs_and_threads(tmp_path):
                        "--no-progress"], env=env)  # fmt: skip
         assert r.returncode == 0, r.stderr
         outs.append(out)
+    bpe = []
+    for i, env in enumerate(({}, {"RAYON_NUM_THREADS": "1"})):
+        out = tmp_path / f"bpe{i}"
+        r = run_lmlab(["prepare", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "500",
+                       "--tokenizer-type", "bpe", "--no-progress"], env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        bpe.append({k: v for k, v in tree_hashes(out).items() if k != "meta.json"})
+    assert bpe[0] == bpe[1]
     first = tree_hashes(outs[0])
     meta0 = json.loads((outs[0] / "meta.json").read_text())
     for out in outs[1:]:

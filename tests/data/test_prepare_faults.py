@@ -140,6 +140,7 @@ def test_a_swap_killed_between_its_renames_is_undone_before_anything_else(setup,
     assert tree_hashes(tmp_path / "data") == before and not (tmp_path / ".data.old").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["training", "tokenizing"])
 def test_ctrl_c_leaves_the_old_directory_and_no_temp(setup, tmp_path, point):
     d, corpus = setup

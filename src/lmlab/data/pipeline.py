@@ -158,11 +158,14 @@ def _check_settings(val_fraction: float, tokenizer_train_bytes: int, doc_sep: st
         raise LmlabError(f"--doc-sep must be one of {', '.join(corpus_.DOC_SEPARATORS)}, got {doc_sep!r}")
 
 
-def _check_not_cwd(out: Path) -> None:
-    # The output is swapped in by renaming directories: never the one the user stands in.
+def _check_swappable(out: Path) -> None:
+    """The output is swapped in by renaming directories: never the one the user stands in, and
+    never a symbolic link (the link, not what it points to, would be replaced)."""
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise LmlabError(f"--out {out} is the current directory or holds it; name a directory to create")
+    if out.is_symlink():
+        raise LmlabError(f"--out {out} is a symbolic link; give the directory it points to, {out.resolve()}")
 
 
 def _check_writable(out: Path) -> None:
@@ -247,7 +250,7 @@ def prepare(
         raise LmlabError("no corpus given")
     paths = None if default else corpus_.resolve_sources(list(sources))
     out = Path(out_dir)
-    _check_not_cwd(out)
+    _check_swappable(out)
     recover_interrupted_swap(out)  # a swap killed between its two renames: put the old one back
     check_output_dir(out, "prepared", overwrite=overwrite, inputs=[] if default else list(sources))
     _check_no_foreign_files(out)

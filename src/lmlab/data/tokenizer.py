@@ -66,6 +66,12 @@ def train_tokenizer(
     The learned part has ``vocab_size - 100`` entries (the 4 base specials included) and the
     100 sentinels are added on top, so the returned tokenizer has exactly ``vocab_size`` ids
     unless the corpus is too small to fill the learned part.
+
+    The same texts give the same tokenizer, byte for byte, in every process and with any number
+    of threads (``RAYON_NUM_THREADS``): the BPE trainer is deterministic (merges of equal count
+    are ordered by the pair), and the Unigram vocabulary is put in a canonical order after
+    training (:func:`_canonical_unigram`).  A Unigram vocabulary too small for the text's
+    distinct characters raises :class:`AlphabetTooLarge`.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
