@@ -170,6 +170,13 @@ def bad_config_text(text: str):
     return setup
 
 
+def model_dir_is_run(fx, tmp):
+    run = tmp / "run"
+    shutil.copytree(fx / "model", run / "final")
+    (run / "config.json").write_text(json.dumps({"config": {"model": "gpt-tiny"}, "resolved": {}}))
+    return _quantize(run, tmp / "q"), None
+
+
 def already_lmlab(fx, tmp):
     return _quantize(fx / "quantized", tmp / "q"), None
 
@@ -211,6 +218,7 @@ CASES = [
     # MODEL_DIR: missing, damaged, already quantized
     ("model-dir-missing", model_missing, ["nowhere", "no such directory"]),
     ("model-dir-no-config", model_no_config, ["config.json"]),
+    ("model-dir-is-a-run", model_dir_is_run, ["training run", "final/"]),
     ("weight-missing", damaged(edit_weights=_drop(C_ATTN)), ["lacks", C_ATTN, "random"]),
     ("embedding-missing", damaged(edit_weights=_drop("transformer.wte.weight")), ["lacks", "wte"]),
     (

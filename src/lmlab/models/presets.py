@@ -213,7 +213,11 @@ def check_not_quantized(model_dir: str | os.PathLike) -> None:
     or whose ``config.json`` is not a JSON object; needs neither torch nor transformers."""
     import json
 
+    from lmlab.io import output_kind
+
     d = Path(model_dir)
+    if output_kind(d) == "run":
+        raise LmlabError(f"{model_dir} is a training run, not a saved model; pass its final/ directory")
     if (d / "lmlab_quant.json").is_file():
         raise LmlabError(
             f"{model_dir} is already quantized (written by lmlab quantize); load it with "
