@@ -82,34 +82,38 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
 
+# One run killed at each point in turn, every kill followed by a --resume that is itself killed at
+# the next point: before any checkpoint, as the first checkpoint lands, between two checkpoints.
 KILL_POINTS = {
     "after-1-row": lambda run: len(rows(run)) >= 1,
-    "at-first-checkpoint": lambda run: bool(list_checkpoints(run)),
+    "at-the-step-3-checkpoint": lambda run: 3 in [s for s, _ in list_checkpoints(run)],
     "after-8-rows": lambda run: len(rows(run)) >= 8,
 }
 
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(data_dir, full_run, tmp_path):
-    want, weights = rows(full_run), final_weights(full_run)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    first = [sys.executable, "-m", "lmlab", "pretrain", "--data", str(data_dir), *ARGS, "--out", str(run)]
+    cmd = first
     for name, event in KILL_POINTS.items():
-        run = tmp_path / name
-        proc = start(data_dir, run)
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=env)
         try:
-            wait_for(proc, lambda run=run, event=event: event(run))
+            wait_for(proc, lambda event=event: event(run))
+            assert proc.poll() is None, f"the run ended before the kill point {name}"
             proc.kill()  # SIGKILL: no handler runs
-            proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         finally:
             proc.kill()
-        r = run_lmlab(["pretrain", "--resume", str(run), "--no-progress"])
-        assert r.returncode == 0, (name, r.stderr)
-        assert rows(run) == want, name  # the same strings: bit-identical losses
-        got = final_weights(run)
-        assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in got), name
-        leftovers = [
-            p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name.endswith(".tmp")
-        ]
-        assert leftovers == [], (name, leftovers)
+        cmd = [sys.executable, "-m", "lmlab", "pretrain", "--resume", str(run), "--no-progress"]
+    r = run_lmlab(cmd[3:])
+    assert r.returncode == 0, r.stderr
+    assert rows(run) == rows(full_run)  # the same strings: bit-identical losses
+    got, want = final_weights(run), final_weights(full_run)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    leftovers = [p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
 
 
 def dead_pid() -> int:

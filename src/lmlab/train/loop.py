@@ -550,8 +550,8 @@ class _Run:
         write it); a second ``pretrain`` on the same directory gets a one-line error naming the
         holder's PID.  The checks run before the lock is taken in a directory without one (so a
         refused ``--out`` is left exactly as it was) and again under it (another process may have
-        started a run meanwhile).  A run that
-        fails before writing anything takes away the directory or lock file it created.
+        started a run meanwhile).  A run that fails before writing anything takes away the
+        directory or lock file it created.
         """
         if self.cfg.resume:
             read_run_config(self.run_dir)  # a one-line error for a directory that holds no run
