@@ -266,6 +266,12 @@ def test_no_validation_split_trains_without_a_validation_loss(data_dir, tmp_path
     assert capsys.readouterr().err.count("no validation split") == 1
     with open(run / "metrics.csv", newline="") as f:
         assert [x["val_loss"] for x in csv.DictReader(f)] == ["", "", ""]
+    # Mixed with a source that has one, validation runs on that source alone.
+    mixed = pretrain(PretrainConfig(data=[str(data), str(data_dir)], out=str(tmp_path / "mixed"),
+                                    objective="causal", model="gpt-tiny", steps=2, batch_size=4, seq_len=16,
+                                    eval_every=2, eval_batches=1, progress=False, workers=0))  # fmt: skip
+    assert [s for s, _ in mixed.evals] == [2]
+    assert "has no validation split; validating on the others" in capsys.readouterr().err
 
 
 def assert_full_disk_refused(r: subprocess.CompletedProcess, run: Path) -> None:

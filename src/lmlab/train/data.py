@@ -152,6 +152,8 @@ class Sources:
             check_id_range(t, int(load_meta(d)["vocab_size"]), Path(d) / f"{self.split}.bin")
         self.n_rows = [len(t) // self.raw_len for t in self.tokens]
         for d, t, n in zip(self.dirs, self.tokens, self.n_rows, strict=True):
+            if len(t) == 0 and self.split == "val":
+                raise LmlabError(f"{d} has no validation split (it was prepared with --val-fraction 0)")
             if n == 0:
                 raise LmlabError(
                     f"the {self.split} split of {d} has {len(t)} tokens, fewer than one row of {self.raw_len} "

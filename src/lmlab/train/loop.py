@@ -665,13 +665,18 @@ class _Run:
         )
         self._check_targets()
         self.val_sources = None
-        if all(int(load_meta(x)["val"]["tokens"]) == 0 for x in cfg.data):
+        # Data prepared with --val-fraction 0 has an empty val split: it is trained on, not validated on.
+        val_dirs = [x for x in cfg.data if int(load_meta(x)["val"]["tokens"]) > 0]
+        if not val_dirs:
             self.log(
                 "lmlab pretrain: note: the data has no validation split (prepared with --val-fraction 0); "
                 "training without a validation loss"
             )
         else:
-            self.val_sources = Sources(cfg.data, self.raw_len, split="val")
+            if len(val_dirs) < len(cfg.data):
+                missing = ", ".join(x for x in cfg.data if x not in val_dirs)
+                self.log(f"lmlab pretrain: note: {missing} has no validation split; validating on the others")
+            self.val_sources = Sources(val_dirs, self.raw_len, split="val")
             self.val_dataset = ObjectiveBatches(
                 self.val_sources, self.objective, cfg.seed, shift_labels=self.family == DECODER
             )
