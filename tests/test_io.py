@@ -282,3 +282,44 @@ def test_atomic_write_bytes_round_trip(tmp_path):
     atomic_write_bytes(tmp_path / "a" / "b.bin", b"hello")
     assert (tmp_path / "a" / "b.bin").read_bytes() == b"hello"
     assert os.listdir(tmp_path / "a") == ["b.bin"]
+
+
+def test_lock_beside_a_swapped_output_is_exclusive_and_removed(tmp_path):
+    out = tmp_path / "nf4"
+    lock = DirLock(out, "quantized model directory", beside=True)
+    with lock:
+        assert lock.path == tmp_path / ".nf4.lmlab.lock" and lock.path.is_file()
+        assert not out.exists()  # the output itself is not created by the lock
+        with pytest.raises(LmlabError, match=f"PID {os.getpid()}"):
+            # flock is per open file: a second open in this process conflicts like another process
+            DirLock(out, "quantized model directory", beside=True).acquire()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["prepare", "quantize"])
+def test_a_second_writer_of_the_same_out_is_refused_in_one_line(tmp_path, command):
+    from lmlab_cli_harness import assert_one_line_error, run_lmlab
+
+    out = tmp_path / "out"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n\nmore text\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"from lmlab.io import DirLock; DirLock({str(out)!r}, beside=True).acquire(); print('held', flush=True); "
+         "import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        if command == "prepare":
+            r = run_lmlab(["prepare", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "300"])
+        else:
+            r = run_lmlab(["quantize", str(tmp_path / "model"), "--method", "nf4", "--out", str(out)])
+        assert_one_line_error(r, "in use by another lmlab process", f"PID {holder.pid}")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

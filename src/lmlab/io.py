@@ -348,7 +348,7 @@ def check_output_dir(
             break
     if not p.exists():
         return p
-    if not any(e for e in p.iterdir() if not _TMP_RE.match(e.name) and e.name != LOCK_NAME):
+    if not any(e for e in p.iterdir() if not is_lmlab_temp(e.name)):
         return p
     found = output_kind(p)
     if found == kind:
@@ -373,37 +373,57 @@ class DirLock:
 
     ``fcntl.flock`` on ``DIR/.lmlab.lock``, which holds the holder's PID for the error message.
     The OS releases the lock when the process dies, however it dies, so a stale lock file is
-    harmless.  Where ``fcntl`` is missing (Windows) the lock is a no-op.
+    harmless.  ``beside=True`` locks ``PARENT/.DIR.lmlab.lock`` instead, for outputs that are
+    swapped in whole (:func:`atomic_dir`), whose own files would vanish with the old directory;
+    that file is removed on release.  Where ``fcntl`` is missing (Windows) the lock is a no-op.
     """
 
-    def __init__(self, directory: str | os.PathLike, what: str = "run directory"):
+    def __init__(self, directory: str | os.PathLike, what: str = "run directory", beside: bool = False):
         self.directory = Path(directory)
         self.what = what
+        self.beside = beside
+        if beside:
+            self.path = self.directory.parent / f".{self.directory.name}.lmlab.lock"
+        else:
+            self.path = self.directory / LOCK_NAME
         self._fd: int | None = None
+
+    def _busy(self, fd: int) -> LmlabError:
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        return LmlabError(
+            f"{self.directory} is in use by another lmlab process (PID {holder}); "
+            f"a {self.what} has one writer at a time"
+        )
 
     def acquire(self) -> DirLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            except OSError:
-                holder = "unknown"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                err = self._busy(fd)
+                os.close(fd)
+                raise err from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # A holder that removed the file on release may have done so after we opened it: then we
+            # locked an orphan, and must lock the file that is there now.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise LmlabError(
-                f"{self.directory} is in use by another lmlab process (PID {holder}); "
-                "a directory has one writer at a time"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -411,6 +431,9 @@ class DirLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if self.beside:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -419,3 +442,27 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def is_lmlab_temp(name: str) -> bool:
+    """Whether a file name is one of lmlab's temporaries (``.NAME.PID.RANDOM.tmp``) or its run lock."""
+    return name == LOCK_NAME or _TMP_RE.match(name) is not None
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """A one-line error, before any work, when ``path`` cannot be made: its nearest existing
+    ancestor (the directory where the temporary sibling will be made) is on a read-only file
+    system or not writable -- rather than an OSError naming a temporary path later."""
+    anc = Path(os.path.abspath(path)).parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise LmlabError(f"{flag} {path} is under the file {anc}")
+    if os.access(anc, os.W_OK | os.X_OK):
+        return
+    try:
+        ro = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+    except OSError:
+        ro = False
+    why = "a read-only file system" if ro else "no permission to write there"
+    raise LmlabError(f"{flag} {path}: cannot create it in {anc} ({why})")

@@ -51,10 +51,11 @@ from lmlab.data import shards
 from lmlab.data import tokenizer as tokenizer_
 from lmlab.errors import LmlabError
 from lmlab.io import (
-    _TMP_RE,
-    LOCK_NAME,
+    DirLock,
     atomic_dir,
     check_output_dir,
+    check_writable,
+    is_lmlab_temp,
     recover_interrupted_swap,
     remove_stale_temps,
 )
@@ -168,26 +169,12 @@ def _check_swappable(out: Path) -> None:
         raise LmlabError(f"--out {out} is a symbolic link; give the directory it points to, {out.resolve()}")
 
 
-def _check_writable(out: Path) -> None:
-    """A one-line error now, rather than an OSError naming a temporary path later."""
-    anc = Path(os.path.abspath(out)).parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not os.access(anc, os.W_OK | os.X_OK):
-        try:
-            ro = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
-        except OSError:
-            ro = False
-        why = "a read-only file system" if ro else "no permission to write there"
-        raise LmlabError(f"--out {out}: cannot create it in {anc} ({why})")
-
-
 def _check_no_foreign_files(out: Path) -> None:
     """``--overwrite`` replaces what ``prepare`` wrote, never a file the user put beside it."""
     if not out.is_dir():
         return
     foreign = sorted(
-        p.name for p in out.iterdir() if p.name not in _PREPARED_NAMES and not _is_lmlab_temp(p.name)
+        p.name for p in out.iterdir() if p.name not in _PREPARED_NAMES and not is_lmlab_temp(p.name)
     )
     if foreign:
         raise LmlabError(
@@ -195,10 +182,6 @@ def _check_no_foreign_files(out: Path) -> None:
             + (f" and {len(foreign) - 1} more file(s)" if len(foreign) > 1 else "")
             + " that prepare did not write; move them away, or choose another directory"
         )
-
-
-def _is_lmlab_temp(name: str) -> bool:
-    return name == LOCK_NAME or _TMP_RE.match(name) is not None
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -251,26 +234,49 @@ def prepare(
     paths = None if default else corpus_.resolve_sources(list(sources))
     out = Path(out_dir)
     _check_swappable(out)
-    recover_interrupted_swap(out)  # a swap killed between its two renames: put the old one back
-    check_output_dir(out, "prepared", overwrite=overwrite, inputs=[] if default else list(sources))
-    _check_no_foreign_files(out)
-    _check_writable(out)
-    if paths is None:
-        paths = [corpus_.default_corpus_path()]
-    tok = tokenizer_.read_tokenizer(tokenizer) if tokenizer is not None else None
-    remove_stale_temps(out.parent)  # what killed runs of prepare left beside their outputs
+    check_writable(out)
     made = [a for a in Path(os.path.abspath(out)).parents if not a.exists()]  # nearest first
     try:
-        with atomic_dir(out) as tmp:
-            meta = _prepare_into(
-                tmp, paths, tok, tokenizer, vocab_size, tokenizer_type, val_fraction, doc_sep,
-                tokenizer_train_bytes, progress, default,
+        # One prepare at a time per --out, from the checks to the swap.
+        with DirLock(out, "prepared directory", beside=True):
+            return _prepare_locked(
+                out, sources, paths, default, vocab_size, tokenizer, tokenizer_type, val_fraction,
+                doc_sep, tokenizer_train_bytes, progress, overwrite, t0,
             )  # fmt: skip
     except BaseException:
         for a in made:  # the parents made for an output that never came
             with contextlib.suppress(OSError):
                 a.rmdir()
         raise
+
+
+def _prepare_locked(
+    out: Path,
+    sources,
+    paths: list[Path] | None,
+    default: bool,
+    vocab_size: int,
+    tokenizer,
+    tokenizer_type: str,
+    val_fraction: float,
+    doc_sep: str,
+    tokenizer_train_bytes: int,
+    progress: bool | None,
+    overwrite: bool,
+    t0: float,
+) -> PrepareResult:
+    recover_interrupted_swap(out)  # a swap killed between its two renames: put the old one back
+    check_output_dir(out, "prepared", overwrite=overwrite, inputs=[] if default else list(sources))
+    _check_no_foreign_files(out)
+    if paths is None:
+        paths = [corpus_.default_corpus_path()]
+    tok = tokenizer_.read_tokenizer(tokenizer) if tokenizer is not None else None
+    remove_stale_temps(out.parent)  # what killed runs of prepare left beside their outputs
+    with atomic_dir(out) as tmp:
+        meta = _prepare_into(
+            tmp, paths, tok, tokenizer, vocab_size, tokenizer_type, val_fraction, doc_sep,
+            tokenizer_train_bytes, progress, default,
+        )  # fmt: skip
     return PrepareResult(out, meta, time.perf_counter() - t0, _peak_rss())
 
 

@@ -92,25 +92,8 @@ def _check_finite(model, model_dir: Path) -> None:
                 )
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before the model is loaded when --out cannot be written (a read-only file system)."""
-    import errno
-    import os
-
-    where = out.resolve()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if not os.access(where, os.W_OK):
-        try:
-            ro = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
-        except OSError:
-            ro = False
-        why = os.strerror(errno.EROFS) if ro else "no write permission"
-        raise LmlabError(f"--out {out}: cannot write in {where} ({why})")
-
-
 def run(args: argparse.Namespace) -> int:
-    from lmlab.io import check_output_dir, remove_stale_temps
+    from lmlab.io import DirLock, check_writable
 
     model_dir = Path(args.model_dir)
     _check_flags(args)
@@ -123,8 +106,16 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.models.presets import check_not_quantized
 
     check_not_quantized(model_dir)
+    check_writable(args.out)
+    # One writer per --out, from the checks to the swap (a second quantize gets a one-line error).
+    with DirLock(args.out, "quantized model directory", beside=True):
+        return _quantize_locked(args, model_dir)
+
+
+def _quantize_locked(args: argparse.Namespace, model_dir: Path) -> int:
+    from lmlab.io import check_output_dir, remove_stale_temps
+
     out = check_output_dir(args.out, "quantized", overwrite=args.overwrite, inputs=[model_dir])
-    _check_writable(out)
     config = _make_config(args)  # imports torch: after the checks that need none
     remove_stale_temps(out.resolve().parent)  # what a killed quantize left beside DIR
 
