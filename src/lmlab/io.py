@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -41,6 +42,15 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # How libraries that wrap the OS error spell it (safetensors' Rust IoError, torch's PytorchStreamWriter).
 _DISK_FULL_TEXT = ("No space left", "StorageFull", "Disk quota", "QuotaExceeded", "File too large",
                    "FileTooLarge", "file write failed")  # fmt: skip
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (the manifests of checkpoints and quantized models)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_dir, check_output_dir
+from lmlab.io import atomic_dir, check_output_dir, sha256_file
 from lmlab.quant.api import Config, config_from_json, quantized_layers
 from lmlab.quant.blockwise import (
     BLOCK_SIZES,
@@ -64,14 +64,6 @@ def _layer_meta(module: nn.Module) -> dict:
     else:
         meta.update(kind="linear8bit", threshold=module.threshold)
     return meta
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _state_nbytes(model: nn.Module) -> int:
@@ -144,7 +136,7 @@ def _write(model: nn.Module, directory: Path, meta: dict, extra: list[Path], exp
                 shutil.copy2(f, tmp / f.name)
         meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
         files = {
-            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
@@ -259,7 +251,7 @@ def verify_manifest(directory: str | os.PathLike) -> bool:
         actual = p.stat().st_size
         if actual != size:
             raise LmlabError(f"{p}: has {actual:,} bytes, {MANIFEST_NAME} says {size:,}; the file is damaged")
-        if _sha256(p) != sha:
+        if sha256_file(p) != sha:
             raise LmlabError(f"{p}: fails its SHA-256 checksum in {MANIFEST_NAME}; the file is damaged")
     return True
 

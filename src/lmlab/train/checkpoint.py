@@ -16,7 +16,6 @@ favour of the one before it.  The last ``keep`` checkpoints are kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_dir
+from lmlab.io import atomic_dir, sha256_file
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -52,14 +51,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         if m and p.is_dir():
             out.append((int(m.group(1)), p))
     return sorted(out)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,7 +87,7 @@ def save_checkpoint(
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
-            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+            name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
         }
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
     for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -135,7 +126,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != want["bytes"]:
             return f"{name} is truncated ({p.stat().st_size} of {want['bytes']} bytes)"
-        if _sha256(p) != want["sha256"]:
+        if sha256_file(p) != want["sha256"]:
             return f"{name} fails its checksum"
     try:
         trainer = json.loads((path / "trainer.json").read_text())
