@@ -5,17 +5,22 @@ Shared by the bad-input tables (``tests/*/test_bad_input_*.py``) and the fault t
     r = run_lmlab(["quantize", str(model), "--method", "nf4", "--out", str(out)])
     assert_one_line_error(r, "holds")                 # exit 2, one stderr line, no traceback
     before = tree_hashes(tmp_path); ...; assert tree_hashes(tmp_path) == before
+    with tmpfs(tmp_path / "small", "size=400k") as mnt: ...   # a real full disk
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 # Lines third-party libraries may print on stderr on their own (not lmlab's); never an lmlab error line.
 _NOISE = ("warnings.warn(", "Warning:", "warn(")
@@ -77,3 +82,23 @@ def tree_hashes(root: str | os.PathLike) -> dict[str, str]:
         if p.is_file() and not p.is_symlink():
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+@contextlib.contextmanager
+def tmpfs(path: str | os.PathLike, options: str) -> Iterator[Path]:
+    """A real small file system at ``path`` (``options`` as for mount: ``size=400k``, ``ro,size=1m``),
+    unmounted afterwards; the test is skipped where mounting is refused (not root)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+        )
+    except OSError:
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

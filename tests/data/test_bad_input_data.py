@@ -14,11 +14,10 @@ import json
 import os
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from lmlab_cli_harness import assert_one_line_error, run_lmlab, tree_hashes
+from lmlab_cli_harness import assert_one_line_error, run_lmlab, tmpfs, tree_hashes
 from prepare_helpers import (
     english_docs,
     fake_model_dir,
@@ -146,22 +145,11 @@ def test_bad_input_is_one_line_and_touches_nothing(world, case, argv, words, cwd
     assert tree_entries(world) == entries  # no directory, no temporary file left behind
 
 
-def _mount_tmpfs(d: Path, *opts: str) -> None:
-    d.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip() or 'not root'})")
-
-
 def test_out_on_a_read_only_file_system(world, tmp_path):
-    mnt = tmp_path / "ro"
-    _mount_tmpfs(mnt, "size=1m", "ro")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         r = run_lmlab(["prepare", "--corpus", str(world / "corpus.txt"), "--out", str(mnt / "o"), *VOCAB])
         assert_one_line_error(r, "read-only", str(mnt))
         assert os.listdir(mnt) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def _bigger_corpus(tmp_path: Path) -> Path:
@@ -186,9 +174,7 @@ def test_full_disk_by_file_size_limit_leaves_the_old_directory(world, tmp_path):
 
 
 def test_full_disk_on_a_small_tmpfs_leaves_the_old_directory(world, tmp_path):
-    mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, "size=160k")
-    try:
+    with tmpfs(tmp_path / "small", "size=160k") as mnt:
         out = mnt / "prepared"
         shutil.copytree(world / "prepared", out)
         before = tree_hashes(out)
@@ -197,8 +183,6 @@ def test_full_disk_on_a_small_tmpfs_leaves_the_old_directory(world, tmp_path):
         assert_one_line_error(r, "no space left", str(mnt), "wrote", "nothing was changed")
         assert tree_hashes(out) == before
         assert os.listdir(mnt) == ["prepared"]
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_val_fraction_zero_is_a_training_only_dataset(world, tmp_path):

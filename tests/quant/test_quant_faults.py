@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lmlab_cli_harness import assert_one_line_error, run_lmlab, tree_hashes
+from lmlab_cli_harness import assert_one_line_error, run_lmlab, tmpfs, tree_hashes
 from quant_helpers import tiny_gpt2
 
 from lmlab.errors import LmlabError
@@ -130,28 +130,11 @@ def _assert_disk_full(r, out: Path, parent: Path) -> None:
     assert not [p for p in parent.iterdir() if p.name.startswith(".")], list(parent.iterdir())
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str):
-    path.mkdir(exist_ok=True)
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
-        )
-    except OSError:
-        done = None
-    if done is None or done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-
-
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_leaves_nothing(model_dir, tmp_path):
     """A 32 KiB tmpfs (the output needs about 50 KiB); where mounting is refused, a file-size limit."""
     try:
-        with _tmpfs(tmp_path / "mnt", "size=32k") as mnt:
+        with tmpfs(tmp_path / "mnt", "size=32k") as mnt:
             out = mnt / "q"
             _assert_disk_full(run_lmlab(_argv(model_dir, out)[3:]), out, mnt)
             return
@@ -162,7 +145,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(model_dir, tmp_path):
 
 
 def test_read_only_file_system_is_one_line_before_loading(model_dir, tmp_path):
-    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         r = run_lmlab(_argv(model_dir, ro / "q")[3:])
         assert_one_line_error(r, "--out", "read-only")
         assert list(ro.iterdir()) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from lmlab_cli_harness import assert_one_line_error, run_lmlab, tree_hashes  # noqa: E402
+from lmlab_cli_harness import assert_one_line_error, run_lmlab, tmpfs, tree_hashes  # noqa: E402
 from lmlab_train_fixtures import write_prepared  # noqa: E402
 
 from lmlab.data import read_tokenizer  # noqa: E402
@@ -232,15 +231,6 @@ def test_bad_input_is_one_line_and_touches_nothing(fx, tmp_path, setup, words):
 
 
 def test_a_read_only_out_is_one_line(fx, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         r = run_lmlab(["pretrain", *new()(tmp_path, fx)[:-1], str(ro / "run")])
         assert_one_line_error(r, "read-only", str(ro / "run"))
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)

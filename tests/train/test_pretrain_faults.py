@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from lmlab_cli_harness import assert_one_line_error, run_lmlab, tree_hashes  # noqa: E402
+from lmlab_cli_harness import assert_one_line_error, run_lmlab, tmpfs, tree_hashes  # noqa: E402
 from lmlab_train_fixtures import write_prepared  # noqa: E402
 
 from lmlab.errors import LmlabError  # noqa: E402
@@ -290,18 +290,9 @@ def test_a_full_disk_by_file_size_limit_is_one_line(data_dir, tmp_path):
 
 
 def test_a_full_tmpfs_is_one_line(data_dir, tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "size=400k") as mnt:
         r = run_lmlab(["pretrain", "--data", str(data_dir), *ARGS, "--out", str(mnt / "run")])
         assert_full_disk_refused(r, mnt / "run")
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_metrics_on_a_full_disk_is_one_line(tmp_path):
