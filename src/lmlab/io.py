@@ -155,11 +155,13 @@ def disk_error(path: str | os.PathLike, written: int | None = None, total: int |
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+def atomic_open(
+    path: str | os.PathLike, mode: str = "wb", *, expected_bytes: int | None = None, **kwargs: Any
+) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
 
     On an exception the temporary file is removed and ``path`` is left as it was; a full disk
-    becomes a one-line :class:`LmlabError`.
+    becomes a one-line :class:`LmlabError` (saying how much of ``expected_bytes`` was written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,30 +181,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if is_disk_full(e):
-            raise disk_error(path, written) from None
+            raise disk_error(path, written, expected_bytes) from None
         raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    written = 0
-    try:
-        with open(fd, "wb") as f:
-            written = f.write(data) or 0
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as e:
-        written = _tree_bytes(Path(tmp)) or written
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if is_disk_full(e):
-            raise disk_error(path, written, len(data)) from None
-        raise
+    with atomic_open(path, "wb", expected_bytes=len(data)) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
