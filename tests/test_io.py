@@ -323,3 +323,20 @@ def test_a_second_writer_of_the_same_out_is_refused_in_one_line(tmp_path, comman
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+@pytest.mark.parametrize("text, words", [("{", "not valid JSON"), ("[1, 2]", "must hold a JSON object, got list"),
+                                         (b"\xff\xfe", "not valid JSON")])  # fmt: skip
+def test_read_json_object_names_a_damaged_file(tmp_path, text, words):
+    from lmlab.data.shards import load_meta
+    from lmlab.io import read_json_object
+
+    p = tmp_path / "meta.json"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(LmlabError, match=words) as e:
+        read_json_object(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(LmlabError, match=words):  # a prepared directory's meta.json, hand-edited
+        load_meta(tmp_path)
+    p.write_text('{"a": 1}')
+    assert read_json_object(p) == {"a": 1}

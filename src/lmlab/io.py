@@ -53,6 +53,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``; a damaged or hand-edited file (not UTF-8, not JSON, not an
+    object) is a one-line :class:`LmlabError` naming it.  A missing file raises FileNotFoundError."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LmlabError(
+            f"{p}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise LmlabError(f"{p}: must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lmlab.errors import LmlabError
+from lmlab.io import read_json_object
 
 META_NAME = "meta.json"
 FORMAT = "lmlab-tokens-v1"
@@ -46,10 +46,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise LmlabError(
             f"{data_dir} has no {META_NAME}: not a prepared directory, or `prepare` did not finish"
         )
-    try:
-        meta = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmlabError(f"{p} is not valid JSON ({e})") from None
+    meta = read_json_object(p)
     if meta.get("format") != FORMAT:
         raise LmlabError(f"{p} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

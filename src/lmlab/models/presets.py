@@ -211,9 +211,7 @@ def _first_line(e: BaseException) -> str:
 def check_not_quantized(model_dir: str | os.PathLike) -> None:
     """Refuse a directory that already holds a quantized model (lmlab's or transformers + bitsandbytes'),
     or whose ``config.json`` is not a JSON object; needs neither torch nor transformers."""
-    import json
-
-    from lmlab.io import output_kind
+    from lmlab.io import output_kind, read_json_object
 
     d = Path(model_dir)
     if output_kind(d) == "run":
@@ -223,15 +221,10 @@ def check_not_quantized(model_dir: str | os.PathLike) -> None:
             f"{model_dir} is already quantized (written by lmlab quantize); load it with "
             "lmlab.quant.load_quantized, or start from the float model it came from"
         )
-    path = d / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json_object(d / "config.json")
     except FileNotFoundError:
         return  # read_hf_config says what is missing
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LmlabError(f"{path}: not valid JSON ({_first_line(e)})") from None
-    if not isinstance(config, dict):
-        raise LmlabError(f"{path}: must hold a JSON object, got {type(config).__name__}")
     if config.get("quantization_config"):
         qc = config["quantization_config"]
         how = qc.get("quant_method", "unknown method") if isinstance(qc, dict) else "unknown method"
@@ -244,20 +237,15 @@ def check_not_quantized(model_dir: str | os.PathLike) -> None:
 def read_hf_config(model_dir: str | os.PathLike):
     """The ``transformers`` config of a saved model directory; a missing, damaged or hand-edited
     ``config.json`` (bad JSON, wrong types) is a one-line :class:`LmlabError`."""
-    import json
-
     from transformers import AutoConfig
+
+    from lmlab.io import read_json_object
 
     d = Path(model_dir)
     path = d / "config.json"
     if not path.is_file():
         raise LmlabError(f"{model_dir} is not a saved model (no config.json); pass a run's final/ directory")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LmlabError(f"{path}: not valid JSON ({_first_line(e)})") from None
-    if not isinstance(raw, dict):
-        raise LmlabError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    read_json_object(path)  # a one-line error for bad JSON before transformers sees it
     try:
         return AutoConfig.from_pretrained(d)
     except OSError:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_dir, check_output_dir, sha256_file
+from lmlab.io import atomic_dir, check_output_dir, read_json_object, sha256_file
 from lmlab.quant.api import Config, config_from_json, quantized_layers
 from lmlab.quant.blockwise import (
     BLOCK_SIZES,
@@ -226,11 +226,7 @@ def verify_manifest(directory: str | os.PathLike) -> bool:
             stacklevel=3,
         )
         return False
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LmlabError(f"{path}: not valid JSON ({e})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    files = read_json_object(path).get("files")
     if not isinstance(files, dict):
         raise LmlabError(f'{path}: must be a JSON object with a "files" object')
     required = [WEIGHTS_NAME, META_NAME] + (["config.json"] if (directory / "config.json").is_file() else [])
@@ -259,12 +255,7 @@ def verify_manifest(directory: str | os.PathLike) -> bool:
 def _read_meta(directory: Path) -> dict:
     """``lmlab_quant.json``, every field checked: a hand-edited file is a one-line error."""
     path = directory / META_NAME
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LmlabError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise LmlabError(f"{path}: must hold a JSON object")
+    meta = read_json_object(path)
     if meta.get("format") != FORMAT_VERSION:
         raise LmlabError(f"{path}: unsupported format {meta.get('format')!r}")
     layers = meta.get("layers")
