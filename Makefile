@@ -1,6 +1,7 @@
 # The verbs a newcomer types.  Everything installs into ./.venv; nothing touches the system Python.
 #   make run    install lmlab and run the main job on the embedded default corpus
-#   make test   install the test dependencies and run the test suite
+#   make test   install the test dependencies and run the test suite (everything, as CI does)
+#   make test-fast   the edit-test loop: every test not marked slow (under 90 s on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 # importable in the venv this is skipped; set TORCH=torch (or a CUDA wheel) to choose another.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ run: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint:
 	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench

@@ -26,3 +26,17 @@ def corpus_file():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Never write into the user's ~/.cache from tests; one cache per session keeps it fast.
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "lmlab-cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip cleanly on a machine without CUDA (CI, laptops)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
