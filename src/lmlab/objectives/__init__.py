@@ -10,8 +10,10 @@ The batch uses Hugging Face's keys: ``input_ids``, ``attention_mask``, ``labels`
 ``IGNORE_INDEX`` where there is no loss) and, for encoder–decoder objectives,
 ``decoder_input_ids`` (``labels`` shifted right after the decoder start id, T5's pad id 0).
 Inputs are never modified; the same generator seed gives the same batch; outputs live on the
-inputs' device.  ``objective.architectures`` names the model kinds it trains and
-``objective.raw_length(inputs_length)`` how many raw tokens a row needs.
+inputs' device.  :class:`Objective` is the protocol they all follow: ``objective.architectures``
+names the model kinds it trains and ``objective.raw_length(inputs_length)`` how many raw tokens a
+row needs.  ``@register_objective(name)`` gives a class its name (:mod:`lmlab.objectives.registry`);
+``make_objective(name, tokenizer, kind)`` builds one for a model kind, with a clear error on a mismatch.
 
 The names below are imported on first use, so that ``lmlab --help`` and ``lmlab.objectives.cli``
 do not pay for importing torch.
@@ -36,6 +38,10 @@ _EXPORTS = {
     "span_corruption_lengths": "lmlab.objectives.noise",
     "OBJECTIVES": "lmlab.objectives.registry",
     "get_objective": "lmlab.objectives.registry",
+    "make_objective": "lmlab.objectives.registry",
+    "objective_names": "lmlab.objectives.registry",
+    "register_objective": "lmlab.objectives.registry",
+    "Objective": "lmlab.objectives.base",
     "DropTokens": "lmlab.objectives.span_corruption",
     "SpanCorruption": "lmlab.objectives.span_corruption",
 }
@@ -49,20 +55,30 @@ __all__ = [
     "Deshuffle",
     "DropTokens",
     "MassStyle",
+    "Objective",
     "PrefixLM",
     "SpanCorruption",
     "get_objective",
     "iid_noise_mask",
+    "make_objective",
+    "objective_names",
     "random_spans_noise_mask",
+    "register_objective",
     "span_corruption_lengths",
 ]
 
 if TYPE_CHECKING:
-    from lmlab.objectives.base import IGNORE_INDEX
+    from lmlab.objectives.base import IGNORE_INDEX, Objective
     from lmlab.objectives.language_modeling import CausalLM, Deshuffle, PrefixLM
     from lmlab.objectives.masked_lm import BertMLM, BertStyle, MassStyle
     from lmlab.objectives.noise import iid_noise_mask, random_spans_noise_mask, span_corruption_lengths
-    from lmlab.objectives.registry import OBJECTIVES, get_objective
+    from lmlab.objectives.registry import (
+        OBJECTIVES,
+        get_objective,
+        make_objective,
+        objective_names,
+        register_objective,
+    )
     from lmlab.objectives.span_corruption import DropTokens, SpanCorruption
 
 

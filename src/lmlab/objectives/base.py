@@ -1,4 +1,5 @@
-"""What every objective shares: the batch vocabulary, row lengths and the tokenizer's special ids.
+"""What every objective is and shares: the :class:`Objective` protocol, its registration, the batch
+vocabulary, row lengths and the tokenizer's special ids.
 
 Objectives follow the Hugging Face batch vocabulary (``input_ids``, ``attention_mask``, ``labels``
 with ``IGNORE_INDEX`` = -100 where no loss is wanted, ``decoder_input_ids`` for encoder–decoder
@@ -11,8 +12,10 @@ position is a token, a literal pad id included (T5's HF port dropped those by fi
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -21,6 +24,92 @@ from lmlab.errors import LmlabError
 IGNORE_INDEX = -100
 ARCHITECTURES = ("encoder-decoder", "encoder", "decoder")
 SENTINEL_FORMAT = "<extra_id_{}>"
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A pre-training objective: a frozen dataclass of ids and rates that turns raw token rows into a batch.
+
+    * ``objective(tokens, attention_mask=None, generator=None)``: ``tokens`` ``(B, L)`` integer ids
+      (``attention_mask`` ``(B, L)``, right-padded, for ragged rows) give a dict of new tensors with
+      Hugging Face's keys: ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` where no
+      loss) and, for an encoder–decoder, ``decoder_input_ids``; the same seed gives the same batch.
+    * ``architectures``: the model kinds it trains, a subset of :data:`ARCHITECTURES`.
+    * ``pad_id``: what the training data pads a block's outputs with.
+    * ``raw_length(inputs_length)``: raw tokens a row needs for inputs of ``inputs_length``;
+      ``targets_length(inputs_length)``: the targets' width, ``None`` where the draw decides it.
+    * ``from_tokenizer(tok, **kw)``: the objective with its ids read from a tokenizer.
+    """
+
+    architectures: ClassVar[tuple[str, ...]]
+    pad_id: int
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, **kw: Any) -> Objective: ...
+
+    def raw_length(self, inputs_length: int) -> int: ...
+
+    def targets_length(self, inputs_length: int) -> int | None: ...
+
+
+# name -> (class, keyword defaults that make the named variant), in the order of registration
+OBJECTIVES: dict[str, tuple[type, dict[str, Any]]] = {}
+# name -> model kind -> keyword defaults for that kind (PrefixLM is one sequence for a decoder)
+KIND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {}
+
+_T = TypeVar("_T", bound=type)
+_MEMBERS = ("architectures", "pad_id", "from_tokenizer", "raw_length", "targets_length")
+
+
+def register_objective(
+    name: str,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    kind_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Callable[[_T], _T]:
+    """Class decorator: register an :class:`Objective` as ``name`` (with keyword ``defaults``).
+
+    ``kind_defaults`` maps a model kind to further defaults for it.  Stack it to register variants
+    of one class (``span`` and ``iid-span``).  A name taken by another class is an error.
+    """
+
+    def register(cls: _T) -> _T:
+        params = getattr(cls, "__dataclass_params__", None)
+        # issubclass() does not take a protocol with data members: check its members by name.
+        fields = {f.name for f in dataclasses.fields(cls) if f.init} if params is not None else set()
+        missing = [m for m in _MEMBERS if not hasattr(cls, m) and m not in fields]
+        if params is None or not params.frozen or missing:
+            raise LmlabError(
+                f"objective {name!r}: {cls.__qualname__} is not a frozen dataclass Objective"
+                + (f" (it has no {', '.join(missing)})" if missing else "")
+            )
+        kinds = {*cls.architectures, *(kind_defaults or {})}
+        if not cls.architectures or not kinds <= set(ARCHITECTURES):
+            raise LmlabError(f"objective {name!r}: architectures must be among {', '.join(ARCHITECTURES)}")
+        given = {*(defaults or {})}.union(*(d for d in (kind_defaults or {}).values()))
+        if given - fields:
+            raise LmlabError(
+                f"objective {name!r}: {cls.__qualname__} has no field {sorted(given - fields)[0]}"
+            )
+        old = OBJECTIVES.get(name)
+        if old is not None and _where(old[0]) != _where(cls):  # the same class again is a module reload
+            raise LmlabError(f"objective {name!r} is already registered, by {_where(old[0])}")
+        OBJECTIVES[name] = (cls, dict(defaults or {}))
+        KIND_DEFAULTS[name] = {k: dict(v) for k, v in (kind_defaults or {}).items()}
+        return cls
+
+    return register
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class LengthPreserving:

@@ -27,6 +27,7 @@ import torch
 from lmlab.objectives.base import (
     IGNORE_INDEX,
     LengthPreserving,
+    register_objective,
     row_lengths,
     seq2seq_batch,
     special_ids_of,
@@ -40,6 +41,7 @@ def _full_lengths(tokens: torch.Tensor, lengths: torch.Tensor | None) -> torch.T
     return torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
 
 
+@register_objective("causal")
 @dataclass(frozen=True)
 class CausalLM(LengthPreserving):
     """Next-token prediction: ``input_ids``, ``attention_mask``, ``labels`` (= inputs, -100 on padding)."""
@@ -85,6 +87,7 @@ def random_split_points(lengths: torch.Tensor, generator: torch.Generator | None
     return lo + (u * (hi - lo + 1).double()).long().minimum(hi - lo)
 
 
+@register_objective("prefix", kind_defaults={"decoder": {"decoder_only": True}})
 @dataclass(frozen=True)
 class PrefixLM(LengthPreserving):
     """Prefix LM (T5 §3.3.1).  Encoder–decoder by default; ``decoder_only=True`` for a GPT."""
@@ -132,6 +135,7 @@ class PrefixLM(LengthPreserving):
         return seq2seq_batch(inputs, split, targets, target_lengths, self.pad_id, start)
 
 
+@register_objective("deshuffle")
 @dataclass(frozen=True)
 class Deshuffle(LengthPreserving):
     """Deshuffling (T5 §3.3.1): input = a uniform random permutation of the row, target = the row."""

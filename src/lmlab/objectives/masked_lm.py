@@ -34,6 +34,7 @@ from lmlab.objectives.base import (
     LengthPreserving,
     check_fraction,
     check_ids_in_range,
+    register_objective,
     row_lengths,
     seq2seq_batch,
     special_ids_of,
@@ -162,6 +163,7 @@ def _vocab_kw(tok: Any, kw: dict[str, Any], preset: str | None) -> dict[str, Any
     return {**out, **kw}
 
 
+@register_objective("bert")
 @dataclass(frozen=True)
 class BertMLM(LengthPreserving):
     """BERT's masked language model for an encoder (Devlin et al. 2019, §3.1).
@@ -224,6 +226,7 @@ class BertMLM(LengthPreserving):
         }
 
 
+@register_objective("bert-style")
 @dataclass(frozen=True)
 class BertStyle(LengthPreserving):
     """T5's "BERT-style" encoder–decoder objective: i.i.d. corruption, target = the whole sequence.
@@ -285,6 +288,7 @@ class BertStyle(LengthPreserving):
         return seq2seq_batch(corrupted, lengths, targets, lengths, self.pad_id, start)
 
 
+@register_objective("mass")
 @dataclass(frozen=True)
 class MassStyle(BertStyle):
     """T5's "MASS-style" objective: like :class:`BertStyle` but every corrupted token is masked."""

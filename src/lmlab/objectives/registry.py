@@ -4,13 +4,17 @@
 |---|---|---|
 | ``span`` | :class:`SpanCorruption`, T5's span law | Raffel et al. 2020 §3.1.4, §3.3.4, Table 7 |
 | ``iid-span`` | :class:`SpanCorruption` over i.i.d. noise | §3.3.2, Table 4 "replace corrupted spans" |
+| ``drop`` | :class:`DropTokens` | §3.3.2, Tables 3–5 |
 | ``bert`` | :class:`BertMLM`, 80/10/10 (``preset="t5"`` for 90/10/0) | Devlin et al. 2019 §3.1 |
 | ``bert-style`` | :class:`BertStyle` | Raffel et al. 2020 §3.3.1, Tables 3–5 |
 | ``mass`` | :class:`MassStyle` | §3.3.2, Tables 4–5 |
-| ``drop`` | :class:`DropTokens` | §3.3.2, Tables 3–5 |
 | ``prefix`` | :class:`PrefixLM` (``decoder_only=True`` for GPT) | §3.3.1, Table 4 |
 | ``deshuffle`` | :class:`Deshuffle` | §3.3.1, Table 4 |
 | ``causal`` | :class:`CausalLM` | next-token prediction |
+
+Each objective module registers its classes with :func:`register_objective`; this module imports
+those modules, in the order above, and nothing else fills the registry.  A new objective is one
+file with a decorated frozen dataclass, plus its import below.
 """
 
 from __future__ import annotations
@@ -19,25 +23,26 @@ import os
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.objectives.language_modeling import CausalLM, Deshuffle, PrefixLM
-from lmlab.objectives.masked_lm import BertMLM, BertStyle, MassStyle
-from lmlab.objectives.span_corruption import DropTokens, SpanCorruption
 
-# name -> (class, keyword defaults that make the named variant)
-OBJECTIVES: dict[str, tuple[type, dict[str, Any]]] = {
-    "span": (SpanCorruption, {}),
-    "iid-span": (SpanCorruption, {"noise": "iid"}),
-    "bert": (BertMLM, {}),
-    "bert-style": (BertStyle, {}),
-    "mass": (MassStyle, {}),
-    "drop": (DropTokens, {}),
-    "prefix": (PrefixLM, {}),
-    "deshuffle": (Deshuffle, {}),
-    "causal": (CausalLM, {}),
-}
+# isort: off
+# The modules whose decorators fill the registry, in the order of `lmlab corrupt --objective all`.
+from lmlab.objectives import span_corruption, masked_lm, language_modeling  # noqa: F401
+
+# isort: on
+from lmlab.objectives.base import KIND_DEFAULTS, OBJECTIVES, Objective, register_objective
+
+__all__ = ["OBJECTIVES", "get_objective", "make_objective", "objective_names", "register_objective"]
+
+# What model presets each kind of model has, for the message of a mismatch.
+_PRESETS = {"encoder-decoder": "t5-*", "encoder": "bert-*", "decoder": "gpt-*"}
 
 
-def get_objective(name: str, tokenizer: Any = None, **kw: Any) -> Any:
+def objective_names() -> tuple[str, ...]:
+    """The registered names, in order of registration (for CLI choices and help strings)."""
+    return tuple(OBJECTIVES)
+
+
+def get_objective(name: str, tokenizer: Any = None, **kw: Any) -> Objective:
     """The objective called ``name``, its ids read from ``tokenizer``; ``kw`` overrides fields.
 
     ``tokenizer`` is a ``transformers`` tokenizer, a ``tokenizers.Tokenizer``, a path to a
@@ -57,3 +62,17 @@ def get_objective(name: str, tokenizer: Any = None, **kw: Any) -> Any:
         return cls.from_tokenizer(tokenizer, **kw)
     except TypeError as e:
         raise LmlabError(f"objective {name!r}: {e}") from None
+
+
+def make_objective(name: str, tokenizer: Any, kind: str, kwargs: dict[str, Any] | None = None) -> Objective:
+    """The objective ``name`` for a model of ``kind`` (``"encoder-decoder"``, ``"encoder"`` or
+    ``"decoder"``), with the registered defaults for that kind; a one-line error on a mismatch."""
+    kw = {**KIND_DEFAULTS.get(name, {}).get(kind, {}), **(kwargs or {})}
+    obj = get_objective(name, tokenizer, **kw)
+    archs = set(getattr(obj, "architectures", ()))
+    if kind not in archs:
+        want = " or ".join(f"{a} ({_PRESETS.get(a, a)})" for a in sorted(archs)) or "no model lmlab has"
+        raise LmlabError(
+            f"objective {name!r} trains {want} models, but the model is {kind} ({_PRESETS[kind]})"
+        )
+    return obj

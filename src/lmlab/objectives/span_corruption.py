@@ -41,6 +41,7 @@ from lmlab.objectives.base import (
     LengthPreserving,
     SpecialIds,
     check_ids_in_range,
+    register_objective,
     row_lengths,
     seq2seq_batch,
     special_ids_of,
@@ -257,6 +258,8 @@ def _check_law(noise: str) -> None:
         raise LmlabError(f"unknown noise law {noise!r}; choose one of {', '.join(NOISE_LAWS)}")
 
 
+@register_objective("iid-span", {"noise": "iid"})
+@register_objective("span")
 @dataclass(frozen=True)
 class SpanCorruption:
     """T5's span corruption ("replace corrupted spans"), an encoder–decoder objective.
@@ -367,6 +370,7 @@ class SpanCorruption:
         )
 
 
+@register_objective("drop")
 @dataclass(frozen=True)
 class DropTokens(LengthPreserving):
     """T5's "drop corrupted tokens" (Table 3): noise tokens leave the input and are the target.
