@@ -121,7 +121,7 @@ def test_save_and_load_without_requantizing(models, name, config, tmp_path, monk
         "model.safetensors",
     ]
 
-    import lmlab.quant.blockwise as bw
+    import lmlab.quant.functional as bw
     import lmlab.quant.modules as mods
 
     def no_quantizing(*args, **kwargs):

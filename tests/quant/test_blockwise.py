@@ -15,6 +15,7 @@ from quant_helpers import bits, bnb_functional
 from lmlab.errors import LmlabError
 from lmlab.quant import Quantized4bit, codebook, dequantize_4bit, quantize_4bit
 from lmlab.quant import blockwise as bw
+from lmlab.quant.kernels import cpu as cpu_kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -119,7 +120,7 @@ def test_fast_path_equals_reference(shape, dtype, quant_type, block_size, double
 
 
 def test_fast_path_chunking_and_out_argument(monkeypatch):
-    monkeypatch.setattr(bw, "CHUNK_ELEMENTS", 256)  # many chunks, a ragged last one
+    monkeypatch.setattr(cpu_kernels, "CHUNK_ELEMENTS", 256)  # many chunks, a ragged last one
     w = torch.randn(37, 129)
     q = quantize_4bit(w, "fp4", 32)
     monkeypatch.setattr(bw, "USE_FAST_PATH", False)

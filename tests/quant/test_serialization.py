@@ -21,7 +21,7 @@ from quant_helpers import bnb_functional, logits, tiny_gpt2
 
 from lmlab.errors import LmlabError
 from lmlab.quant import Int8Config, NF4Config, load_quantized, quantize_, save_quantized
-from lmlab.quant.blockwise import Quantized4bit, dequantize_4bit, quantize_4bit
+from lmlab.quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from lmlab.quant.int8 import int8_matmul, int8_vectorwise
 from lmlab.quant.serialization import load_config
 

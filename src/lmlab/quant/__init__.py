@@ -28,9 +28,9 @@ _EXPORTS = {
     "NF4Config": "lmlab.quant.api",
     "QuantReport": "lmlab.quant.api",
     "quantize_": "lmlab.quant.api",
-    "Quantized4bit": "lmlab.quant.blockwise",
-    "dequantize_4bit": "lmlab.quant.blockwise",
-    "quantize_4bit": "lmlab.quant.blockwise",
+    "Quantized4bit": "lmlab.quant.state",
+    "dequantize_4bit": "lmlab.quant.functional",
+    "quantize_4bit": "lmlab.quant.functional",
     "codebook": "lmlab.quant.codebooks",
     "dynamic_map": "lmlab.quant.codebooks",
     "quantile_codebook": "lmlab.quant.codebooks",
@@ -64,11 +64,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lmlab.quant.api import FP4Config, Int8Config, NF4Config, QuantReport, quantize_
-    from lmlab.quant.blockwise import Quantized4bit, dequantize_4bit, quantize_4bit
     from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
+    from lmlab.quant.functional import dequantize_4bit, quantize_4bit
     from lmlab.quant.int8 import int8_matmul, int8_vectorwise
     from lmlab.quant.modules import Linear4bit, Linear8bit
     from lmlab.quant.serialization import load_quantized, save_quantized
+    from lmlab.quant.state import Quantized4bit
 
 
 def __getattr__(name: str) -> Any:

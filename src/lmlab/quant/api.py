@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.quant.blockwise import BLOCK_SIZES, FLOAT_DTYPES
+from lmlab.quant.formats import BLOCK_SIZES, FLOAT_DTYPES
 from lmlab.quant.modules import Linear4bit, Linear8bit, is_linear_like, linear_weight
 
 FilterFn = Callable[[nn.Module, str], bool]

@@ -21,6 +21,7 @@ quantized element stores only the index of its nearest value.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -121,3 +122,76 @@ def _dynamic_map_cached(device: torch.device) -> torch.Tensor:
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' signed dynamic 8-bit map, ``(256,) float32`` sorted ascending."""
     return _dynamic_map_cached(torch.device(device or "cpu")).clone()
+
+
+# Lookup tables derived from a codebook (constant per codebook and device, cached)
+
+
+@functools.cache
+def _sorted_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(midpoints (15,) f32, order (16,) int64, order-is-identity) for nearest-code search.
+
+    ``order[k]`` is the code whose value is the k-th smallest; a value belongs to sorted slot
+    ``#{midpoints < value}`` (ties to the lower slot). Stable sort: for FP4's two zeros the
+    plain +0 pattern (0b0000) comes first, as in bitsandbytes.
+    """
+    code = codebook(quant_type, device)
+    order = torch.sort(code, stable=True).indices
+    values = code[order]
+    midpoints = (values[:-1] + values[1:]) / 2
+    identity = bool(torch.equal(order, torch.arange(16, device=device)))
+    return midpoints, order, identity
+
+
+@functools.cache
+def _grid_tables(quant_type: str, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Exact nearest-code lookup on a uniform grid: (K, low (2K+1,) f32, midpoint (2K+1,) f32).
+
+    A scaled value ``s`` in [-1, 1] falls into cell ``j = trunc(fl(s + 1) * K)``; that map is
+    monotone in ``s``. With K large enough that no two midpoints share a cell, every midpoint in
+    a lower cell is ``< s`` and every one in a higher cell is ``> s``, so
+    ``slot(s) = low[j] + (s > midpoint[j])`` where ``low[j]`` counts the midpoints in lower cells
+    and ``midpoint[j]`` is the one in cell j (+inf if none). This is exactly
+    ``torch.bucketize(s, midpoints)`` with one gather pair and one comparison instead of a
+    binary search.
+    """
+    midpoints, _, _ = _sorted_tables(quant_type, device)
+    mids = midpoints.cpu()
+    for log_k in range(4, 16):
+        k = 1 << log_k
+        cells = ((mids + 1) * k).long()  # same float32 arithmetic as the fast path
+        if torch.unique(cells).numel() == cells.numel():
+            break
+    else:  # pragma: no cover - every built-in codebook separates by K = 1024
+        raise RuntimeError(f"codebook {quant_type} has midpoints too close for the grid lookup")
+    n_cells = 2 * k + 1
+    low = torch.zeros(n_cells)
+    mid = torch.full((n_cells,), math.inf)
+    for slot, c in enumerate(cells.tolist()):
+        low[c + 1 :] += 1
+        mid[c] = mids[slot]
+    return k, low.to(device), mid.to(device)
+
+
+def _decode_values(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(16,) float32 values a code decodes to: the codebook itself. (bitsandbytes' scalar CPU
+    loop, used for its partial blocks, decodes FP4 pattern 0b1000 as -0.0 instead of +0.0; its
+    vector loop, torch fallback and stored ``quant_map`` all say +0.0, which we follow.)"""
+    return codebook(quant_type, device)
+
+
+@functools.cache
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(256,) float64 *view* of (256, 2) float32: byte -> (value of high nibble, low nibble)."""
+    code = _decode_values(quant_type, device)
+    byte = torch.arange(256, device=device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
+    return pairs.view(torch.float64).reshape(256)
+
+
+@functools.cache
+def _slot_byte_to_code_byte(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(256,) uint8: a byte of two sorted slots -> the byte of the two codes (FP4, int4)."""
+    _, order, _ = _sorted_tables(quant_type, device)
+    byte = torch.arange(256, device=device)
+    return ((order[byte >> 4] << 4) | order[byte & 15]).to(torch.uint8)

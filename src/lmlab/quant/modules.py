@@ -20,16 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.quant.blockwise import (
-    BLOCK_SIZES,
-    FLOAT_DTYPES,
-    NESTED_BLOCK_SIZE,
-    Quantized4bit,
-    dequantize_4bit,
-    quantize_4bit,
-)
 from lmlab.quant.codebooks import codebook, dynamic_map
+from lmlab.quant.formats import BLOCK_SIZES, FLOAT_DTYPES, NESTED_BLOCK_SIZE
+from lmlab.quant.functional import dequantize_4bit, quantize_4bit
 from lmlab.quant.int8 import int8_dequantize, int8_matmul, int8_vectorwise
+from lmlab.quant.state import Quantized4bit
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -286,7 +281,7 @@ class Linear8bit(nn.Module):
     def from_linear(cls, linear: nn.Module, threshold: float = 6.0, name: str = "weight") -> Linear8bit:
         w = linear_weight(linear)
         if not bool(torch.isfinite(w).all()):
-            from lmlab.quant.blockwise import _raise_not_finite
+            from lmlab.quant.functional import _raise_not_finite
 
             _raise_not_finite(w, name)
         out_features, in_features = w.shape

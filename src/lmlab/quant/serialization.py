@@ -31,14 +31,9 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_dir, check_output_dir, read_json_object, sha256_file
 from lmlab.quant.api import Config, config_from_json, quantized_layers
-from lmlab.quant.blockwise import (
-    BLOCK_SIZES,
-    NESTED_BLOCK_SIZE,
-    _dtype_from_name,
-    _dtype_name,
-    _read_quant_state,
-)
+from lmlab.quant.formats import BLOCK_SIZES, NESTED_BLOCK_SIZE
 from lmlab.quant.modules import Linear4bit, Linear8bit
+from lmlab.quant.state import _dtype_from_name, _dtype_name, _read_quant_state
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "lmlab_quant.json"
