@@ -8,13 +8,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmlab import runtime
+from lmlab.errors import LmlabError
 from lmlab.models import onednn
 
 
 @pytest.fixture(autouse=True)
-def _route_on_any_x86(monkeypatch):
+def _route_on_any_x86():
     """The path itself is tested wherever the op exists, not only on the CPUs it is on by default for."""
-    monkeypatch.setenv("LMLAB_ONEDNN", "1")
+    with runtime.onednn_policy("on"):
+        yield
 
 
 needs_onednn = pytest.mark.skipif(not onednn._probe(), reason="no oneDNN fp32 linear in this torch build")
@@ -95,11 +98,22 @@ def test_steps_aside_to_f_linear(case):
     assert got.dtype == ref.dtype and torch.equal(got, ref)
 
 
-def test_environment_switch_turns_it_off(monkeypatch):
-    monkeypatch.setenv("LMLAB_ONEDNN", "0")
+@pytest.mark.parametrize("off", ["off", "reference", "0"])
+def test_the_off_policy_turns_it_off(off):
     x, w = torch.randn(5, 6), torch.randn(4, 6, requires_grad=True)
-    assert not onednn.available() and not onednn.applies(x, w)
-    assert torch.equal(onednn.linear(x, w), F.linear(x, w))
+    with runtime.onednn_policy(off):
+        assert not onednn.available() and not onednn.applies(x, w)
+        assert torch.equal(onednn.linear(x, w), F.linear(x, w))
+    assert onednn.available() == onednn._probe()  # the fixture's "on" again after the context
+    assert not onednn.available("off") and onednn.available("fast") == onednn._probe()
+
+
+def test_the_environment_variable_is_not_read_by_the_library(monkeypatch):
+    """LMLAB_ONEDNN is the command line's (lmlab.cli passes it down), not a switch of library calls."""
+    monkeypatch.setenv("LMLAB_ONEDNN", "0")
+    assert onednn.available() == onednn._probe()  # the fixture's "on" policy, whatever the environment
+    with pytest.raises(LmlabError, match="unknown oneDNN policy"):
+        runtime.check_onednn_policy("sometimes")
 
 
 @needs_onednn
@@ -144,8 +158,10 @@ def test_routing_is_a_no_op_where_it_does_not_apply():
 
 
 def test_auto_follows_the_cpu(monkeypatch):
-    """Unset, the routing is on exactly where MKL leaves AVX-512 idle (AMD with AVX-512) and the op works."""
-    monkeypatch.delenv("LMLAB_ONEDNN")
-    assert onednn.available() == (onednn._mkl_leaves_avx512_idle() and onednn._probe())
-    monkeypatch.setenv("LMLAB_ONEDNN", "auto")
-    assert onednn.available() == (onednn._mkl_leaves_avx512_idle() and onednn._probe())
+    """``auto`` routes exactly where MKL leaves AVX-512 idle (AMD with AVX-512) and the op works."""
+    want = runtime.mkl_leaves_avx512_idle() and onednn._probe()
+    assert onednn.available("auto") == want
+    with runtime.onednn_policy(None):  # None is auto, as an unset LMLAB_ONEDNN is
+        assert onednn.available() == want
+    monkeypatch.setattr(runtime, "mkl_leaves_avx512_idle", lambda: True)
+    assert onednn.available("auto") == onednn._probe()

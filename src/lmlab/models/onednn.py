@@ -27,23 +27,26 @@ anything else — other dtypes, CUDA, autocast's bf16 (already oneDNN), a build 
 takes ``F.linear`` itself, the reference the tests compare against.  The backward pass is not
 itself differentiable (no double backward; training never needs one).
 
-``LMLAB_ONEDNN`` chooses: unset (or ``auto``) routes where the gain was measured, AMD CPUs with
-AVX-512 (Zen 4 and 5), where MKL leaves half the vector width idle; on Intel's AVX-512 cores MKL
-already runs its AVX-512 kernels, and on AVX2-only cores both libraries run AVX2, so those keep
-MKL.  ``1`` routes on any x86 CPU with the op, ``0`` never (for A/B runs).  The choice is fixed
-per machine, not timed at start-up, so a resumed run takes the same path as the run it resumes.
+A policy chooses, passed by the caller (:func:`lmlab.runtime.onednn_policy`, a context, or the
+``policy`` argument of :func:`available`; ``PretrainConfig.onednn`` for a run; the CLI reads
+``LMLAB_ONEDNN``): ``auto`` (the default) routes where the gain was measured, AMD CPUs with AVX-512
+(Zen 4 and 5), where MKL leaves half the vector width idle; on Intel's AVX-512 cores MKL already runs
+its AVX-512 kernels, and on AVX2-only cores both libraries run AVX2, so those keep MKL (see
+:func:`lmlab.runtime.prefers_onednn`).  ``on`` (impl's ``fast``) routes on any x86 CPU with the op,
+``off`` (impl's ``reference``) never (for A/B runs).  No environment variable is read here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
+
+from lmlab import runtime
 
 _STATE: dict[str, bool] = {}
 
@@ -72,29 +75,18 @@ def _probe() -> bool:
 
 
 def _mkl_leaves_avx512_idle() -> bool:
-    """An AMD CPU with AVX-512 (Linux's /proc/cpuinfo): there MKL's SGEMM runs its AVX2 code.
+    """An AMD CPU with AVX-512: :func:`lmlab.runtime.mkl_leaves_avx512_idle` (the probe lives there)."""
+    return runtime.mkl_leaves_avx512_idle()
 
-    Measured on a Zen 5 EPYC: 187 GFLOP/s for 4096 × 512 × 512, 191 with MKL held to AVX2
-    (``MKL_ENABLE_INSTRUCTIONS=AVX2``), against oneDNN's 410.
+
+def available(policy: str | None = None) -> bool:
+    """Whether :func:`linear` routes fp32 CPU products to oneDNN under ``policy``.
+
+    ``policy`` None is the current :func:`lmlab.runtime.onednn_policy` (``auto`` outside any); the op
+    is checked against ``F.linear`` once per process, at first use.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            info = f.read(1 << 16)  # the first processor's block is enough
-    except OSError:
+    if not runtime.prefers_onednn(policy):
         return False
-    return "AuthenticAMD" in info and " avx512f" in info
-
-
-def available() -> bool:
-    """Whether :func:`linear` routes fp32 CPU products to oneDNN in this process (see ``LMLAB_ONEDNN``)."""
-    choice = os.environ.get("LMLAB_ONEDNN", "auto").strip().lower()
-    if choice in ("0", "false", "no", "off"):
-        return False
-    if choice == "auto":
-        if "auto" not in _STATE:
-            _STATE["auto"] = _mkl_leaves_avx512_idle()
-        if not _STATE["auto"]:
-            return False
     if "ok" not in _STATE:
         _STATE["ok"] = _probe()
     return _STATE["ok"]
