@@ -70,6 +70,25 @@ def test_dropout_in_training_falls_back():
     assert not supports(build_model("gpt-tiny", 100, seed=0))
 
 
+def test_decoder_hidden_switch():
+    """``impl``: "reference" is Hugging Face's forward, "auto" the lean one where it applies, "fast"
+    an error where it does not (dropout in training)."""
+    from lmlab.errors import LmlabError
+    from lmlab.models.fast_t5 import decoder_hidden
+
+    model = build_model("t5-tiny", 100, seed=0)
+    g = torch.Generator().manual_seed(3)
+    ids, dec = torch.randint(4, 100, (2, 12), generator=g), torch.randint(4, 100, (2, 5), generator=g)
+    with torch.no_grad():
+        assert torch.equal(
+            decoder_hidden(model, ids, dec, impl="reference"), _hf_hidden(model, ids, dec, None)
+        )
+        assert torch.equal(decoder_hidden(model, ids, dec), t5_decoder_hidden(model, ids, dec))
+    dropping = build_model("t5-tiny", 100, seed=0, dropout_rate=0.1).train()
+    with pytest.raises(LmlabError, match="lean T5 forward: impl='fast' does not apply"):
+        decoder_hidden(dropping, ids, dec, impl="fast")
+
+
 def test_quantized_layers_fall_back():
     from lmlab.quant import NF4Config, quantize_
     from lmlab.train.loss import loss_sum
@@ -80,8 +99,8 @@ def test_quantized_layers_fall_back():
     assert not supports(model)
     with torch.no_grad():  # the loss still runs, through the model's own forward
         fused, plain = (
-            loss_sum(model, batch, "encoder-decoder"),
-            loss_sum(model, batch, "encoder-decoder", fused=False),
+            loss_sum(model, batch),
+            loss_sum(model, batch, impl="reference"),
         )
     assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
 

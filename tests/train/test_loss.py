@@ -1,16 +1,14 @@
-"""The fused output projection + cross-entropy against the plain path, and loss_sum's body/head split
-against each model's own forward."""
+"""The fused output projection + cross-entropy against the plain path, and loss_sum's fast path (each
+family's body/head split) against each model's own forward."""
 
 from __future__ import annotations
-
-import os
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmlab.errors import LmlabError
 from lmlab.models import DECODER, ENCODER, ENCODER_DECODER, build_model, onednn
 from lmlab.train.loss import (
     IGNORE_INDEX,
@@ -37,11 +35,11 @@ def _grads(fn, *leaves):
     vocab=st.integers(2, 300),
     chunk=st.integers(1, 80),
     bias=st.booleans(),
-    vocab_major=st.booleans(),
+    layout=st.sampled_from(["vocab", "row"]),
     ignored=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_fused_equals_reference(n, d, vocab, chunk, bias, vocab_major, ignored, seed):
+def test_fused_equals_reference(n, d, vocab, chunk, bias, layout, ignored, seed):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(vocab, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -49,9 +47,9 @@ def test_fused_equals_reference(n, d, vocab, chunk, bias, vocab_major, ignored, 
     y = torch.randint(0, vocab, (n,), generator=g)
     y[torch.rand(n, generator=g) < ignored] = IGNORE_INDEX
     leaves = [t for t in (h, w, b) if t is not None]
-    ref, ref_g = _grads(lambda: linear_cross_entropy_reference(h, w, b, y), *leaves)
+    ref, ref_g = _grads(lambda: linear_cross_entropy(h, w, b, y, impl="reference"), *leaves)
     got, got_g = _grads(
-        lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk, vocab_major=vocab_major), *leaves
+        lambda: linear_cross_entropy(h, w, b, y, impl="fast", chunk_rows=chunk, layout=layout), *leaves
     )
     assert got.dtype == torch.float64  # fp64 stays fp64; lower precisions sum in fp32
     assert got.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-12)
@@ -71,7 +69,8 @@ def test_fused_equals_reference(n, d, vocab, chunk, bias, vocab_major, ignored, 
     seed=st.integers(0, 2**16),
 )
 def test_fused_fp32_through_onednn_equals_fp64_reference(n, d, vocab, chunk, bias, ignored, seed):
-    """fp32 on x86 CPUs takes oneDNN's products by default (∂Wᵀ accumulated, transposed at the end)."""
+    """The oneDNN layout (fp32 on the CPUs where lmlab.models.onednn applies: ∂Wᵀ accumulated, transposed
+    at the end), forced here on any x86 CPU with the op."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g, requires_grad=True)
     w = torch.randn(vocab, d, generator=g, requires_grad=True)
@@ -79,10 +78,7 @@ def test_fused_fp32_through_onednn_equals_fp64_reference(n, d, vocab, chunk, bia
     y = torch.randint(0, vocab, (n,), generator=g)
     y[torch.rand(n, generator=g) < ignored] = IGNORE_INDEX
     leaves = [t for t in (h, w, b) if t is not None]
-    with mock.patch.dict(
-        os.environ, {"LMLAB_ONEDNN": "1"}
-    ):  # on any x86 CPU, not only where it is by default
-        got, got_g = _grads(lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk), *leaves)
+    got, got_g = _grads(lambda: linear_cross_entropy(h, w, b, y, chunk_rows=chunk, layout="onednn"), *leaves)
     wide = [t.detach().double().requires_grad_() for t in leaves]
     ref, ref_g = _grads(
         lambda: linear_cross_entropy_reference(wide[0], wide[1], wide[2] if bias else None, y), *wide
@@ -121,17 +117,31 @@ def test_fused_without_grad_and_with_nothing_scored():
     assert loss.item() == 0.0 and (hg.grad == 0).all()
 
 
-@pytest.mark.parametrize("vocab_major", [None, True])
-def test_fused_under_bf16_autocast_is_close_to_fp32(vocab_major):
+def test_reference_impl_is_the_plain_path_and_a_bad_layout_is_refused():
+    g = torch.Generator().manual_seed(1)
+    h, w, y = (
+        torch.randn(5, 4, generator=g),
+        torch.randn(7, 4, generator=g),
+        torch.randint(0, 7, (5,), generator=g),
+    )
+    assert torch.equal(
+        linear_cross_entropy(h, w, None, y, impl="reference"), linear_cross_entropy_reference(h, w, None, y)
+    )
+    with pytest.raises(ValueError, match="layout"):
+        linear_cross_entropy(h, w, None, y, layout="vocab-major")
+    with pytest.raises(LmlabError, match="impl must be one of"):
+        linear_cross_entropy(h, w, None, y, impl="fused")
+
+
+@pytest.mark.parametrize("layout", [None, "vocab"])
+def test_fused_under_bf16_autocast_is_close_to_fp32(layout):
     torch.manual_seed(0)
     h = torch.randn(64, 32, requires_grad=True)
     w = (torch.randn(500, 32) * 0.1).requires_grad_()
     y = torch.randint(0, 500, (64,))
     ref, ref_g = _grads(lambda: linear_cross_entropy_reference(h, w, None, y), h, w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, got_g = _grads(
-            lambda: linear_cross_entropy(h, w, None, y, chunk_rows=16, vocab_major=vocab_major), h, w
-        )
+        got, got_g = _grads(lambda: linear_cross_entropy(h, w, None, y, chunk_rows=16, layout=layout), h, w)
     assert got.dtype == torch.float32 and got_g[0].dtype == h.dtype and got_g[1].dtype == w.dtype
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
     for a, r in zip(got_g, ref_g, strict=True):
@@ -155,17 +165,18 @@ def _batch(family: str, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "preset,family", [("t5-tiny", ENCODER_DECODER), ("gpt-tiny", DECODER), ("bert-tiny", ENCODER)]
+    "preset,family",
+    [("t5-tiny", ENCODER_DECODER), ("gpt-tiny", DECODER), ("bert-tiny", ENCODER), ("llama-tiny", DECODER)],
 )
 def test_loss_sum_split_equals_the_models_own_forward(preset, family):
     """The body/head split (and, for T5, lmlab's lean forward) computes the model's own loss and gradients."""
     model = build_model(preset, 300, seed=0)
     model.eval()  # BERT's dropout off, so both paths compute the same function
-    assert split_head(model) is not None
+    assert split_head(model) == model.config.model_type
     batch = _batch(family, 300)
     params = [p for p in model.parameters() if p.requires_grad]
-    ref, ref_g = _grads(lambda: loss_sum(model, batch, family, fused=False), *params)
-    got, got_g = _grads(lambda: loss_sum(model, batch, family, fused=True), *params)
+    ref, ref_g = _grads(lambda: loss_sum(model, batch, impl="reference"), *params)
+    got, got_g = _grads(lambda: loss_sum(model, batch, impl="fast"), *params)
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     for p, a, r in zip(params, got_g, ref_g, strict=True):
         if r is None:
@@ -177,11 +188,12 @@ def test_loss_sum_split_equals_the_models_own_forward(preset, family):
             )
 
 
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(attn):
+def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(preset, attn):
     from lmlab.objectives import PrefixLM
 
-    model = build_model("gpt-tiny", 300, seed=0, attn_implementation=attn)
+    model = build_model(preset, 300, seed=0, attn_implementation=attn)
     tokens = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = PrefixLM(decoder_only=True)(tokens, generator=torch.Generator().manual_seed(3))
     k = int(batch["prefix_mask"][0].sum())
@@ -189,7 +201,8 @@ def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(attn):
 
     def hidden(ids):
         kw = model_inputs(model, {**batch, "input_ids": ids}, DECODER)
-        return model.transformer(input_ids=ids, attention_mask=kw["attention_mask"])[0]
+        body = model.transformer if preset == "gpt-tiny" else model.model
+        return body(input_ids=ids, attention_mask=kw["attention_mask"])[0]
 
     base = hidden(tokens)
     later_prefix = tokens.clone()
@@ -200,11 +213,42 @@ def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(attn):
     torch.testing.assert_close(hidden(target)[0, :k], base[0, :k])  # the prefix never sees the targets
     assert not torch.allclose(hidden(target)[0, k], base[0, k])
     # The loss path uses that mask, fused or not, and differs from plain causal attention.
-    ref = loss_sum(model, batch, DECODER, fused=False)
-    assert loss_sum(model, batch, DECODER, fused=True).item() == pytest.approx(ref.item(), rel=1e-5)
+    ref = loss_sum(model, batch, impl="reference")
+    assert loss_sum(model, batch, impl="fast").item() == pytest.approx(ref.item(), rel=1e-5)
     causal = {key: v for key, v in batch.items() if key != "prefix_mask"}
     assert loss_sum(model, causal, DECODER).item() != pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_models_lmlab_does_not_split_keep_the_logits_path():
     assert split_head(torch.nn.Linear(2, 2)) is None
+
+
+class _OtherLinear(torch.nn.Linear):
+    """Stands for a quantized output layer: not a plain ``nn.Linear``, so the fused loss cannot read it."""
+
+
+def test_fast_impl_is_refused_where_the_split_does_not_apply_and_auto_falls_back():
+    model = build_model("gpt-tiny", 100, seed=0)
+    head = _OtherLinear(model.config.n_embd, 100, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    batch = _batch(DECODER, 100)
+    assert split_head(model) is None
+    with pytest.raises(LmlabError, match="fused loss: impl='fast' does not apply"):
+        loss_sum(model, batch, impl="fast")
+    with torch.no_grad():
+        auto, ref = loss_sum(model, batch), loss_sum(model, batch, impl="reference")
+    assert auto.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_the_old_keywords_still_map_onto_impl():
+    """train/loop.py passes the kind positionally and ``fused=``: the same losses as ``impl``."""
+    model = build_model("gpt-tiny", 100, seed=0)
+    batch = _batch(DECODER, 100)
+    with torch.no_grad():
+        assert torch.equal(
+            loss_sum(model, batch, DECODER, 0, fused=False), loss_sum(model, batch, impl="reference")
+        )
+        assert torch.equal(
+            loss_sum(model, batch, DECODER, 0, fused=True), loss_sum(model, batch, impl="auto")
+        )

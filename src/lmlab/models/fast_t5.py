@@ -22,8 +22,9 @@ attention) — in fewer, larger kernels:
 The result is a plain function of the model's parameters, so autograd, DDP, checkpoints and
 ``save_pretrained`` see the unchanged Hugging Face module.  It covers training without dropout
 (T5 v1.1's pre-training recipe, and every lmlab ``t5-*`` preset); :func:`supports` says when it
-applies, and callers fall back to the model's own forward otherwise.  The reference it is
-tested against is that forward.
+applies.  :func:`decoder_hidden` is the switch (``impl="auto" | "reference" | "fast"``, see
+:mod:`lmlab.impl`): the lean forward where it applies, else the model's own encoder and decoder,
+the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from functools import lru_cache, partial
 import torch
 import torch.nn.functional as F
 
+from lmlab.impl import use_fast
+from lmlab.models.families.base import fast_routing
 from lmlab.models.onednn import linear
 
 
@@ -318,3 +321,31 @@ def t5_decoder_hidden(
     causal = torch.full((U, U), torch.finfo(y.dtype).min, dtype=y.dtype, device=y.device).triu_(1)
     dec_bias = _position_bias(first, U, U, bidirectional=False) + causal
     return _stack(dec_stack, y, dec_bias, enc=enc, cross_mask=pad)
+
+
+def decoder_hidden(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    decoder_input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The decoder's final hidden states (B, U, d) of ``model``, before the output projection.
+
+    ``impl="fast"``: :func:`t5_decoder_hidden` (an error where :func:`supports` says no);
+    ``"reference"``: Hugging Face's ``model.encoder`` then ``model.decoder`` with torch's own
+    kernels; ``"auto"``: the lean forward where it applies, else Hugging Face's forward with fp32
+    products through oneDNN where :mod:`lmlab.models.onednn` applies.
+    """
+    why = "active dropout, a quantized projection or weights neither fp32 nor bf16"
+    if use_fast(impl, supports(model), "lean T5 forward", why):
+        return t5_decoder_hidden(model, input_ids, decoder_input_ids, attention_mask)
+    with fast_routing(model, impl):
+        enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return model.decoder(
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=attention_mask,
+            use_cache=False,
+        )[0]

@@ -1,7 +1,9 @@
-"""Model presets: named sizes of T5, BERT and GPT built from Hugging Face ``transformers`` configs.
+"""Model presets: named sizes of T5, BERT, GPT-2 and Llama built from Hugging Face ``transformers`` configs.
 
 Every preset is a plain ``transformers`` model, so a trained one saves with ``save_pretrained``
-and loads with ``AutoModelForSeq2SeqLM`` / ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM``.
+and loads with the class its family names (:func:`lmlab.models.families.model_class`).  This
+module holds the sizes; what a family's config and classes are is its adapter's business
+(:mod:`lmlab.models.families`).
 
 * ``t5-*``: T5 v1.1 shapes (Raffel et al. 2020, and the v1.1 release notes): gated-GELU
   feed-forward (tanh GELU, computed by torch's single kernel: ``gated-gelu_pytorch_tanh``), no dropout during pre-training, relative position buckets 32 / distance 128.
@@ -14,6 +16,10 @@ and loads with ``AutoModelForSeq2SeqLM`` / ``AutoModelForMaskedLM`` / ``AutoMode
   Learn Better"), with BERT's own dropout 0.1 (Devlin et al. 2019).
 * ``gpt-*``: GPT-2 style decoders (Radford et al. 2019); ``gpt`` is the 124M model (768 wide,
   12 layers, 12 heads, 1024 positions), without dropout as in nanoGPT's pre-training runs.
+* ``llama-*``: Llama decoders (Touvron et al. 2023: RMSNorm, SwiGLU, RoPE) as wide and deep as
+  ``gpt-tiny`` / ``gpt-mini``, the SwiGLU width 8/3 of the model width (rounded up to a multiple
+  of 32) so the feed-forward has GPT-2's parameter count; tied embeddings (see
+  :mod:`lmlab.models.families.llama`), no dropout.
 
 The vocabulary size and special ids come from the prepared data's tokenizer, not the preset.
 Nothing here imports torch or transformers until a model is built.
@@ -29,29 +35,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
+from lmlab.models.families import Family, family_of, get_family, model_class
 
 if TYPE_CHECKING:
     from torch import nn
 
-ENCODER_DECODER, ENCODER, DECODER = "encoder-decoder", "encoder", "decoder"
-FAMILIES = (ENCODER_DECODER, ENCODER, DECODER)
-
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model size: its family, the ``transformers`` config class and its arguments."""
+    """A named model size: its family's name and the arguments of that family's ``transformers`` config."""
 
     name: str
-    family: str  # one of FAMILIES
+    family_name: str  # a key of lmlab.models.families.FAMILIES
     config: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 512  # the default --seq-len (inputs length) for this preset
-    max_len: int | None = None  # learned position tables cap the length; T5's relative bias does not
+    max_len: int | None = None  # learned position tables cap the length; T5's and Llama's positions do not
+
+    @property
+    def adapter(self) -> Family:
+        """The family adapter that builds and trains this preset."""
+        return get_family(self.family_name)
+
+    @property
+    def kind(self) -> str:
+        """``encoder-decoder``, ``encoder`` or ``decoder``."""
+        return self.adapter.kind
+
+    @property
+    def family(self) -> str:
+        """The architecture kind, as :attr:`kind` (the name bench/pretrain.py and train/loop.py read)."""
+        return self.kind
 
 
 def _t5(name: str, d_model: int, d_ff: int, d_kv: int, layers: int, heads: int, seq_len: int) -> Preset:
     return Preset(
         name,
-        ENCODER_DECODER,
+        "t5",
         dict(
             d_model=d_model,
             d_ff=d_ff,
@@ -73,7 +92,7 @@ def _t5(name: str, d_model: int, d_ff: int, d_kv: int, layers: int, heads: int, 
 def _bert(name: str, hidden: int, layers: int, heads: int) -> Preset:
     return Preset(
         name,
-        ENCODER,
+        "bert",
         dict(
             hidden_size=hidden,
             num_hidden_layers=layers,
@@ -89,7 +108,7 @@ def _bert(name: str, hidden: int, layers: int, heads: int) -> Preset:
 def _gpt(name: str, n_embd: int, layers: int, heads: int, seq_len: int) -> Preset:
     return Preset(
         name,
-        DECODER,
+        "gpt2",
         dict(
             n_embd=n_embd,
             n_layer=layers,
@@ -102,6 +121,27 @@ def _gpt(name: str, n_embd: int, layers: int, heads: int, seq_len: int) -> Prese
         ),
         seq_len=seq_len,
         max_len=1024,
+    )
+
+
+def _llama(name: str, hidden: int, layers: int, heads: int, seq_len: int) -> Preset:
+    ffn = -(-8 * hidden // 3 // 32) * 32  # SwiGLU's 8/3 width (Shazeer 2020), a multiple of 32
+    return Preset(
+        name,
+        "llama",
+        dict(
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            hidden_act="silu",
+            max_position_embeddings=2048,  # RoPE has no table; the longest input lmlab lets it train on
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            attention_dropout=0.0,
+        ),
+        seq_len=seq_len,
     )
 
 
@@ -119,10 +159,10 @@ PRESETS: dict[str, Preset] = {
         _gpt("gpt-tiny", 128, 4, 4, seq_len=128),
         _gpt("gpt-mini", 384, 6, 6, seq_len=256),
         _gpt("gpt", 768, 12, 12, seq_len=1024),
+        _llama("llama-tiny", 128, 4, 4, seq_len=128),
+        _llama("llama-mini", 384, 6, 6, seq_len=256),
     )
 }
-
-MODEL_TYPE_FAMILY = {"t5": ENCODER_DECODER, "mt5": ENCODER_DECODER, "bert": ENCODER, "gpt2": DECODER}
 
 
 def get_preset(name: str) -> Preset:
@@ -132,20 +172,10 @@ def get_preset(name: str) -> Preset:
 
 
 def hf_config(preset: str | Preset, vocab_size: int, special_ids: dict[str, int] | None = None, **overrides):
-    """The ``transformers`` config of a preset for a vocabulary of ``vocab_size`` ids."""
-    from transformers import BertConfig, GPT2Config, T5Config
-
+    """The ``transformers`` config of a preset for a vocabulary of ``vocab_size`` ids (its family builds it)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     ids = {"pad": 0, "eos": 1, **(special_ids or {})}
-    kw = {**p.config, **overrides, "vocab_size": int(vocab_size)}
-    if p.family == ENCODER_DECODER:
-        # T5 starts the decoder with the pad id (Raffel et al. 2020, and the released models).
-        return T5Config(
-            **kw, pad_token_id=ids["pad"], eos_token_id=ids["eos"], decoder_start_token_id=ids["pad"]
-        )
-    if p.family == ENCODER:
-        return BertConfig(**kw, pad_token_id=ids["pad"])
-    return GPT2Config(**kw, bos_token_id=ids["eos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    return p.adapter.hf_config({**p.config, **overrides}, int(vocab_size), ids)
 
 
 def build_model(
@@ -155,18 +185,15 @@ def build_model(
     seed: int | None = None,
     **overrides,
 ) -> nn.Module:
-    """A freshly initialised model of ``preset`` (``transformers``' own initialisation).
+    """A freshly initialised model of ``preset`` (``transformers``' own initialisation), of the class
+    its family names (:func:`lmlab.models.families.model_class`).
 
     ``seed`` seeds the initialisation without touching the caller's global RNG state.
     """
     import torch
-    from transformers import BertForMaskedLM, GPT2LMHeadModel, T5ForConditionalGeneration
 
-    p = get_preset(preset) if isinstance(preset, str) else preset
-    config = hf_config(p, vocab_size, special_ids, **overrides)
-    cls = {ENCODER_DECODER: T5ForConditionalGeneration, ENCODER: BertForMaskedLM, DECODER: GPT2LMHeadModel}[
-        p.family
-    ]
+    config = hf_config(preset, vocab_size, special_ids, **overrides)
+    cls = model_class(config)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
@@ -174,14 +201,9 @@ def build_model(
 
 
 def model_family(model_or_config: Any) -> str:
-    """``encoder-decoder``, ``encoder`` or ``decoder`` for a model or a ``transformers`` config."""
-    config = getattr(model_or_config, "config", model_or_config)
-    t = getattr(config, "model_type", None)
-    if t in MODEL_TYPE_FAMILY:
-        return MODEL_TYPE_FAMILY[t]
-    if getattr(config, "is_encoder_decoder", False):
-        return ENCODER_DECODER
-    raise LmlabError(f"model type {t!r} is not one lmlab trains (T5, BERT or GPT-2 style)")
+    """``encoder-decoder``, ``encoder`` or ``decoder`` for a model or a ``transformers`` config:
+    ``family_of(model_or_config).kind``."""
+    return family_of(model_or_config).kind
 
 
 @contextlib.contextmanager
@@ -293,21 +315,15 @@ def load_pretrained(cls: type, model_dir: str | os.PathLike) -> nn.Module:
 
 
 def load_model(model_dir: str | os.PathLike) -> nn.Module:
-    """Load a saved model (a run's ``final/`` or any ``save_pretrained`` directory) with its Auto class.
+    """Load a saved model (a run's ``final/`` or any ``save_pretrained`` directory) with the class its
+    family names (:func:`lmlab.models.families.model_class`).
 
-    Refused in one line: a quantized directory, a damaged ``config.json`` or weights file, and a
-    weight missing from the file (never initialised at random).
+    Refused in one line: a quantized directory, a damaged ``config.json`` or weights file, a model
+    type lmlab does not train, and a weight missing from the file (never initialised at random).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
-
     check_not_quantized(model_dir)
     config = read_hf_config(model_dir)
-    auto = {
-        ENCODER_DECODER: AutoModelForSeq2SeqLM,
-        ENCODER: AutoModelForMaskedLM,
-        DECODER: AutoModelForCausalLM,
-    }[model_family(config)]
-    return load_pretrained(auto, model_dir)
+    return load_pretrained(model_class(config), model_dir)
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lmlab.models import DECODER, ENCODER, ENCODER_DECODER, model_family
+from lmlab.models.families import family_of
 
 
 @dataclass
@@ -78,14 +78,8 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks, FSDP2's sharding units."""
-    family = model_family(model)
-    if family == ENCODER_DECODER:
-        return [*model.encoder.block, *model.decoder.block]
-    if family == ENCODER:
-        return list(model.bert.encoder.layer)
-    assert family == DECODER
-    return list(model.transformer.h)
+    """The repeated transformer blocks, FSDP2's sharding units, as the model's family lists them."""
+    return family_of(model).blocks(model)
 
 
 def shard_(model: torch.nn.Module, d: Dist) -> None:

@@ -1,4 +1,4 @@
-"""Fused output projection + cross-entropy, and the per-family split of a model into body and head.
+"""Fused output projection + cross-entropy, and the loss of a model on an objective's batch.
 
 A language model's last step, ``logits = h @ Wᵀ + b`` followed by the softmax cross-entropy, is
 the widest tensor of training: (tokens × vocabulary), 134 MB in fp32 for 4096 tokens of an
@@ -16,7 +16,8 @@ Rows whose label is ``-100`` are dropped before the projection, so BERT's masked
 positions scored) projects 15% of the rows, where Hugging Face's heads project them all.
 
 :func:`linear_cross_entropy_reference` is the plain PyTorch path (materialised logits,
-``F.cross_entropy``) the fast path is tested against.
+``F.cross_entropy``) the fast path is tested against; both take ``impl`` (:mod:`lmlab.impl`).
+How a model's body splits from its head is its family's business (:mod:`lmlab.models.families`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmlab.errors import LmlabError
+from lmlab.impl import check_impl, use_fast
 from lmlab.models import onednn
+from lmlab.models.families import DECODER, family_of
+from lmlab.models.families.base import fast_routing, prefix_lm_mask, shift_right
 from lmlab.objectives.base import IGNORE_INDEX
+
+__all__ = [
+    "IGNORE_INDEX",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "loss_sum",
+    "model_inputs",
+    "prefix_lm_mask",
+    "shift_right",
+    "split_head",
+]
+
+LAYOUTS = ("onednn", "vocab", "row")
 
 # Elements of one chunk's logits: 4 Mi (16 MiB of fp32, 512 rows of an 8192-id vocabulary) on CPUs.
 # Measured on 2 cores, d 128 (bench/loss.py): 32-row chunks were 1.4x slower than 128-512 rows, and
@@ -49,8 +67,15 @@ _CPU_FP32_CHUNK_ELEMENTS = 1 << 20
 _CPU_ONEDNN_CHUNK_ELEMENTS = 1 << 22
 
 
-def _vocab_major(device: torch.device, mm_dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and mm_dtype in (torch.float32, torch.float64)
+def _layout(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The fastest measured layout of each chunk's logits for these inputs (see the constants above)."""
+    if onednn.applies(h, weight) and (bias is None or bias.dtype == torch.float32):
+        return "onednn"
+    dev = h.device.type
+    mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    if dev == "cpu" and mm_dtype in (torch.float32, torch.float64):
+        return "vocab"
+    return "row"
 
 
 def _chunk_rows(device: torch.device, vocab: int, layout: str) -> int:
@@ -150,32 +175,33 @@ def linear_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     *,
+    impl: str = "auto",
     chunk_rows: int | None = None,
-    vocab_major: bool | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor:
     """Σ over scored rows of cross-entropy(``h @ weightᵀ + bias``, ``targets``), a scalar in fp32 (fp64 for fp64 inputs).
 
     ``h``: (..., d) hidden states; ``weight``: (V, d); ``bias``: (V,) or None; ``targets``:
-    (...) int64 ids, ``-100`` where unscored.  Differentiable in ``h``, ``weight`` and ``bias``;
-    never forms more than ``chunk_rows`` × V logits at once (defaults: 16 MiB on CPUs, 4 MiB for
-    MKL's vocabulary-major fp32 layout; 256 MiB on GPUs).  ``vocab_major`` (default None: the
-    fastest measured) True/False forces torch's own products with each chunk's logits held as
-    (V, rows) / (rows, V); by default fp32 on CPUs takes oneDNN's products where
-    :mod:`lmlab.models.onednn` applies (AMD's AVX-512 cores), other CPU fp32/fp64 the
-    vocabulary-major layout, everything else row-major.  Equal to :func:`linear_cross_entropy_reference` to float rounding.
+    (...) int64 ids, ``-100`` where unscored.  Differentiable in ``h``, ``weight`` and ``bias``.
+    ``impl="reference"``: :func:`linear_cross_entropy_reference`; ``"auto"`` / ``"fast"`` (it
+    applies everywhere): the fused path, never more than ``chunk_rows`` × V logits at once
+    (defaults: 16 MiB on CPUs, 4 MiB for MKL's vocabulary-major fp32 layout; 256 MiB on GPUs).
+    ``layout`` (for tests and benchmarks; default the fastest measured for the inputs) holds each
+    chunk's logits as ``"vocab"`` (V, rows) or ``"row"`` (rows, V) with torch's products, or
+    ``"onednn"`` (rows, V, oneDNN's products, where :mod:`lmlab.models.onednn` applies).  By default
+    fp32 on CPUs takes oneDNN where it applies, other CPU fp32/fp64 the vocabulary-major layout,
+    everything else row-major.  Equal to the reference to float rounding.
     """
+    if not use_fast(impl, True, "linear_cross_entropy"):
+        return linear_cross_entropy_reference(h, weight, bias, targets)
     h2 = h.reshape(-1, h.shape[-1])
     y = targets.reshape(-1)
     keep = y != IGNORE_INDEX
     h2, y = h2[keep], y[keep]
-    dev = h.device.type
-    mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    if vocab_major is None and onednn.applies(h2, weight) and (bias is None or bias.dtype == torch.float32):
-        layout = "onednn"
-    elif vocab_major is None:
-        layout = "vocab" if _vocab_major(h.device, mm_dtype) else "row"
-    else:
-        layout = "vocab" if vocab_major else "row"
+    if layout is None:
+        layout = _layout(h2, weight, bias)
+    elif layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     chunk = int(chunk_rows or _chunk_rows(h.device, weight.shape[0], layout))
     if chunk < 1:
         raise ValueError(f"chunk_rows must be positive, not {chunk}")
@@ -195,159 +221,71 @@ def linear_cross_entropy_reference(
     )
 
 
-# ---------------------------------------------------------------------------------------------- model split
-
-
-def shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
-    """T5's decoder inputs: the labels moved one step right, ``start`` first and in place of -100."""
-    out = labels.new_full(labels.shape, start)
-    out[:, 1:] = labels[:, :-1]
-    return out.masked_fill(out == IGNORE_INDEX, start)
+# ---------------------------------------------------------------------------------------------- a model's loss
 
 
 def model_inputs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str, start_id: int = 0
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str | None = None, start_id: int = 0
 ) -> dict[str, Any]:
-    """The keyword arguments of ``model``'s forward for an objective's batch (no labels: lmlab scores)."""
-    from lmlab.models import DECODER, ENCODER_DECODER
-
-    kw: dict[str, Any] = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        kw["attention_mask"] = batch["attention_mask"]
-    if family == ENCODER_DECODER:
-        dec = batch.get("decoder_input_ids")
-        kw["decoder_input_ids"] = dec if dec is not None else shift_right(batch["labels"], start_id)
-        kw["use_cache"] = False
-    elif family == DECODER:
-        kw["use_cache"] = False
-        if "prefix_mask" in batch:
-            mask = prefix_lm_mask(batch["prefix_mask"], batch.get("attention_mask"))
-            if model.config._attn_implementation == "eager":
-                # Eager attention adds its mask: 0 where attended, the dtype's minimum elsewhere.
-                dtype = next(model.parameters()).dtype
-                bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-                mask = bias.masked_fill_(~mask, torch.finfo(dtype).min)
-            kw["attention_mask"] = mask
-    return kw
+    """The keyword arguments of ``model``'s forward for an objective's batch (no labels: lmlab scores),
+    as ``model``'s family builds them; ``family`` (the kind) is read from the model and ignored."""
+    return family_of(model).forward_inputs(model, batch, start_id)
 
 
-def prefix_lm_mask(prefix_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, T, T) bool, True where query i may attend to key j: the prefix LM's mask.
-
-    Raffel et al. 2020 §3.2.1, Figure 3 (right): fully visible inside the prefix (``prefix_mask``
-    (B, T), 1 on the prefix), causal elsewhere, and never onto padding (``attention_mask``).  A
-    prepared 4D mask, which Hugging Face's decoders take as it is.
-    """
-    T = prefix_mask.shape[1]
-    p = prefix_mask.bool()
-    causal = torch.ones(T, T, dtype=torch.bool, device=p.device).tril_()
-    allowed = causal[None] | (p[:, :, None] & p[:, None, :])
-    if attention_mask is not None:
-        allowed &= attention_mask.bool()[:, None, :]
-    return allowed[:, None]
-
-
-def _scored_labels(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+def _scored_labels(batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """The labels aligned with the model's output positions (−100 where unscored)."""
-    from lmlab.models import DECODER
-
     labels = batch["labels"]
-    if family == DECODER:
+    if kind == DECODER:
         # Position t predicts label t+1 (Hugging Face's convention for causal LMs).
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return labels
 
 
 def split_head(model: torch.nn.Module) -> str | None:
-    """Which of lmlab's body/head splits fits ``model`` ("t5", "gpt2", "bert"), or None.
-
-    The split must reproduce the model's own ``forward`` exactly (tested against it); any
-    model it does not know keeps the plain logits path.
-    """
-    t = getattr(getattr(model, "config", None), "model_type", None)
-    name = type(model).__name__
-    kind = None
-    if t in ("t5", "mt5") and name in ("T5ForConditionalGeneration", "MT5ForConditionalGeneration"):
-        kind = "t5"
-    elif t == "gpt2" and name == "GPT2LMHeadModel":
-        kind = "gpt2"
-    elif t == "bert" and name == "BertForMaskedLM":
-        kind = "bert"
-    # The fused loss reads the output layer's weight: it must be a plain nn.Linear, not a quantized one.
-    if kind is None or type(model.get_output_embeddings()) is not torch.nn.Linear:
+    """The name of ``model``'s family if its body/head split applies (its own class, a plain
+    ``nn.Linear`` head), else None: the model keeps the plain logits path."""
+    try:
+        fam = family_of(model)
+    except LmlabError:
         return None
-    return kind
-
-
-def _on_cpu_in_fp32(model: torch.nn.Module) -> bool:
-    p = next(model.parameters(), None)
-    return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
-
-
-def _hidden_and_head(model: torch.nn.Module, kind: str, kw: dict[str, Any], labels: torch.Tensor):
-    """(scored hidden rows, their targets, output weight, output bias): everything before the projection."""
-    keep = labels != IGNORE_INDEX
-    # Hugging Face's own forwards take oneDNN's fp32 products where lmlab.models.onednn applies;
-    # lmlab's T5 forward calls them itself.
-    route = onednn.routing(_on_cpu_in_fp32(model))
-    if kind == "t5":
-        from lmlab.models import fast_t5
-
-        if fast_t5.supports(model):
-            h = fast_t5.t5_decoder_hidden(
-                model, kw["input_ids"], kw["decoder_input_ids"], kw.get("attention_mask")
-            )
-        else:
-            with route:
-                enc = model.encoder(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"))[0]
-                h = model.decoder(
-                    input_ids=kw["decoder_input_ids"],
-                    encoder_hidden_states=enc,
-                    encoder_attention_mask=kw.get("attention_mask"),
-                    use_cache=False,
-                )[0]
-        h = h[keep]
-        if model.config.scale_decoder_outputs:
-            h = h * (model.model_dim**-0.5)
-        head = model.lm_head
-    elif kind == "gpt2":
-        with route:
-            h = model.transformer(
-                input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"), use_cache=False
-            )[0][keep]
-        head = model.lm_head
-    else:  # bert: the head's transform is per token, so it runs on the scored rows only
-        with route:
-            h = model.bert(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"))[0][keep]
-            h = model.cls.predictions.transform(h)
-        head = model.cls.predictions.decoder
-    return h, labels[keep], head.weight, head.bias
+    return fam.name if fam.splits(model) else None
 
 
 def loss_sum(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    family: str,
+    family: str | None = None,
     start_id: int = 0,
-    fused: bool = True,
+    fused: bool | None = None,
+    *,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Sum of the token cross-entropies of the batch's scored labels, fp32 scalar.
 
     ``input_ids`` / ``labels``: (B, T) int64 (``labels`` −100 where unscored).  For decoder-only
     models position t predicts label t+1 (Hugging Face's convention), so both are shifted here.
-    ``fused`` (default): the model's body, then :func:`linear_cross_entropy` on the scored
-    rows, for the models :func:`split_head` knows; otherwise the model's own forward and
-    ``F.cross_entropy`` on its logits.  Either way fp32 linear layers on CPUs take oneDNN's
-    products where :mod:`lmlab.models.onednn` applies.  ``fused=False`` is the plain reference: the model's
-    own forward with torch's own kernels, then ``F.cross_entropy``.
+    ``impl="reference"``: the model's own forward with torch's own kernels, then
+    ``F.cross_entropy``; ``"fast"``: the model's body (its family's split, T5's lean forward where
+    it applies), then :func:`linear_cross_entropy` on the scored rows (an error for a model whose
+    split does not apply, e.g. a quantized head); ``"auto"``: the fast path where it applies, else
+    the model's own forward and ``F.cross_entropy``.  Outside the reference, fp32 linear layers on
+    CPUs take oneDNN's products where :mod:`lmlab.models.onednn` applies.
+
+    ``family`` (the model's kind) is read from the model and ignored; ``fused`` is the old name of
+    ``impl`` (True: ``"auto"``, False: ``"reference"``).  Both go when train/loop.py stops passing them.
     """
-    kw = model_inputs(model, batch, family, start_id)
-    labels = _scored_labels(batch, family)
-    kind = split_head(model) if fused else None
-    if kind is not None:
-        h, y, weight, bias = _hidden_and_head(model, kind, kw, labels)
-        return linear_cross_entropy(h, weight, bias, y)
-    with onednn.routing(fused and _on_cpu_in_fp32(model)):
+    if fused is not None:
+        impl = "auto" if fused else "reference"
+    check_impl(impl, "loss_sum")
+    fam = family_of(model)
+    kw = fam.forward_inputs(model, batch, start_id)
+    labels = _scored_labels(batch, fam.kind)
+    why = f"{type(model).__name__} is not a plain {'/'.join(fam.head_classes)} with an nn.Linear head"
+    if use_fast(impl, fam.splits(model), "fused loss", why):
+        keep = labels != IGNORE_INDEX
+        h, head = fam.hidden_and_head(model, kw, keep, impl)
+        return linear_cross_entropy(h, head.weight, head.bias, labels[keep])
+    with fast_routing(model, impl):
         logits = model(**kw).logits  # (B, T, V)
     V = logits.shape[-1]
     return F.cross_entropy(

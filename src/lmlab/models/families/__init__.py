@@ -1,0 +1,65 @@
+"""Model-family adapters: one module per Hugging Face architecture lmlab trains, and their registry.
+
+Each family (:mod:`~lmlab.models.families.t5`, :mod:`~lmlab.models.families.gpt2`,
+:mod:`~lmlab.models.families.bert`, :mod:`~lmlab.models.families.llama`) is an object implementing
+:class:`~lmlab.models.families.base.Family`: its HF config and classes, its forward inputs, its
+body/head split for the fused loss, its FSDP blocks and its FLOP count.  Presets, ``--init``,
+``lmlab quantize``, the loss, FSDP and the FLOP count all ask :func:`family_of` /
+:func:`model_class`, so adding a family is one module here and one line in :data:`FAMILIES`.
+
+Importing this package builds the table below and nothing else: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.models.families import bert, gpt2, llama, t5
+from lmlab.models.families.base import DECODER, ENCODER, ENCODER_DECODER, KINDS, Family
+
+#: Every family lmlab trains, by name.
+FAMILIES: dict[str, Family] = {f.name: f for f in (t5.FAMILY, bert.FAMILY, gpt2.FAMILY, llama.FAMILY)}
+
+_BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name`` (``"t5"``, ``"gpt2"``, ...); a one-line error otherwise."""
+    if name not in FAMILIES:
+        raise LmlabError(f"unknown model family {name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(model_or_config: Any) -> Family:
+    """The family of a model or a ``transformers`` config, from its ``model_type``; a one-line
+    :class:`LmlabError` naming the type for one lmlab does not train."""
+    config = getattr(model_or_config, "config", model_or_config)
+    t = getattr(config, "model_type", None)
+    if t not in _BY_MODEL_TYPE:
+        known = ", ".join(sorted(_BY_MODEL_TYPE))
+        raise LmlabError(f"model type {t!r} is not one lmlab trains (model types: {known})")
+    return _BY_MODEL_TYPE[t]
+
+
+def model_class(config: Any) -> type:
+    """The ``transformers`` class that loads a directory saved with ``config`` (and instantiates it).
+
+    The one rule for every caller (``--init``, evaluation, ``lmlab quantize``, presets): the class
+    of ``config``'s family that lmlab trains (``T5ForConditionalGeneration``, ``BertForMaskedLM``,
+    ``GPT2LMHeadModel``, ``LlamaForCausalLM``), whatever ``architectures`` the config lists.
+    """
+    return family_of(config).model_class(config)
+
+
+__all__ = [
+    "DECODER",
+    "ENCODER",
+    "ENCODER_DECODER",
+    "FAMILIES",
+    "KINDS",
+    "Family",
+    "family_of",
+    "get_family",
+    "model_class",
+]

@@ -1,0 +1,85 @@
+"""The model-family registry: one adapter per architecture, the one rule for which class loads a
+directory, and each family's blocks (FSDP's units) and forward inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.models import FAMILIES, PRESETS, build_model, family_of, get_preset, load_model, model_class
+from lmlab.models.families import KINDS, get_family
+
+
+def test_every_family_claims_its_own_model_types_and_every_preset_has_one():
+    claimed = [t for f in FAMILIES.values() for t in f.model_types]
+    assert len(claimed) == len(set(claimed))
+    assert set(FAMILIES) == {"t5", "bert", "gpt2", "llama"}
+    assert all(f.kind in KINDS for f in FAMILIES.values())
+    assert {p.family_name for p in PRESETS.values()} == set(FAMILIES)
+
+
+def test_unknown_model_type_and_family_are_one_line_errors():
+    from transformers import BartConfig
+
+    with pytest.raises(LmlabError, match="model type 'bart' is not one lmlab trains") as e:
+        family_of(BartConfig())
+    assert "\n" not in str(e.value)
+    with pytest.raises(LmlabError, match="model type None"):
+        family_of(torch.nn.Linear(2, 2))
+    with pytest.raises(LmlabError, match="unknown model family 'opt'"):
+        get_family("opt")
+
+
+@pytest.mark.parametrize(
+    "preset,cls,blocks",
+    [
+        ("t5-tiny", "T5ForConditionalGeneration", ("T5Block", 4)),
+        ("bert-tiny", "BertForMaskedLM", ("BertLayer", 2)),
+        ("gpt-tiny", "GPT2LMHeadModel", ("GPT2Block", 4)),
+        ("llama-tiny", "LlamaForCausalLM", ("LlamaDecoderLayer", 4)),
+    ],
+)
+def test_model_class_is_the_trained_class_whatever_architectures_says(preset, cls, blocks):
+    m = build_model(preset, 300, seed=0)
+    assert type(m).__name__ == cls
+    m.config.architectures = ["SomethingElse"]  # e.g. a checkpoint saved from a head lmlab does not train
+    assert model_class(m.config).__name__ == cls
+    units = family_of(m).blocks(m)  # what lmlab.train.distributed shards
+    assert {type(b).__name__ for b in units} == {blocks[0]} and len(units) == blocks[1]
+
+
+def test_mt5_is_the_t5_family_with_its_own_class():
+    from transformers import MT5Config
+
+    c = MT5Config(d_model=16, d_ff=32, d_kv=4, num_layers=1, num_heads=2, vocab_size=50)
+    assert family_of(c) is get_family("t5") and model_class(c).__name__ == "MT5ForConditionalGeneration"
+
+
+def test_load_model_takes_the_familys_class(tmp_path):
+    m = build_model("llama-tiny", 300, seed=0)
+    m.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+
+
+def test_forward_inputs_per_kind():
+    ids = torch.randint(4, 100, (2, 6))
+    labels = ids.clone()
+    labels[0, 4:] = -100
+    t5 = build_model("t5-tiny", 100, seed=0)
+    kw = family_of(t5).forward_inputs(t5, {"input_ids": ids, "labels": labels}, start_id=0)
+    assert kw["decoder_input_ids"][:, 0].tolist() == [0, 0] and kw["decoder_input_ids"][0, 5] == 0
+    assert torch.equal(kw["decoder_input_ids"][:, 1:4], labels[:, :3])
+    bert = build_model("bert-tiny", 100, seed=0)
+    assert set(family_of(bert).forward_inputs(bert, {"input_ids": ids, "labels": labels})) == {"input_ids"}
+    llama = get_preset("llama-tiny")
+    m = build_model(llama, 100, seed=0)
+    prefix = torch.zeros(2, 6, dtype=torch.long)
+    prefix[:, :2] = 1
+    kw = llama.adapter.forward_inputs(m, {"input_ids": ids, "labels": labels, "prefix_mask": prefix})
+    assert kw["use_cache"] is False and kw["attention_mask"].shape == (2, 1, 6, 6)
+    assert kw["attention_mask"][0, 0, 0, 1] and not kw["attention_mask"][0, 0, 2, 3]
