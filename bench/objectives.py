@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- span corruption ----------------------------------------------------------------------
     ntok = tokens.numel()
     x = tokens.to(device)
-    span = SpanCorruption(sentinel_id=sp["sentinel_0"], eos_id=sp["eos"], pad_id=sp["pad"])
+    span = SpanCorruption(sentinel_id=sp["sentinel_0"], eos_id=sp["eos"], pad_id=sp["pad"], impl="fast")
     gen = torch.Generator(device=device).manual_seed(0)
     out = span(x, generator=gen)
     assert out["input_ids"].shape == (B, 512) and out["labels"].shape == (B, tlen)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         max(3, args.repeats // 10),
     )
     t_fast = timed(lambda: span(x, generator=gen), args.repeats, sync)
-    slow = SpanCorruption(sentinel_id=sp["sentinel_0"], fast=False)
+    slow = SpanCorruption(sentinel_id=sp["sentinel_0"], impl="reference")
     t_mask = timed(lambda: slow(x, generator=gen), args.repeats, sync)
     print(line("per-example reference (lmlab.objectives.reference)", t_ref, ntok))
     print(line("lmlab SpanCorruption, via the (B, L) noise mask", t_mask, ntok, t_ref))

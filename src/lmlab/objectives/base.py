@@ -12,12 +12,14 @@ position is a token, a literal pad id included (T5's HF port dropped those by fi
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
+from torch import Generator, Tensor
 
 from lmlab.errors import LmlabError
 
@@ -112,7 +114,44 @@ def _where(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class LengthPreserving:
+Batch = dict[str, torch.Tensor]
+
+
+class ObjectiveBase(abc.ABC):
+    """The prologue every objective shares, written once.
+
+    ``__call__`` checks the batch (``(B, L)`` integer ids, a right-padded mask of the same shape:
+    :func:`row_lengths`), widens the ids to int64 and hands them with each row's length (``None``
+    when every row is full) to :meth:`transform`, which is the objective itself.
+    """
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Batch:
+        lengths = row_lengths(tokens, attention_mask)
+        return self.transform(tokens.long(), lengths, generator)
+
+    @abc.abstractmethod
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
+        """The batch from ``tokens`` ``(B, L)`` int64 (checked) and ``lengths`` ``(B,)`` or ``None``."""
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, **kw: Any) -> Any:
+        """The objective with its id fields (``pad_id``, ``eos_id``, ``vocab_size``, …, named as in
+        :class:`SpecialIds`) read from ``tok``; ``kw`` overrides any field."""
+        return cls(**{**ids_kw(cls, special_ids_of(tok)), **kw})
+
+    @property
+    def start_id(self) -> int:
+        """The decoder's first input: ``decoder_start_id``, else the pad id as in T5."""
+        start = getattr(self, "decoder_start_id", None)
+        return self.pad_id if start is None else start  # type: ignore[attr-defined]
+
+
+class LengthPreserving(ObjectiveBase):
     """For objectives whose encoder inputs are as long as the raw rows (all but T5's span law).
 
     ``raw_length`` is the identity; ``targets_length`` is ``None`` (the targets' width depends on
@@ -259,6 +298,14 @@ def special_ids_of(tok: Any) -> SpecialIds:
         num_sentinels=num_sentinels,
         special_ids=tuple(sorted(int(i) for i in specials)),
     )
+
+
+def ids_kw(cls: type, ids: SpecialIds) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` that :class:`SpecialIds` knows, with the tokenizer's
+    values (those it lacks, such as a missing ``mask_id``, left out)."""
+    known = {f.name for f in dataclasses.fields(SpecialIds)}
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name in known]
+    return {n: getattr(ids, n) for n in names if getattr(ids, n) is not None}
 
 
 def check_ids_in_range(tokens: torch.Tensor, low: int, high: int, what: str) -> None:

@@ -20,17 +20,17 @@ None of them changes lengths, so ``raw_length`` is the identity; outputs are ``(
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
+from torch import Generator, Tensor
 
 from lmlab.objectives.base import (
     IGNORE_INDEX,
+    Batch,
     LengthPreserving,
     register_objective,
-    row_lengths,
     seq2seq_batch,
-    special_ids_of,
     valid_mask,
 )
 
@@ -50,18 +50,7 @@ class CausalLM(LengthPreserving):
 
     architectures: ClassVar[tuple[str, ...]] = ("decoder",)
 
-    @classmethod
-    def from_tokenizer(cls, tok: Any, **kw: Any) -> CausalLM:
-        return cls(**{"pad_id": special_ids_of(tok).pad_id, **kw})
-
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
         if lengths is None:
             return {
                 "input_ids": tokens.clone(),
@@ -98,21 +87,10 @@ class PrefixLM(LengthPreserving):
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder", "decoder")
 
-    @classmethod
-    def from_tokenizer(cls, tok: Any, **kw: Any) -> PrefixLM:
-        return cls(**{"pad_id": special_ids_of(tok).pad_id, **kw})
-
     def targets_length(self, inputs_length: int) -> int | None:
         return None if self.decoder_only else inputs_length
 
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
         B, L = tokens.shape
         full = _full_lengths(tokens, lengths)
         split = random_split_points(full, generator)  # (B,)
@@ -131,8 +109,7 @@ class PrefixLM(LengthPreserving):
         source = (positions + split[:, None]).clamp_max(max(L - 1, 0))
         target_lengths = full - split
         targets = tokens.gather(1, source).masked_fill_(positions >= target_lengths[:, None], self.pad_id)
-        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
-        return seq2seq_batch(inputs, split, targets, target_lengths, self.pad_id, start)
+        return seq2seq_batch(inputs, split, targets, target_lengths, self.pad_id, self.start_id)
 
 
 @register_objective("deshuffle")
@@ -145,21 +122,10 @@ class Deshuffle(LengthPreserving):
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
 
-    @classmethod
-    def from_tokenizer(cls, tok: Any, **kw: Any) -> Deshuffle:
-        return cls(**{"pad_id": special_ids_of(tok).pad_id, **kw})
-
     def targets_length(self, inputs_length: int) -> int | None:
         return inputs_length
 
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
         B, L = tokens.shape
         # Sorting i.i.d. keys gives a uniform permutation; padding gets keys above every token's
         # (float64 keys make ties, which would favour the original order, practically impossible).
@@ -172,5 +138,4 @@ class Deshuffle(LengthPreserving):
             targets = tokens.clone()
         order = keys.argsort(dim=1)
         inputs = targets.gather(1, order)
-        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
-        return seq2seq_batch(inputs, lengths, targets, lengths, self.pad_id, start)
+        return seq2seq_batch(inputs, lengths, targets, lengths, self.pad_id, self.start_id)

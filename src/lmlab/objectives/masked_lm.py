@@ -27,15 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch import Generator, Tensor
 
 from lmlab.errors import LmlabError
 from lmlab.objectives.base import (
     IGNORE_INDEX,
+    Batch,
     LengthPreserving,
     check_fraction,
     check_ids_in_range,
+    ids_kw,
     register_objective,
-    row_lengths,
     seq2seq_batch,
     special_ids_of,
     valid_mask,
@@ -138,34 +140,59 @@ def mask_tokens(
     return corrupted, selected
 
 
-def _check_split(probability_name: str, probability: float, mask: float, random: float) -> None:
-    check_fraction(probability_name, probability)
-    check_fraction("mask_replace_prob", mask)
-    check_fraction("random_replace_prob", random)
-    if mask + random > 1.0 + 1e-9:
-        raise LmlabError(f"mask_replace_prob + random_replace_prob must be at most 1, got {mask} + {random}")
+class _Masking(LengthPreserving):
+    """What :class:`BertMLM` and :class:`BertStyle` share: the split's checks, the vocabulary's
+    specials and the corruption, over the selection rate in the field named ``_rate``."""
 
+    _rate: ClassVar[str]
 
-def _vocab_kw(tok: Any, kw: dict[str, Any], preset: str | None) -> dict[str, Any]:
-    ids = special_ids_of(tok)
-    if ids.mask_id is None and "mask_id" not in kw:
-        raise LmlabError("the tokenizer has no <mask> token; pass mask_id= (T5 used a sentinel)")
-    out: dict[str, Any] = {
-        "vocab_size": ids.vocab_size,
-        "mask_id": ids.mask_id,
-        "pad_id": ids.pad_id,
-        "special_ids": ids.special_ids,
-    }
-    if preset is not None:
-        if preset not in MLM_PRESETS:
-            raise LmlabError(f"unknown masking preset {preset!r}; choose one of {', '.join(MLM_PRESETS)}")
-        out["mask_replace_prob"], out["random_replace_prob"] = MLM_PRESETS[preset]
-    return {**out, **kw}
+    def __post_init__(self) -> None:
+        p, mask, random = getattr(self, self._rate), self.mask_replace_prob, self.random_replace_prob
+        check_fraction(self._rate, p)
+        check_fraction("mask_replace_prob", mask)
+        check_fraction("random_replace_prob", random)
+        if mask + random > 1.0 + 1e-9:
+            raise LmlabError(
+                f"mask_replace_prob + random_replace_prob must be at most 1, got {mask} + {random}"
+            )
+        specials = {self.pad_id, self.mask_id, *self.special_ids}
+        object.__setattr__(self, "_vocab", _Vocab.of(self.vocab_size, specials))
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, preset: str | None = None, **kw: Any) -> Any:
+        """From a tokenizer; ``preset`` ``"bert"`` (80/10/10), ``"t5"`` (90/10/0) or ``"mass"``
+        sets the split (the default: the class's own)."""
+        ids = special_ids_of(tok)
+        if ids.mask_id is None and "mask_id" not in kw:
+            raise LmlabError("the tokenizer has no <mask> token; pass mask_id= (T5 used a sentinel)")
+        out = ids_kw(cls, ids)
+        if preset is not None:
+            if preset not in MLM_PRESETS:
+                raise LmlabError(f"unknown masking preset {preset!r}; choose one of {', '.join(MLM_PRESETS)}")
+            out["mask_replace_prob"], out["random_replace_prob"] = MLM_PRESETS[preset]
+        return cls(**{**out, **kw})
+
+    def _corrupt(
+        self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`mask_tokens` with this objective's rates: ``(corrupted, selected)``, ``(B, L)``."""
+        check_ids_in_range(tokens, 0, self.vocab_size, "the vocabulary")
+        return mask_tokens(
+            tokens,
+            lengths,
+            probability=getattr(self, self._rate),
+            mask_replace_prob=self.mask_replace_prob,
+            random_replace_prob=self.random_replace_prob,
+            mask_id=self.mask_id,
+            pad_id=self.pad_id,
+            vocab=self._vocab,
+            generator=generator,
+        )
 
 
 @register_objective("bert")
 @dataclass(frozen=True)
-class BertMLM(LengthPreserving):
+class BertMLM(_Masking):
     """BERT's masked language model for an encoder (Devlin et al. 2019, §3.1).
 
     ``objective(tokens (B, L) int64, attention_mask=None, generator=None)`` returns ``input_ids``,
@@ -182,39 +209,10 @@ class BertMLM(LengthPreserving):
     _vocab: _Vocab = field(init=False, repr=False, compare=False)
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder",)
+    _rate: ClassVar[str] = "mlm_probability"
 
-    def __post_init__(self) -> None:
-        _check_split(
-            "mlm_probability", self.mlm_probability, self.mask_replace_prob, self.random_replace_prob
-        )
-        specials = {self.pad_id, self.mask_id, *self.special_ids}
-        object.__setattr__(self, "_vocab", _Vocab.of(self.vocab_size, specials))
-
-    @classmethod
-    def from_tokenizer(cls, tok: Any, preset: str | None = None, **kw: Any) -> BertMLM:
-        """From a tokenizer; ``preset`` ``"bert"`` (80/10/10, the default) or ``"t5"`` (90/10/0)."""
-        return cls(**_vocab_kw(tok, kw, preset))
-
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
-        check_ids_in_range(tokens, 0, self.vocab_size, "the vocabulary")
-        corrupted, selected = mask_tokens(
-            tokens,
-            lengths,
-            probability=self.mlm_probability,
-            mask_replace_prob=self.mask_replace_prob,
-            random_replace_prob=self.random_replace_prob,
-            mask_id=self.mask_id,
-            pad_id=self.pad_id,
-            vocab=self._vocab,
-            generator=generator,
-        )
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
+        corrupted, selected = self._corrupt(tokens, lengths, generator)
         if lengths is None:
             mask = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
         else:
@@ -228,7 +226,7 @@ class BertMLM(LengthPreserving):
 
 @register_objective("bert-style")
 @dataclass(frozen=True)
-class BertStyle(LengthPreserving):
+class BertStyle(_Masking):
     """T5's "BERT-style" encoder–decoder objective: i.i.d. corruption, target = the whole sequence.
 
     Returns ``input_ids``/``attention_mask`` ``(B, L)`` (the corrupted rows) and
@@ -246,46 +244,19 @@ class BertStyle(LengthPreserving):
     _vocab: _Vocab = field(init=False, repr=False, compare=False)
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
-
-    def __post_init__(self) -> None:
-        _check_split("noise_density", self.noise_density, self.mask_replace_prob, self.random_replace_prob)
-        specials = {self.pad_id, self.mask_id, *self.special_ids}
-        object.__setattr__(self, "_vocab", _Vocab.of(self.vocab_size, specials))
-
-    @classmethod
-    def from_tokenizer(cls, tok: Any, preset: str | None = None, **kw: Any) -> BertStyle:
-        return cls(**_vocab_kw(tok, kw, preset))
+    _rate: ClassVar[str] = "noise_density"
 
     def targets_length(self, inputs_length: int) -> int | None:
         return inputs_length
 
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
-        check_ids_in_range(tokens, 0, self.vocab_size, "the vocabulary")
-        corrupted, _ = mask_tokens(
-            tokens,
-            lengths,
-            probability=self.noise_density,
-            mask_replace_prob=self.mask_replace_prob,
-            random_replace_prob=self.random_replace_prob,
-            mask_id=self.mask_id,
-            pad_id=self.pad_id,
-            vocab=self._vocab,
-            generator=generator,
-        )
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
+        corrupted, _ = self._corrupt(tokens, lengths, generator)
         targets = (
             tokens.clone()
             if lengths is None
             else tokens.masked_fill(~valid_mask(lengths, tokens.shape, tokens.device), self.pad_id)
         )
-        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
-        return seq2seq_batch(corrupted, lengths, targets, lengths, self.pad_id, start)
+        return seq2seq_batch(corrupted, lengths, targets, lengths, self.pad_id, self.start_id)
 
 
 @register_objective("mass")

@@ -26,6 +26,7 @@ and end, which are scattered as +1/−1 markers and summed along the row.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +104,13 @@ def span_corruption_lengths(
         t -= 1
         targets_length -= 1
     return t, targets_length
+
+
+def _device_of(device: torch.device | str | None, lengths: torch.Tensor | None) -> torch.device:
+    """Where to draw: ``device`` if given, else where ``lengths`` lives, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return lengths.device if lengths is not None else torch.device("cpu")
 
 
 def _draw(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -209,11 +217,11 @@ def random_span_segmentation(
     row ``b`` (``0`` at ``k = 0``, the row's total at ``k = s``), ``noise_ends`` the same for noise
     runs, so noise span ``k`` covers positions ``[nonnoise_ends[k+1] + noise_ends[k],
     nonnoise_ends[k+1] + noise_ends[k+1])``.  ``s`` is the batch's largest span count; a row with
-    fewer spans has empty runs at the end.  See :func:`random_spans_noise_mask` for the arguments.
+    fewer spans has empty runs at the end.  ``lengths`` ``(B,)`` int64 gives each row's number of
+    tokens, ``None`` that every row has ``length``; ``generator`` must live on ``device``.
     """
     check_span_args(noise_density, mean_noise_span_length)
-    device = torch.device(device) if device is not None else (lengths.device if lengths is not None else None)
-    device = device or torch.device("cpu")
+    device = _device_of(device, lengths)
     B, L = batch_size, length
     if lengths is None:
         n, s = noise_span_counts(L, noise_density, mean_noise_span_length)
@@ -247,26 +255,17 @@ def random_spans_noise_mask(
     length: int,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
-    *,
-    lengths: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
+    **draw: Any,
 ) -> torch.Tensor:
     """T5's random-spans noise mask for a batch: ``(batch_size, length)`` bool, True = noise.
 
-    ``lengths`` ``(B,)`` int64 gives each row's number of tokens (right-padded rows; positions past
-    it are never noise); ``None`` means every row has ``length`` tokens.  Each row follows T5's law
-    exactly (see the module docstring).  ``generator`` must live on ``device``.
+    Keyword-only, as :func:`random_span_segmentation` takes them (the mask is drawn from its
+    segmentation): ``lengths`` ``(B,)`` int64 gives each row's number of tokens (right-padded rows;
+    positions past it are never noise), ``None`` (the default) means every row has ``length``
+    tokens; ``generator`` (which must live on ``device``) and ``device``.  Each row follows T5's
+    law exactly (see the module docstring).
     """
-    A, C = random_span_segmentation(
-        batch_size,
-        length,
-        noise_density,
-        mean_noise_span_length,
-        lengths=lengths,
-        generator=generator,
-        device=device,
-    )
+    A, C = random_span_segmentation(batch_size, length, noise_density, mean_noise_span_length, **draw)
     B, L = batch_size, length
     # Noise run k starts after non-noise runs 0..k and noise runs 0..k-1 and ends (exclusive)
     # after noise run k too; runs a row does not have are empty (start == end) and cancel.
@@ -293,8 +292,7 @@ def iid_noise_mask(
     Positions at or past ``lengths[b]`` (when given) are never noise.
     """
     check_fraction("noise_density", noise_density)
-    device = torch.device(device) if device is not None else (lengths.device if lengths is not None else None)
-    device = device or torch.device("cpu")
+    device = _device_of(device, lengths)
     mask = _draw((batch_size, length), generator, device) < noise_density
     if lengths is not None:
         mask &= torch.arange(length, device=device) < lengths.to(device)[:, None]

@@ -21,11 +21,11 @@ def noise_counts(length: int, noise_density: float, mean_noise_span_length: floa
     """T5's counts for one row: noise tokens and noise spans (float32, round half to even)."""
     if noise_density == 0.0 or length < 2:
         return 0, 0
-    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
-    num_noise = min(max(num_noise, 1), length - 1)
-    num_spans = int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)))
-    num_spans = min(max(num_spans, 1), num_noise, length - num_noise)
-    return num_noise, num_spans
+    f32 = np.float32
+    # At least one noise token and one kept token; at least one span, each of them non-empty.
+    num_noise = sorted([1, int(np.round(f32(length) * f32(noise_density))), length - 1])[1]
+    spans = int(np.round(f32(num_noise) / f32(mean_noise_span_length)))
+    return num_noise, min(max(spans, 1), num_noise, length - num_noise)
 
 
 def random_segmentation(num_items: int, num_segments: int, rng: random.Random) -> list[int]:

@@ -23,8 +23,8 @@ count (non-noise tokens so far plus spans so far), so each output is one ``scatt
 of a span write the same sentinel to the same slot, so repeated writes agree.  Fast path (full
 rows under the span law, the training case): :func:`replace_segmented_spans` never builds the
 ``(B, L)`` mask; from the drawn run lengths it gathers each output token from its source
-position.  Both give the same batch from the same seed (a test checks it; ``fast=False``
-switches the fast path off).
+position.  Both give the same batch from the same seed (a test checks it; ``impl="reference"``
+takes the mask path, ``impl="fast"`` insists on the gather path, see :mod:`lmlab.impl`).
 
     .venv/bin/lmlab corrupt --objective span
 """
@@ -35,14 +35,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import Generator, Tensor
 
 from lmlab.errors import LmlabError
+from lmlab.impl import check_impl, use_fast
 from lmlab.objectives.base import (
+    Batch,
     LengthPreserving,
-    SpecialIds,
+    ObjectiveBase,
     check_ids_in_range,
+    ids_kw,
     register_objective,
-    row_lengths,
     seq2seq_batch,
     special_ids_of,
 )
@@ -70,6 +73,13 @@ def _compact(
     return out[:, :width].contiguous()
 
 
+def _longest(input_lengths: torch.Tensor, target_lengths: torch.Tensor) -> tuple[int, int]:
+    """The widths of a batch padded to its longest rows (1, room for EOS, for an empty batch)."""
+    if input_lengths.numel() == 0:
+        return 1, 1
+    return int(input_lengths.max()), int(target_lengths.max())
+
+
 def _place_eos(out: torch.Tensor, lengths: torch.Tensor, eos_id: int) -> None:
     """``out[b, lengths[b]] = eos_id`` for every row (in place on a tensor we own)."""
     out.scatter_(1, lengths[:, None], eos_id)
@@ -84,8 +94,7 @@ def replace_noise_spans(
     pad_id: int,
     num_sentinels: int,
     lengths: torch.Tensor | None = None,
-    inputs_width: int | None = None,
-    targets_width: int | None = None,
+    widths: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """T5's span corruption for a given noise mask.
 
@@ -94,7 +103,7 @@ def replace_noise_spans(
     targets, target_lengths)``: inputs ``(B, S)`` are the non-noise tokens with each noise span
     replaced by the next sentinel (``sentinel_id``, ``sentinel_id - 1``, …), then EOS; targets
     ``(B, T)`` are each span preceded by its sentinel, then EOS; both padded with ``pad_id``.
-    ``S`` and ``T`` default to the batch's longest row.  Raises when a row has more spans than
+    ``widths`` is ``(S, T)``; ``None``: the batch's longest rows.  Raises when a row has more spans than
     ``num_sentinels``.
     """
     B, L = tokens.shape
@@ -118,8 +127,7 @@ def replace_noise_spans(
         )
     input_lengths = n_keep + num_spans + 1
     target_lengths = n_noise + num_spans + 1
-    S = inputs_width if inputs_width is not None else int(input_lengths.max()) if B else 1
-    T = targets_width if targets_width is not None else int(target_lengths.max()) if B else 1
+    S, T = widths or _longest(input_lengths, target_lengths)
     if lengths is not None:
         tokens = tokens.masked_fill(torch.arange(L, device=device) >= lengths[:, None], pad_id)
     next_sentinel = sentinel_id - span_no  # (B, L) the sentinel of the next span to begin
@@ -204,8 +212,7 @@ def drop_noise_tokens(
     eos_id: int,
     pad_id: int,
     lengths: torch.Tensor | None = None,
-    inputs_width: int | None = None,
-    targets_width: int | None = None,
+    widths: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """T5's "drop corrupted tokens": inputs = non-noise tokens + EOS, targets = noise tokens + EOS.
 
@@ -222,8 +229,7 @@ def drop_noise_tokens(
     zero = torch.zeros(B, dtype=torch.long, device=tokens.device)
     input_lengths = (nonnoise_no[:, -1] if L else zero) + 1
     target_lengths = (noise_no[:, -1] if L else zero) + 1
-    S = inputs_width if inputs_width is not None else int(input_lengths.max()) if B else 1
-    T = targets_width if targets_width is not None else int(target_lengths.max()) if B else 1
+    S, T = widths or _longest(input_lengths, target_lengths)
     inputs = _compact(tokens, nonnoise_no - 1, keep, S, pad_id)
     _place_eos(inputs, input_lengths - 1, eos_id)
     targets = _compact(tokens, noise_no - 1, noise_mask, T, pad_id)
@@ -231,43 +237,44 @@ def drop_noise_tokens(
     return inputs, input_lengths, targets, target_lengths
 
 
-def _noise_mask(
-    law: str,
-    tokens: torch.Tensor,
-    lengths: torch.Tensor | None,
-    noise_density: float,
-    mean_noise_span_length: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    B, L = tokens.shape
-    if law == "spans":
-        return random_spans_noise_mask(
-            B,
-            L,
-            noise_density,
-            mean_noise_span_length,
-            lengths=lengths,
-            generator=generator,
-            device=tokens.device,
-        )
-    return iid_noise_mask(B, L, noise_density, lengths=lengths, generator=generator, device=tokens.device)
+class _NoiseLaw(ObjectiveBase):
+    """What both sentinel objectives share: the noise law of their fields ``noise``,
+    ``noise_density`` and ``mean_noise_span_length``, its checks and its draw."""
 
+    noise: str
+    noise_density: float
+    mean_noise_span_length: float
 
-def _check_law(noise: str) -> None:
-    if noise not in NOISE_LAWS:
-        raise LmlabError(f"unknown noise law {noise!r}; choose one of {', '.join(NOISE_LAWS)}")
+    def __post_init__(self) -> None:
+        if self.noise not in NOISE_LAWS:
+            raise LmlabError(f"unknown noise law {self.noise!r}; choose one of {', '.join(NOISE_LAWS)}")
+        check_span_args(self.noise_density, self.mean_noise_span_length)
+
+    def noise_counts(self, length: int) -> tuple[int, int]:
+        """``(noise tokens, noise spans)`` of a full row of ``length`` under T5's span law."""
+        return noise_span_counts(length, self.noise_density, self.mean_noise_span_length)
+
+    def noise_mask(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Tensor:
+        """``(B, L)`` bool, True = noise, drawn under this objective's law."""
+        B, L = tokens.shape
+        where = {"lengths": lengths, "generator": generator, "device": tokens.device}
+        if self.noise == "spans":
+            return random_spans_noise_mask(B, L, self.noise_density, self.mean_noise_span_length, **where)
+        return iid_noise_mask(B, L, self.noise_density, **where)
 
 
 @register_objective("iid-span", {"noise": "iid"})
 @register_objective("span")
 @dataclass(frozen=True)
-class SpanCorruption:
+class SpanCorruption(_NoiseLaw):
     """T5's span corruption ("replace corrupted spans"), an encoder–decoder objective.
 
     ``objective(tokens (B, L) int64, attention_mask=None, generator=None)`` returns ``input_ids``
     and ``attention_mask`` ``(B, S)``, ``labels`` and ``decoder_input_ids`` ``(B, T)``.  With
     ``noise="spans"`` ``S`` and ``T`` depend on ``L`` only (shorter ragged rows are padded);
-    with ``noise="iid"`` they are the batch's longest row.
+    with ``noise="iid"`` they are the batch's longest row.  ``impl``: ``"fast"`` gathers full rows
+    under the span law from the drawn run lengths (:func:`replace_segmented_spans`),
+    ``"reference"`` goes through the ``(B, L)`` noise mask; both give the same batch from a seed.
     """
 
     sentinel_id: int  # <extra_id_0>, the highest id of the vocabulary in lmlab's layout
@@ -278,15 +285,13 @@ class SpanCorruption:
     mean_noise_span_length: float = 3.0
     noise: str = "spans"
     decoder_start_id: int | None = None  # None: the pad id, as in T5
-    # Full rows under the span law skip the (B, L) mask (replace_segmented_spans); the tests
-    # switch this off to check that both paths give the same batch from the same seed.
-    fast: bool = True
+    impl: str = "auto"  # see lmlab.impl; "fast" is the gather path, "reference" the mask path
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
 
     def __post_init__(self) -> None:
-        _check_law(self.noise)
-        check_span_args(self.noise_density, self.mean_noise_span_length)
+        super().__post_init__()
+        check_impl(self.impl, "SpanCorruption")
         if self.num_sentinels < 1 or self.sentinel_id - self.num_sentinels + 1 < 0:
             raise LmlabError(
                 f"need sentinels: sentinel_id={self.sentinel_id} with num_sentinels={self.num_sentinels}"
@@ -297,7 +302,7 @@ class SpanCorruption:
         ids = special_ids_of(tok)
         if ids.sentinel_id is None or ids.num_sentinels == 0:
             raise LmlabError("the tokenizer has no <extra_id_0> sentinel, which span corruption needs")
-        return cls(**{**_sentinel_kw(ids), **kw})
+        return cls(**{**ids_kw(cls, ids), **kw})
 
     def raw_length(self, inputs_length: int) -> int:
         if self.noise == "iid":
@@ -313,31 +318,34 @@ class SpanCorruption:
         """``(inputs_width, targets_width)`` for raw rows of ``length``; ``None`` when random."""
         if self.noise == "iid":
             return None
-        n, s = noise_span_counts(length, self.noise_density, self.mean_noise_span_length)
+        n, s = self.noise_counts(length)
         return length - n + s + 1, n + s + 1
 
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
-        B, L = tokens.shape
+    def _check_sentinels(self, tokens: Tensor, lengths: Tensor | None) -> None:
+        """Fail before drawing anything: ids must leave the sentinels free, and under the span law
+        each row's length fixes how many sentinels it needs."""
         check_ids_in_range(tokens, 0, self.sentinel_id - self.num_sentinels + 1, "the non-sentinel ids")
-        widths = self.output_widths(L)
-        if widths is not None:
-            # The counts are fixed by each row's length: fail before drawing anything.
-            row_max = L if lengths is None else int(lengths.max()) if B else 0
-            _, s = noise_span_counts(row_max, self.noise_density, self.mean_noise_span_length)
-            if s > self.num_sentinels:
-                raise LmlabError(
-                    f"rows of {row_max} tokens need {s} noise spans but the vocabulary has only "
-                    f"{self.num_sentinels} sentinels; use shorter rows, a lower noise_density or longer spans"
-                )
-        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
-        if self.noise == "spans" and lengths is None and self.fast and B > 0:
+        if self.noise != "spans":
+            return
+        B, L = tokens.shape
+        row_max = L if lengths is None else int(lengths.max()) if B else 0
+        _, s = self.noise_counts(row_max)
+        if s > self.num_sentinels:
+            raise LmlabError(
+                f"rows of {row_max} tokens need {s} noise spans but the vocabulary has only "
+                f"{self.num_sentinels} sentinels; use shorter rows, a lower noise_density or longer spans"
+            )
+
+    def _fast(self, tokens: Tensor, lengths: Tensor | None) -> bool:
+        why = "noise='iid' has no run lengths to gather from" if self.noise != "spans" else "rows are ragged"
+        applies = self.noise == "spans" and lengths is None
+        # An empty batch has nothing to gather: the mask path gives its (0, S) shapes.
+        return use_fast(self.impl, applies, "SpanCorruption", why) and tokens.shape[0] > 0
+
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
+        self._check_sentinels(tokens, lengths)
+        if self._fast(tokens, lengths):
+            B, L = tokens.shape
             A, C = random_span_segmentation(
                 B,
                 L,
@@ -349,30 +357,26 @@ class SpanCorruption:
             inputs, targets = replace_segmented_spans(
                 tokens, A, C, sentinel_id=self.sentinel_id, eos_id=self.eos_id
             )
-            return seq2seq_batch(inputs, None, targets, None, self.pad_id, start)
-        mask = _noise_mask(
-            self.noise, tokens, lengths, self.noise_density, self.mean_noise_span_length, generator
-        )
+            return seq2seq_batch(inputs, None, targets, None, self.pad_id, self.start_id)
+        widths = self.output_widths(tokens.shape[1])
         inputs, in_len, targets, tgt_len = replace_noise_spans(
             tokens,
-            mask,
+            self.noise_mask(tokens, lengths, generator),
             sentinel_id=self.sentinel_id,
             eos_id=self.eos_id,
             pad_id=self.pad_id,
             num_sentinels=self.num_sentinels,
             lengths=lengths,
-            inputs_width=None if widths is None else widths[0],
-            targets_width=None if widths is None else widths[1],
+            widths=widths,
         )
-        full = widths is not None and lengths is None
-        return seq2seq_batch(
-            inputs, None if full else in_len, targets, None if full else tgt_len, self.pad_id, start
-        )
+        if widths is not None and lengths is None:  # full rows under the span law: no padding
+            in_len = tgt_len = None
+        return seq2seq_batch(inputs, in_len, targets, tgt_len, self.pad_id, self.start_id)
 
 
 @register_objective("drop")
 @dataclass(frozen=True)
-class DropTokens(LengthPreserving):
+class DropTokens(_NoiseLaw, LengthPreserving):
     """T5's "drop corrupted tokens" (Table 3): noise tokens leave the input and are the target.
 
     I.i.d. noise by default, as in Table 4, with outputs as wide as the batch's longest row;
@@ -388,51 +392,21 @@ class DropTokens(LengthPreserving):
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
 
-    def __post_init__(self) -> None:
-        _check_law(self.noise)
-        check_span_args(self.noise_density, self.mean_noise_span_length)
-
-    @classmethod
-    def from_tokenizer(cls, tok: Any, **kw: Any) -> DropTokens:
-        ids = special_ids_of(tok)
-        return cls(**{"eos_id": ids.eos_id, "pad_id": ids.pad_id, **kw})
-
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        lengths = row_lengths(tokens, attention_mask)
-        tokens = tokens.long()
-        B, L = tokens.shape
-        mask = _noise_mask(
-            self.noise, tokens, lengths, self.noise_density, self.mean_noise_span_length, generator
-        )
+    def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
+        L = tokens.shape[1]
         widths = None
         if self.noise == "spans":
-            n, _ = noise_span_counts(L, self.noise_density, self.mean_noise_span_length)
+            n, _ = self.noise_counts(L)
             widths = (L - n + 1, n + 1)
         inputs, in_len, targets, tgt_len = drop_noise_tokens(
             tokens,
-            mask,
+            self.noise_mask(tokens, lengths, generator),
             eos_id=self.eos_id,
             pad_id=self.pad_id,
             lengths=lengths,
-            inputs_width=None if widths is None else widths[0],
-            targets_width=None if widths is None else widths[1],
+            widths=widths,
         )
-        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
-        return seq2seq_batch(inputs, in_len, targets, tgt_len, self.pad_id, start)
-
-
-def _sentinel_kw(ids: SpecialIds) -> dict[str, Any]:
-    return {
-        "sentinel_id": ids.sentinel_id,
-        "eos_id": ids.eos_id,
-        "pad_id": ids.pad_id,
-        "num_sentinels": ids.num_sentinels,
-    }
+        return seq2seq_batch(inputs, in_len, targets, tgt_len, self.pad_id, self.start_id)
 
 
 __all__ = [
