@@ -25,7 +25,12 @@ def _losses(run_dir: Path) -> list[tuple[int, float, str]]:
 
 @pytest.mark.parametrize(
     "objective,model,engine",
-    [("span", "t5-tiny", "ddp"), ("causal", "gpt-tiny", "ddp"), ("span", "t5-tiny", "fsdp")],
+    [
+        ("span", "t5-tiny", "ddp"),
+        ("causal", "gpt-tiny", "ddp"),
+        ("span", "t5-tiny", "fsdp"),
+        ("causal", "llama-tiny", "fsdp"),
+    ],
 )
 def test_two_processes_match_one(tmp_path, objective, model, engine):
     import torch.distributed as dist
