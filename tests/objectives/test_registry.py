@@ -1,10 +1,13 @@
-"""get_objective, from_tokenizer with lmlab's tokenizer layout, and ``lmlab corrupt``."""
+"""The registry (get_objective, make_objective, @register_objective), the Objective protocol,
+from_tokenizer with lmlab's tokenizer layout, and ``lmlab corrupt``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,12 +22,17 @@ from lmlab.objectives import (
     Deshuffle,
     DropTokens,
     MassStyle,
+    Objective,
     PrefixLM,
     SpanCorruption,
     get_objective,
+    make_objective,
+    objective_names,
+    register_objective,
 )
 from lmlab.objectives import cli as corrupt_cli
 from lmlab.objectives.base import ARCHITECTURES as KINDS
+from lmlab.objectives.base import KIND_DEFAULTS, LengthPreserving
 
 ARCHITECTURES = {
     "span": ("encoder-decoder",),
@@ -217,3 +225,134 @@ def test_objectives_pickle_for_dataloader_workers(hf_tokenizer):
         a = objective(tokens, generator=torch.Generator().manual_seed(0))
         b = clone(tokens, generator=torch.Generator().manual_seed(0))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_registered_objective_is_an_objective(name, hf_tokenizer):
+    cls, defaults = OBJECTIVES[name]
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    assert cls.architectures and set(cls.architectures) <= set(KINDS)
+    objective = cls.from_tokenizer(hf_tokenizer, **defaults)
+    assert isinstance(objective, Objective)
+    assert objective == get_objective(name, hf_tokenizer)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        objective.pad_id = 5  # type: ignore[misc]
+    for kind in cls.architectures:  # each kind it trains builds, with that kind's defaults
+        assert make_objective(name, hf_tokenizer, kind).architectures == cls.architectures
+
+
+def test_make_objective_fits_the_model_kind(hf_tokenizer):
+    assert make_objective("prefix", hf_tokenizer, "decoder").decoder_only
+    assert not make_objective("prefix", hf_tokenizer, "encoder-decoder").decoder_only
+    assert not make_objective("prefix", hf_tokenizer, "decoder", {"decoder_only": False}).decoder_only
+    assert (
+        make_objective("span", hf_tokenizer, "encoder-decoder", {"noise_density": 0.3}).noise_density == 0.3
+    )
+    with pytest.raises(LmlabError) as e:
+        make_objective("span", hf_tokenizer, "decoder")
+    assert str(e.value) == (
+        "objective 'span' trains encoder-decoder (t5-*) models, but the model is decoder (gpt-*)"
+    )
+    with pytest.raises(
+        LmlabError,
+        match=r"trains decoder \(gpt-\*\) or encoder-decoder \(t5-\*\) models, but the model is encoder",
+    ):
+        make_objective("prefix", hf_tokenizer, "encoder")
+
+
+# ---------------------------------------------------------------------------------------------- decorator
+
+
+@pytest.fixture
+def registry():
+    """The live registry, restored after the test: a toy objective must not leak into others."""
+    saved = dict(OBJECTIVES), {k: dict(v) for k, v in KIND_DEFAULTS.items()}
+    yield OBJECTIVES
+    OBJECTIVES.clear()
+    OBJECTIVES.update(saved[0])
+    KIND_DEFAULTS.clear()
+    KIND_DEFAULTS.update(saved[1])
+
+
+def _toy():
+    @dataclasses.dataclass(frozen=True)
+    class Reverse(LengthPreserving):
+        """Input: the row reversed; target: the row (a toy, one file's worth of objective)."""
+
+        pad_id: int = 0
+        scale: int = 1
+
+        architectures: ClassVar[tuple[str, ...]] = ("encoder", "decoder")
+
+        def transform(self, tokens, lengths, generator):
+            return {
+                "input_ids": tokens.flip(1) * self.scale,
+                "attention_mask": torch.ones_like(tokens),
+                "labels": tokens.clone(),
+            }
+
+    return Reverse
+
+
+def test_registering_an_objective_names_it_everywhere(registry, hf_tokenizer, capsys):
+    Reverse = _toy()
+    assert register_objective("reverse", kind_defaults={"decoder": {"scale": 2}})(Reverse) is Reverse
+    register_objective("reverse-3", {"scale": 3})(Reverse)
+    assert objective_names()[-2:] == ("reverse", "reverse-3")
+    tokens = torch.arange(6).view(2, 3)
+    assert get_objective("reverse", hf_tokenizer)(tokens)["input_ids"].tolist() == [[2, 1, 0], [5, 4, 3]]
+    assert get_objective("reverse-3").scale == 3
+    assert make_objective("reverse", hf_tokenizer, "decoder").scale == 2
+    assert make_objective("reverse", hf_tokenizer, "encoder").scale == 1
+    assert isinstance(get_objective("reverse"), Objective)
+    # The help of `lmlab corrupt` is built from the registry, when it is printed.
+    parser = argparse.ArgumentParser()
+    corrupt_cli.configure(parser)
+    assert "reverse, reverse-3, or all" in " ".join(parser.format_help().split())
+
+
+def test_the_registry_fixture_left_no_toy_behind():
+    assert "reverse" not in objective_names() and set(objective_names()) == set(ARCHITECTURES)
+
+
+def test_registration_mistakes_are_one_line_errors(registry):
+    Reverse = _toy()
+    with pytest.raises(LmlabError) as e:
+        register_objective("span")(Reverse)
+    assert "\n" not in str(e.value)
+    assert str(e.value) == (
+        "objective 'span' is already registered, by lmlab.objectives.span_corruption.SpanCorruption"
+    )
+    with pytest.raises(LmlabError, match="no field colour"):
+        register_objective("reverse", {"colour": 1})(Reverse)
+    with pytest.raises(LmlabError, match="architectures must be among"):
+        register_objective("reverse", kind_defaults={"vision": {}})(Reverse)
+
+    @dataclasses.dataclass
+    class Mutable(LengthPreserving):
+        pad_id: int = 0
+        architectures: ClassVar[tuple[str, ...]] = ("decoder",)
+
+        def transform(self, tokens, lengths, generator):
+            return {"input_ids": tokens}
+
+    with pytest.raises(LmlabError, match="not a frozen dataclass Objective"):
+        register_objective("mutable")(Mutable)
+
+    class NoDataclass:
+        architectures = ("decoder",)
+
+    with pytest.raises(LmlabError, match="it has no pad_id, from_tokenizer, raw_length, targets_length"):
+        register_objective("plain")(NoDataclass)
+    assert set(objective_names()) == set(ARCHITECTURES)  # nothing half-registered
+
+
+def test_building_the_parsers_imports_no_torch():
+    code = (
+        "import argparse, sys, lmlab.objectives.cli as c; c.configure(argparse.ArgumentParser()); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -168,10 +168,32 @@ def test_reconstruction_and_sentinels(lengths, pad, law, density, mean, ragged, 
 def test_fast_path_equals_mask_path(B, L, seed):
     tokens = torch.randint(4, 900, (B, L), generator=torch.Generator().manual_seed(seed))
     fast = SpanCorruption(sentinel_id=999)(tokens, generator=torch.Generator().manual_seed(seed))
-    slow = SpanCorruption(sentinel_id=999, impl="reference")(tokens, generator=torch.Generator().manual_seed(seed))
-    assert fast.keys() == slow.keys()
+    slow = SpanCorruption(sentinel_id=999, impl="reference")
+    slow_batch = slow(tokens, generator=torch.Generator().manual_seed(seed))
+    assert fast.keys() == slow_batch.keys()
     for k in fast:
-        assert torch.equal(fast[k], slow[k]), k
+        assert torch.equal(fast[k], slow_batch[k]), k
+    # impl="fast" insists on the gather path, which "auto" took.
+    forced = SpanCorruption(sentinel_id=999, impl="fast")(
+        tokens, generator=torch.Generator().manual_seed(seed)
+    )
+    assert all(torch.equal(forced[k], fast[k]) for k in fast)
+
+
+def test_impl_fast_where_it_does_not_apply_is_an_error():
+    tokens = torch.randint(4, 900, (2, 40), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LmlabError, match="impl='fast' does not apply.*iid"):
+        SpanCorruption(sentinel_id=999, noise="iid", impl="fast")(tokens)
+    ragged = torch.tensor([[1] * 40, [1] * 30 + [0] * 10])
+    with pytest.raises(LmlabError, match="impl='fast' does not apply.*ragged"):
+        SpanCorruption(sentinel_id=999, impl="fast")(tokens, attention_mask=ragged)
+    with pytest.raises(LmlabError, match="impl must be one of auto, reference, fast"):
+        SpanCorruption(sentinel_id=999, impl="quick")
+    # "auto" falls back to the mask path there, as "reference" does.
+    g = [torch.Generator().manual_seed(1) for _ in range(2)]
+    auto = SpanCorruption(sentinel_id=999)(tokens, attention_mask=ragged, generator=g[0])
+    ref_ = SpanCorruption(sentinel_id=999, impl="reference")(tokens, attention_mask=ragged, generator=g[1])
+    assert all(torch.equal(auto[k], ref_[k]) for k in auto)
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,8 +9,28 @@ Raffel et al. 2020 (§3.3).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 TABLE3_TEXT = "Thank you for inviting me to your party last week ."
+
+
+class _ObjectiveHelp(str):
+    """A help string whose ``{names}`` becomes the registered objectives when help is printed.
+
+    argparse expands help with ``help % params`` only then; the registry imports torch, which
+    building the parsers (``lmlab --help`` builds them all) must not pay for.
+    """
+
+    def __mod__(self, params: Any) -> str:
+        from lmlab.objectives.registry import objective_names
+
+        return str(self).replace("{names}", ", ".join(objective_names())) % params
+
+
+def objective_help(template: str) -> str:
+    """``template`` with ``{names}`` standing for :func:`~lmlab.objectives.registry.objective_names`,
+    filled in when argparse prints the help (for every ``--objective`` option)."""
+    return _ObjectiveHelp(template)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--objective",
         default="span",
         metavar="NAME",
-        help="span, iid-span, bert, bert-style, mass, drop, prefix, deshuffle, causal, or all (default: span)",
+        help=objective_help("{names}, or all (default: span)"),
     )
     parser.add_argument(
         "--text", default=TABLE3_TEXT, help="the sentence to corrupt (default: T5's Table 3 example)"
@@ -79,13 +99,12 @@ def run(args: argparse.Namespace) -> int:
 
     from lmlab.data import load_tokenizer
     from lmlab.errors import LmlabError
-    from lmlab.objectives import OBJECTIVES, get_objective
+    from lmlab.objectives.registry import get_objective, objective_names
 
-    names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
-    if args.objective != "all" and args.objective not in OBJECTIVES:
-        raise LmlabError(
-            f"unknown objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)} or all"
-        )
+    known = objective_names()
+    names = list(known) if args.objective == "all" else [args.objective]
+    if args.objective != "all" and args.objective not in known:
+        raise LmlabError(f"unknown objective {args.objective!r}; choose one of {', '.join(known)} or all")
     if args.tokenizer is None:
         from lmlab.data import ensure_default_data
 
