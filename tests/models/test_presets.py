@@ -12,6 +12,7 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow  # builds the 124M model
 def test_gpt_is_gpt2_small():
     m = build_model("gpt", 50304, seed=0)
     assert type(m).__name__ == "GPT2LMHeadModel"
