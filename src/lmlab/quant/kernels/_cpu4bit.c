@@ -148,7 +148,8 @@ static void *work(void *arg) {
 /* Cut the blocks into chunks of about `chunk_bytes` of output whose cuts fall on multiples of
  * `chunk_bytes` from address 0 (so on huge-page boundaries for 2 MiB chunks: two threads never
  * fault the same huge page in, which makes the kernel zero it twice), then run them. */
-static void run_job(job_t *job, uintptr_t out, int64_t out_block_bytes, int64_t chunk_bytes, int threads) {
+static void run_job(job_t *job, uintptr_t out, int64_t out_block_bytes, int64_t chunk_bytes, int threads,
+                    int plain) {
     int64_t per = chunk_bytes / out_block_bytes;
     job->blocks_per_chunk = per > 0 ? per : 1;
     const int64_t to_cut = (int64_t)(((out + chunk_bytes - 1) & ~(uintptr_t)(chunk_bytes - 1)) - out);
@@ -156,7 +157,7 @@ static void run_job(job_t *job, uintptr_t out, int64_t out_block_bytes, int64_t 
     if (job->first_blocks > job->blocks) job->first_blocks = job->blocks;
     job->chunks = 1 + (job->blocks - job->first_blocks + job->blocks_per_chunk - 1) / job->blocks_per_chunk;
     atomic_init(&job->next, 0);
-    job->avx2 = cpu_has_avx2();
+    job->avx2 = !plain && cpu_has_avx2();
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > job->chunks) threads = (int)job->chunks;
     pthread_t tid[MAX_THREADS];
@@ -343,10 +344,11 @@ HOT static void quantize_blocks(const job_t *job, int64_t b0, int64_t b1) {
     }
 }
 
-/* Returns 0 on success, -1 on arguments it does not take (nothing written then). */
+/* Returns 0 on success, -1 on arguments it does not take (nothing written then). plain = 1 runs the
+ * plain-C loops even where the CPU has AVX2 (the tests hold both to the same bits). */
 int lmlab_quantize_4bit(const void *w, int dtype, int64_t blocks, int64_t block_size, int64_t k,
                         const float *low, const float *mid, const uint8_t *byte_map, uint8_t *packed,
-                        float *absmax, int threads) {
+                        float *absmax, int threads, int plain) {
     if (!w || !low || !mid || !packed || !absmax || blocks < 0 || block_size < 2 || block_size % 2 ||
         block_size > MAX_BLOCK || k < 1 || k > (1 << 20) || (dtype != DT_F32 && dtype != DT_F16 && dtype != DT_BF16))
         return -1;
@@ -363,7 +365,7 @@ int lmlab_quantize_4bit(const void *w, int dtype, int64_t blocks, int64_t block_
     job.byte_map = byte_map;
     job.packed = packed;
     job.absmax = absmax;
-    run_job(&job, (uintptr_t)packed, block_size / 2, QUANT_CHUNK_BYTES, threads);
+    run_job(&job, (uintptr_t)packed, block_size / 2, QUANT_CHUNK_BYTES, threads, plain);
     return 0;
 }
 
@@ -409,7 +411,7 @@ HOT static void dequantize_blocks(const job_t *job, int64_t b0, int64_t b1) {
 }
 
 int lmlab_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *pairs, int64_t blocks,
-                          int64_t block_size, int dtype, void *out, int threads) {
+                          int64_t block_size, int dtype, void *out, int threads, int plain) {
     if (!packed || !absmax || !pairs || !out || blocks < 0 || block_size < 2 || block_size % 2 ||
         block_size > MAX_BLOCK || (dtype != DT_F32 && dtype != DT_F16 && dtype != DT_BF16))
         return -1;
@@ -426,7 +428,7 @@ int lmlab_dequantize_4bit(const uint8_t *packed, const float *absmax, const floa
     job.out = out;
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
     const int64_t chunk = blocks * block_size * esize >= ((int64_t)8 << 20) ? (int64_t)HUGEPAGE : DEQUANT_CHUNK_BYTES;
-    run_job(&job, (uintptr_t)out, block_size * esize, chunk, threads);
+    run_job(&job, (uintptr_t)out, block_size * esize, chunk, threads, plain);
     return 0;
 }
 

@@ -42,9 +42,10 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    lib.lmlab_quantize_4bit.argtypes = [_P, ctypes.c_int, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int]
+    _INT = ctypes.c_int
+    lib.lmlab_quantize_4bit.argtypes = [_P, _INT, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT]
     lib.lmlab_quantize_4bit.restype = ctypes.c_int
-    lib.lmlab_dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, ctypes.c_int, _P, ctypes.c_int]
+    lib.lmlab_dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, _INT, _P, _INT, _INT]
     lib.lmlab_dequantize_4bit.restype = ctypes.c_int
     return lib
 
@@ -77,6 +78,8 @@ def quantize_4bit_blocks(
     packed_out: torch.Tensor,
     absmax_out: torch.Tensor,
     threads: int,
+    *,
+    plain: bool = False,
 ) -> bool:
     """Absmax and packed codes of whole blocks, in one pass over the weight.
 
@@ -86,7 +89,7 @@ def quantize_4bit_blocks(
     ``packed_out (blocks*B//2,) uint8`` (first element in the high nibble) and ``absmax_out
     (blocks,) float32`` (a NaN or inf there means the block holds one; its codes are then
     meaningless). Returns False, writing nothing, when the library is missing or the inputs are not
-    these.
+    these. ``plain=True`` runs the plain-C loops where the CPU has AVX2 (for the tests: same bits).
     """
     lib = _library()
     if lib is None or not isinstance(w2d, torch.Tensor) or w2d.dim() != 2:
@@ -120,6 +123,7 @@ def quantize_4bit_blocks(
         packed_out.data_ptr(),
         absmax_out.data_ptr(),
         _threads(threads),
+        int(plain),
     )
     return rc == 0
 
@@ -131,6 +135,8 @@ def dequantize_4bit_blocks(
     block_size: int,
     out: torch.Tensor,
     threads: int,
+    *,
+    plain: bool = False,
 ) -> bool:
     """Decode whole blocks: ``out[i] = value(code i) * absmax[i // block_size]``.
 
@@ -138,7 +144,7 @@ def dequantize_4bit_blocks(
     ``_pair_table``'s 256 pairs of float32 (the ``(256,) float64`` view, or ``(256, 2)`` / ``(512,)``
     float32); ``out``: ``(blocks*B,)`` contiguous float32, bfloat16 or float16, rounded to nearest
     even as torch's float32 copy rounds. Returns False, writing nothing, when the library is missing
-    or the inputs are not these.
+    or the inputs are not these. ``plain=True`` as for :func:`quantize_4bit_blocks`.
     """
     lib = _library()
     if lib is None or not isinstance(absmax, torch.Tensor) or not isinstance(out, torch.Tensor):
@@ -172,5 +178,6 @@ def dequantize_4bit_blocks(
         _DTYPE_CODES[out.dtype],
         out.data_ptr(),
         _threads(threads),
+        int(plain),
     )
     return rc == 0
