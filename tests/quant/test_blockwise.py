@@ -20,9 +20,9 @@ from lmlab.quant.kernels import cpu as cpu_kernels
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=[True, False], ids=["fast", "reference"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(bw, "USE_FAST_PATH", request.param)
+@pytest.fixture(params=["auto", "reference"])
+def path(request):
+    """The ``impl`` of every call in the test: the op (the CPU kernel here) or the reference."""
     return request.param
 
 
@@ -34,59 +34,61 @@ def test_packing_first_element_in_high_nibble(path):
     nf4 = codebook("nf4")
     codes = torch.arange(64) % 16
     w = nf4[codes] * 3.0  # absmax 3
-    q = quantize_4bit(w, "nf4", 64)
+    q = quantize_4bit(w, "nf4", 64, impl=path)
     assert q.packed.shape == (32, 1) and q.packed.dtype == torch.uint8
     assert q.packed.view(-1)[:8].tolist() == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]
     assert q.absmax.tolist() == [3.0]
-    assert torch.equal(dequantize_4bit(q), w)
+    assert torch.equal(dequantize_4bit(q, impl=path), w)
 
 
 def test_ties_go_to_the_lower_code(path):
     nf4 = codebook("nf4")
     mids = (nf4[:-1] + nf4[1:]) / 2
     w = torch.cat([mids, torch.tensor([1.0])])  # absmax 1: the scaled values are the midpoints
-    codes = bw._unpack_nibbles(quantize_4bit(w, "nf4", 32).packed, 16)
+    codes = bw._unpack_nibbles(quantize_4bit(w, "nf4", 32, impl=path).packed, 16)
     assert codes.tolist() == list(range(15)) + [15]
     above = torch.nextafter(mids, torch.tensor(2.0))
-    codes = bw._unpack_nibbles(quantize_4bit(torch.cat([above, torch.tensor([1.0])]), "nf4", 32).packed, 16)
+    codes = bw._unpack_nibbles(
+        quantize_4bit(torch.cat([above, torch.tensor([1.0])]), "nf4", 32, impl=path).packed, 16
+    )
     assert codes.tolist() == list(range(1, 16)) + [15]
 
 
 def test_odd_length_pads_with_the_code_of_zero(path):
     w = torch.tensor([1.0, -1.0, 0.5])
-    q = quantize_4bit(w, "nf4", 64)
+    q = quantize_4bit(w, "nf4", 64, impl=path)
     assert q.packed.shape == (2, 1)
     assert q.packed.view(-1)[1].item() & 0xF == 7  # NF4 index of 0.0
     assert q.packed.view(-1)[1].item() >> 4 == int((codebook("nf4") - 0.5).abs().argmin())
-    assert dequantize_4bit(q).shape == (3,)
+    assert dequantize_4bit(q, impl=path).shape == (3,)
 
 
 def test_all_zero_block_decodes_to_zeros(path):
     w = torch.randn(4, 64)
     w[1] = 0
     w[2] = -0.0
-    q = quantize_4bit(w, "nf4", 64, double_quant=True)
-    d = dequantize_4bit(q)
+    q = quantize_4bit(w, "nf4", 64, double_quant=True, impl=path)
+    d = dequantize_4bit(q, impl=path)
     assert torch.isfinite(d).all()
     assert torch.equal(d[1:3], torch.zeros(2, 64))
-    assert not torch.signbit(quantize_4bit(w, "nf4", 64).absmax[2])
+    assert not torch.signbit(quantize_4bit(w, "nf4", 64, impl=path).absmax[2])
 
 
 def test_partial_last_block_has_its_own_absmax(path):
     w = torch.cat([torch.full((64,), 10.0), torch.full((10,), 0.5)])
-    q = quantize_4bit(w, "nf4", 64)
+    q = quantize_4bit(w, "nf4", 64, impl=path)
     assert q.absmax.tolist() == [10.0, 0.5]
-    assert torch.equal(dequantize_4bit(q), w)
+    assert torch.equal(dequantize_4bit(q, impl=path), w)
 
 
 def test_default_dtype_and_shape_round_trip(path):
     for dtype in DTYPES:
         w = torch.randn(3, 5, 7).to(dtype)
-        q = quantize_4bit(w)
+        q = quantize_4bit(w, impl=path)
         assert q.shape == (3, 5, 7) and q.dtype == dtype and q.absmax.dtype == torch.float32
-        d = dequantize_4bit(q)
+        d = dequantize_4bit(q, impl=path)
         assert d.shape == w.shape and d.dtype == dtype
-        assert dequantize_4bit(q, torch.float32).dtype == torch.float32
+        assert dequantize_4bit(q, torch.float32, impl=path).dtype == torch.float32
 
 
 # ---------------------------------------------------------------- fast path vs reference
@@ -105,15 +107,10 @@ def test_default_dtype_and_shape_round_trip(path):
 def test_fast_path_equals_reference(shape, dtype, quant_type, block_size, double_quant, scale, seed):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(shape, generator=g) * scale).to(dtype)
-    try:
-        bw.USE_FAST_PATH = True
-        fast = quantize_4bit(w, quant_type, block_size, double_quant)
-        fast_out = dequantize_4bit(fast)
-        bw.USE_FAST_PATH = False
-        ref = quantize_4bit(w, quant_type, block_size, double_quant)
-        ref_out = dequantize_4bit(ref)
-    finally:
-        bw.USE_FAST_PATH = True
+    fast = quantize_4bit(w, quant_type, block_size, double_quant, impl="fast")
+    fast_out = dequantize_4bit(fast, impl="fast")
+    ref = quantize_4bit(w, quant_type, block_size, double_quant, impl="reference")
+    ref_out = dequantize_4bit(ref, impl="reference")
     assert torch.equal(fast.packed, ref.packed)
     assert torch.equal(bits(fast.absmax), bits(ref.absmax))
     assert torch.equal(bits(fast_out), bits(ref_out))
@@ -122,13 +119,11 @@ def test_fast_path_equals_reference(shape, dtype, quant_type, block_size, double
 def test_fast_path_chunking_and_out_argument(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "CHUNK_ELEMENTS", 256)  # many chunks, a ragged last one
     w = torch.randn(37, 129)
-    q = quantize_4bit(w, "fp4", 32)
-    monkeypatch.setattr(bw, "USE_FAST_PATH", False)
-    ref = quantize_4bit(w, "fp4", 32)
+    q = quantize_4bit(w, "fp4", 32, impl="fast")
+    ref = quantize_4bit(w, "fp4", 32, impl="reference")
     assert torch.equal(q.packed, ref.packed)
     out = torch.empty(37, 129)
-    monkeypatch.setattr(bw, "USE_FAST_PATH", True)
-    assert dequantize_4bit(q, out=out).data_ptr() == out.data_ptr()
+    assert dequantize_4bit(q, out=out, impl="fast").data_ptr() == out.data_ptr()
     assert torch.equal(out, dequantize_4bit(ref))
     with pytest.raises(LmlabError, match="out must be"):
         dequantize_4bit(q, out=torch.empty(3))
@@ -337,7 +332,7 @@ def test_nan_or_inf_is_a_clear_error_naming_the_tensor(path, bad):
     with pytest.raises(
         LmlabError, match=rf"layers\.3\.q\.weight contains {kind} \(first at index \[3, 5\]\)"
     ):
-        quantize_4bit(w, name="layers.3.q.weight")
+        quantize_4bit(w, name="layers.3.q.weight", impl=path)
 
 
 def test_bad_dtype_block_size_or_type_is_a_clear_error():

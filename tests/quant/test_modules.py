@@ -130,8 +130,10 @@ def test_loads_a_bitsandbytes_linear4bit_state_dict():
 
 
 def test_bad_layer_settings():
-    with pytest.raises(LmlabError, match="quant_type"):
-        Linear4bit(8, 8, quant_type="int4")
+    with pytest.raises(LmlabError, match="quant_type must be one of nf4, fp4, int4"):
+        Linear4bit(8, 8, quant_type="nf3")
+    with pytest.raises(LmlabError, match="impl must be one of"):
+        Linear4bit(8, 8, impl="turbo")
     with pytest.raises(LmlabError, match="block_size"):
         Linear4bit(8, 8, block_size=100)
     with pytest.raises(LmlabError, match="threshold"):

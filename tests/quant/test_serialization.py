@@ -20,9 +20,18 @@ from lmlab_cli_harness import tree_hashes
 from quant_helpers import bnb_functional, logits, tiny_gpt2
 
 from lmlab.errors import LmlabError
-from lmlab.quant import Int8Config, NF4Config, load_quantized, quantize_, save_quantized
-from lmlab.quant import Quantized4bit, dequantize_4bit, quantize_4bit
-from lmlab.quant.int8 import int8_matmul, int8_vectorwise
+from lmlab.quant import (
+    Int8Config,
+    NF4Config,
+    Quantized4bit,
+    dequantize_4bit,
+    int8_matmul,
+    int8_vectorwise,
+    load_quantized,
+    quantize_,
+    quantize_4bit,
+    save_quantized,
+)
 from lmlab.quant.serialization import load_config
 
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))

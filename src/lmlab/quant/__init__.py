@@ -34,7 +34,7 @@ _EXPORTS = {
     "codebook": "lmlab.quant.codebooks",
     "dynamic_map": "lmlab.quant.codebooks",
     "quantile_codebook": "lmlab.quant.codebooks",
-    "int8_matmul": "lmlab.quant.int8",
+    "int8_matmul": "lmlab.quant.functional",
     "int8_vectorwise": "lmlab.quant.int8",
     "Linear4bit": "lmlab.quant.modules",
     "Linear8bit": "lmlab.quant.modules",
@@ -65,8 +65,8 @@ __all__ = [
 if TYPE_CHECKING:
     from lmlab.quant.api import FP4Config, Int8Config, NF4Config, QuantReport, quantize_
     from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
-    from lmlab.quant.functional import dequantize_4bit, quantize_4bit
-    from lmlab.quant.int8 import int8_matmul, int8_vectorwise
+    from lmlab.quant.functional import dequantize_4bit, int8_matmul, quantize_4bit
+    from lmlab.quant.int8 import int8_vectorwise
     from lmlab.quant.modules import Linear4bit, Linear8bit
     from lmlab.quant.serialization import load_quantized, save_quantized
     from lmlab.quant.state import Quantized4bit

@@ -22,14 +22,30 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.quant.formats import BLOCK_SIZES, FLOAT_DTYPES
+from lmlab.quant.formats import FORMATS, INT8_METHOD, check_block_size, check_float_dtype
 from lmlab.quant.modules import Linear4bit, Linear8bit, is_linear_like, linear_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+def _check_skip_modules(config: object) -> None:
+    skip = config.skip_modules
+    if isinstance(skip, str) or not all(isinstance(m, str) for m in skip):
+        raise LmlabError(
+            f"{type(config).__name__}: skip_modules must be a list of module names, got {skip!r}"
+        )
+    object.__setattr__(config, "skip_modules", tuple(skip))
+
+
 @dataclass(frozen=True)
-class _FourBitConfig:
+class FourBitConfig:
+    """Blockwise 4-bit quantization in one of the registered formats (:data:`lmlab.quant.formats.FORMATS`).
+
+    Use the subclass of the format (:class:`NF4Config`, :class:`FP4Config`, :class:`Int4Config`);
+    :func:`config_for` finds it by name. Every field is checked here, the one place: the CLI and the
+    load path build their configs through this constructor.
+    """
+
     block_size: int = 64
     double_quant: bool = False
     compute_dtype: torch.dtype | None = None
@@ -37,16 +53,17 @@ class _FourBitConfig:
     quant_type: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
+        name = type(self).__name__
+        if self.quant_type not in FORMATS:
             raise LmlabError(
-                f"{type(self).__name__}: block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
-                f"got {self.block_size!r}"
+                f"{name}: not a registered 4-bit format ({self.quant_type!r}); use NF4Config etc."
             )
+        check_block_size(self.block_size, name)
         if not isinstance(self.double_quant, bool):
-            raise LmlabError(f"{type(self).__name__}: double_quant must be True or False")
-        if self.compute_dtype is not None and self.compute_dtype not in FLOAT_DTYPES:
-            raise LmlabError(f"{type(self).__name__}: compute_dtype must be float32, float16 or bfloat16")
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+            raise LmlabError(f"{name}: double_quant must be True or False")
+        if self.compute_dtype is not None:
+            check_float_dtype(self.compute_dtype, name, "compute_dtype")
+        _check_skip_modules(self)
 
     @property
     def method(self) -> str:
@@ -65,17 +82,25 @@ class _FourBitConfig:
 
 
 @dataclass(frozen=True)
-class NF4Config(_FourBitConfig):
+class NF4Config(FourBitConfig):
     """4-bit NormalFloat (QLoRA). ``double_quant=True`` gives ≈ 4.127 bits per parameter."""
 
     quant_type: ClassVar[str] = "nf4"
 
 
 @dataclass(frozen=True)
-class FP4Config(_FourBitConfig):
+class FP4Config(FourBitConfig):
     """bitsandbytes' 4-bit float (1 sign, 2 exponent, 1 mantissa bit)."""
 
     quant_type: ClassVar[str] = "fp4"
+
+
+@dataclass(frozen=True)
+class Int4Config(FourBitConfig):
+    """Uniform symmetric 4-bit integers (``k/7``), lmlab's own: saved in bitsandbytes' layout, loaded
+    by lmlab (bitsandbytes itself cannot read it)."""
+
+    quant_type: ClassVar[str] = "int4"
 
 
 @dataclass(frozen=True)
@@ -90,20 +115,20 @@ class Int8Config:
             raise LmlabError(f"Int8Config: threshold must be a number, got {self.threshold!r}")
         if not math.isfinite(self.threshold) or self.threshold < 0:
             raise LmlabError(f"Int8Config: threshold must be finite and >= 0, got {self.threshold}")
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        _check_skip_modules(self)
 
     @property
     def method(self) -> str:
-        return "int8"
+        return INT8_METHOD
 
     def to_json(self) -> dict:
-        return {"method": "int8", "threshold": self.threshold, "skip_modules": list(self.skip_modules)}
+        return {"method": INT8_METHOD, "threshold": self.threshold, "skip_modules": list(self.skip_modules)}
 
 
-Config = NF4Config | FP4Config | Int8Config
+Config = FourBitConfig | Int8Config
 
 
-def _make_4bit(module: nn.Module, config: _FourBitConfig, name: str) -> nn.Module:
+def _make_4bit(module: nn.Module, config: FourBitConfig, name: str) -> nn.Module:
     return Linear4bit.from_linear(
         module, config.quant_type, config.block_size, config.double_quant, config.compute_dtype, name=name
     )
@@ -113,31 +138,46 @@ def _make_int8(module: nn.Module, config: Int8Config, name: str) -> nn.Module:
     return Linear8bit.from_linear(module, config.threshold, name=name)
 
 
-# config type -> layer builder
-_REGISTRY: dict[type, Callable[[nn.Module, object, str], nn.Module]] = {
-    NF4Config: _make_4bit,
-    FP4Config: _make_4bit,
-    Int8Config: _make_int8,
-}
+def _config_classes() -> dict[str, type]:
+    """method name -> config class: one per registered 4-bit format, and LLM.int8()."""
+    four_bit = {cls.quant_type: cls for cls in FourBitConfig.__subclasses__() if cls.quant_type in FORMATS}
+    return {**four_bit, INT8_METHOD: Int8Config}
+
+
+def config_for(method: str) -> type:
+    """The config class of a method name (``"nf4"``, ``"fp4"``, ``"int4"``, ``"int8"``)."""
+    classes = _config_classes()
+    if method not in classes:
+        raise LmlabError(f"unknown quantization method {method!r}; expected one of {', '.join(classes)}")
+    return classes[method]
+
+
+def _builder(config: object) -> Callable[[nn.Module, object, str], nn.Module] | None:
+    if isinstance(config, FourBitConfig) and type(config) is config_for(config.quant_type):
+        return _make_4bit
+    if type(config) is Int8Config:
+        return _make_int8
+    return None
 
 
 def config_from_json(meta: dict) -> Config:
-    method = meta.get("method")
-    if method in ("nf4", "fp4"):
-        dtype = meta.get("compute_dtype")
-        cls = NF4Config if method == "nf4" else FP4Config
-        return cls(
-            block_size=int(meta.get("block_size", 64)),
-            double_quant=bool(meta.get("double_quant", False)),
-            compute_dtype=None if dtype is None else getattr(torch, dtype),
-            skip_modules=tuple(meta.get("skip_modules", ("lm_head",))),
-        )
-    if method == "int8":
-        return Int8Config(
-            threshold=float(meta.get("threshold", 6.0)),
-            skip_modules=tuple(meta.get("skip_modules", ("lm_head",))),
-        )
-    raise LmlabError(f"unknown quantization method {method!r}")
+    """The config ``to_json`` wrote; its fields are checked by the config's constructor."""
+    cls = config_for(meta.get("method"))
+    kwargs = {k: v for k, v in meta.items() if k != "method"}
+    if "skip_modules" in kwargs and isinstance(kwargs["skip_modules"], list):
+        kwargs["skip_modules"] = tuple(kwargs["skip_modules"])
+    if kwargs.get("compute_dtype") is not None:
+        name = kwargs["compute_dtype"]
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise LmlabError(
+                f"{cls.__name__}: compute_dtype must be float32, float16 or bfloat16, got {name!r}"
+            )
+        kwargs["compute_dtype"] = dtype
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # an unknown field
+        raise LmlabError(f"{cls.__name__}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -257,11 +297,10 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
     quantize; by default every one except the output head, ``config.skip_modules`` and a Hugging
     Face model's ``_keep_in_fp32_modules`` (T5's ``wo``, as transformers does for bitsandbytes).
     """
-    builder = _REGISTRY.get(type(config))
+    builder = _builder(config)
     if builder is None:
-        raise LmlabError(
-            f"quantize_: expected NF4Config, FP4Config or Int8Config, got {type(config).__name__}"
-        )
+        names = ", ".join(cls.__name__ for cls in _config_classes().values())
+        raise LmlabError(f"quantize_: expected a config ({names}), got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise LmlabError(f"quantize_: expected a torch.nn.Module, got {type(model).__name__}")
     keep_float = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())

@@ -17,21 +17,16 @@ definition and torch fallback: its vector loop looks scales up per *row*, which 
 block straddles two rows (a last dimension that is a multiple of 16 but not of the block size);
 its scalar loop decodes FP4 pattern 0b1000 as -0.0. The tests spell out both cases.
 
-Two implementations of each direction live here:
+This module holds the references, plain and obviously correct torch (``torch.bucketize`` against
+the codebook midpoints): ``quantize_4bit_reference`` / ``dequantize_4bit_reference`` are the
+default implementations of the ops ``lmlab::quantize_4bit`` / ``lmlab::dequantize_4bit``
+(:mod:`lmlab.quant.ops`) and what the tests hold every device kernel to
+(:mod:`lmlab.quant.kernels`); the double-quantization step (:func:`quantize_blockwise_8bit`) is
+plain torch on every device. The public verbs are in :mod:`lmlab.quant.functional`, the state
+container in :mod:`lmlab.quant.state`.
 
-* ``quantize_4bit_reference`` / ``dequantize_4bit_reference`` -- plain, obviously correct torch
-  (``torch.bucketize`` against the codebook midpoints). Tests compare the fast path to these.
-* the fast path used by :func:`quantize_4bit` / :func:`dequantize_4bit`: it works in chunks that
-  stay in cache, replaces the binary search by a uniform-grid lookup (one exact comparison per
-  element, see :func:`_grid_tables`) and decodes whole bytes through a 256-entry table of value
-  pairs. Set ``USE_FAST_PATH = False`` to run the reference everywhere.
-
-Run ``python bench/quant_cpu.py`` for the timings against bitsandbytes and torchao. Each chunk
-costs a handful of torch ops, each one OpenMP parallel region; on a machine where other processes
-hold the cores those regions wait for a preempted worker (measured here: 5 ms each, a 100x
-slow-down), where a single C kernel waits once. On a shared machine use
-``torch.set_num_threads(1)``: the fast path then runs about 1.4x slower than with two idle cores
-and never stalls.
+Run ``python bench/quant_cpu.py`` for the timings of the CPU kernels against bitsandbytes and
+torchao.
 """
 
 from __future__ import annotations
@@ -42,8 +37,6 @@ import torch
 
 from lmlab.quant.codebooks import _decode_values, _sorted_tables
 from lmlab.quant.formats import NESTED_BLOCK_SIZE
-
-USE_FAST_PATH = True  # tests flip this to run the reference implementation end to end
 
 # --------------------------------------------------------------------------------------------
 # Reference implementation

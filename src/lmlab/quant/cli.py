@@ -1,4 +1,4 @@
-"""``lmlab quantize MODEL_DIR --method nf4|fp4|int8 --out DIR``: quantize a saved Hugging Face model.
+"""``lmlab quantize MODEL_DIR --method nf4|fp4|int4|int8 --out DIR``: quantize a saved Hugging Face model.
 
 MODEL_DIR is a ``save_pretrained`` directory (T5, BERT, GPT-2, Llama, ...). The model is loaded
 with the class its config names (else ``AutoModelForSeq2SeqLM`` / ``AutoModelForMaskedLM`` /
@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.quant.formats import FORMATS, INT8_METHOD, METHODS
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _SKIP_FILES = {
@@ -32,16 +33,25 @@ DEFAULT_THRESHOLD = 6.0
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face save_pretrained directory")
-    parser.add_argument("--method", required=True, choices=("nf4", "fp4", "int8"), help="quantization format")
+    formats = ", ".join(f"{f.name} ({f.summary})" for f in FORMATS.values())
+    parser.add_argument(
+        "--method",
+        required=True,
+        choices=METHODS,
+        help=f"quantization format: {formats}, or {INT8_METHOD} (LLM.int8())",
+    )
     # Defaults are None so that a flag given with a method it does not apply to can be refused.
     parser.add_argument(
-        "--block-size", type=int, default=None, help=f"nf4/fp4 block size (default {DEFAULT_BLOCK_SIZE})"
+        "--block-size",
+        type=int,
+        default=None,
+        help=f"4-bit formats: block size (default {DEFAULT_BLOCK_SIZE})",
     )
     parser.add_argument(
         "--double-quant",
         action="store_true",
         default=None,
-        help="nf4/fp4: 8-bit quantize the 4-bit scales too (QLoRA)",
+        help="4-bit formats: 8-bit quantize the 4-bit scales too (QLoRA)",
     )
     parser.add_argument(
         "--threshold",
@@ -59,22 +69,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse a flag given with a method it does not apply to (before torch is imported)."""
-    if args.method == "int8":
+    if args.method == INT8_METHOD:
         flags = (("--block-size", args.block_size), ("--double-quant", args.double_quant))
         given = [flag for flag, value in flags if value is not None]
         if given:
-            raise LmlabError(f"{' and '.join(given)} apply to nf4 and fp4, not int8")
+            raise LmlabError(
+                f"{' and '.join(given)} apply to the 4-bit formats ({', '.join(FORMATS)}), not int8"
+            )
     elif args.threshold is not None:
         raise LmlabError(f"--threshold applies to int8 (LLM.int8()), not {args.method}")
 
 
 def _make_config(args: argparse.Namespace):
-    from lmlab.quant.api import FP4Config, Int8Config, NF4Config
+    from lmlab.quant.api import config_for
 
     _check_flags(args)
-    if args.method == "int8":
-        return Int8Config(threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
-    cls = NF4Config if args.method == "nf4" else FP4Config
+    cls = config_for(args.method)  # the config's constructor checks every value
+    if args.method == INT8_METHOD:
+        return cls(threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
     block_size = DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size
     return cls(block_size=block_size, double_quant=bool(args.double_quant))
 

@@ -1,7 +1,9 @@
 """Codebooks for 4-bit and 8-bit blockwise quantization.
 
 A codebook is the sorted (or bit-pattern ordered) list of values that a code can stand for; a
-quantized element stores only the index of its nearest value.
+quantized element stores only the index of its nearest value. The 4-bit ones are built by their
+entry in the format registry (:mod:`lmlab.quant.formats`); this module serves them per device and
+derives the lookup tables the kernels use.
 
 * ``"nf4"`` -- 4-bit NormalFloat (Dettmers et al. 2023, QLoRA §3, "4-bit NormalFloat
   Quantization"): 8 positive and 7 negative quantiles of N(0, 1) taken between
@@ -26,43 +28,12 @@ import math
 import torch
 
 from lmlab.errors import LmlabError
-
-NF4_OFFSET = 0.9677083  # = 929/960, QLoRA's outermost quantile (bitsandbytes' default)
-
-CODEBOOKS = ("nf4", "fp4", "int4")
-
-
-def _nf4_values() -> torch.Tensor:
-    # Follow the construction step by step, including where it rounds to float32, so the table
-    # equals the published one exactly: quantile points in float32 (torch.linspace), the inverse
-    # normal CDF in float64, then float32 values divided by their maximum in float32.
-    pos = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())  # 8 positive
-    neg = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())  # 7 negative
-    values = torch.cat([pos.float(), torch.zeros(1), neg.float()]).sort().values
-    return values / values.max()
-
-
-def _fp4_values() -> torch.Tensor:
-    # Bit pattern 0b0EEM: exponent field E (bias 2), mantissa bit M; E == 0 is subnormal.
-    # This reproduces bitsandbytes' table [0, 0.0625, 8, 12, 4, 6, 2, 3] / 12 (signed copy after).
-    # Its exponent field is laid out so that patterns 2..7 read 8, 12, 4, 6, 2, 3: exponent
-    # values (2, 2, 1, 1, 0, 0) for E = 1..3 in reverse, which we simply list.
-    magnitudes = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
-    # "+ 0.0" turns -0.0 into +0.0: the reference table's pattern 0b1000 is a plain zero.
-    values = torch.cat([magnitudes, -magnitudes + 0.0])
-    return values / values.abs().max()
-
-
-def _int4_values() -> torch.Tensor:
-    magnitudes = torch.arange(7, -1, -1, dtype=torch.float32)  # 7..0, bitsandbytes' int4 order
-    values = torch.cat([magnitudes, -magnitudes + 0.0])
-    return values / 7.0
+from lmlab.quant.formats import FORMATS
 
 
 @functools.cache
 def _codebook_cached(name: str, device: torch.device) -> torch.Tensor:
-    builders = {"nf4": _nf4_values, "fp4": _fp4_values, "int4": _int4_values}
-    return builders[name]().to(device)
+    return FORMATS[name].values().to(device)
 
 
 def codebook(name: str, device: torch.device | str | None = None) -> torch.Tensor:
@@ -71,8 +42,8 @@ def codebook(name: str, device: torch.device | str | None = None) -> torch.Tenso
     ``name`` is ``"nf4"`` (sorted ascending), ``"fp4"`` or ``"int4"`` (bit-pattern order, bit 3 =
     sign). The returned tensor is a fresh copy; callers may modify it.
     """
-    if name not in CODEBOOKS:
-        raise LmlabError(f"unknown codebook {name!r}; expected one of {', '.join(CODEBOOKS)}")
+    if name not in FORMATS:
+        raise LmlabError(f"unknown codebook {name!r}; expected one of {', '.join(FORMATS)}")
     return _codebook_cached(name, torch.device(device or "cpu")).clone()
 
 

@@ -1,7 +1,12 @@
-"""The public 4-bit verbs: :func:`quantize_4bit` and :func:`dequantize_4bit` (QLoRA §3).
+"""The public quantization verbs: :func:`quantize_4bit`, :func:`dequantize_4bit` (QLoRA §3) and
+:func:`int8_matmul` (LLM.int8() §3).
 
-They validate their arguments, choose between the reference (:mod:`lmlab.quant.blockwise`) and the
-fast path (:mod:`lmlab.quant.kernels`), and assemble double quantization.
+They validate their arguments (one-line :class:`LmlabError`), assemble double quantization, and
+compute through the ops of :mod:`lmlab.quant.ops`, which dispatch to the device kernel registered
+for the inputs (:mod:`lmlab.quant.kernels`) or to the reference. ``impl`` (:mod:`lmlab.impl`):
+``"auto"`` calls the op, ``"reference"`` the reference functions of :mod:`lmlab.quant.blockwise` /
+:mod:`lmlab.quant.int8` directly, ``"fast"`` the op where a kernel is registered for the device and
+a one-line error elsewhere.
 """
 
 from __future__ import annotations
@@ -9,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.quant import blockwise as _bw
+from lmlab.impl import check_impl, use_fast
+from lmlab.quant import ops
 from lmlab.quant.blockwise import (
     dequantize_4bit_reference,
     dequantize_blockwise_8bit,
@@ -17,14 +23,21 @@ from lmlab.quant.blockwise import (
     quantize_blockwise_8bit,
 )
 from lmlab.quant.codebooks import codebook, dynamic_map
-from lmlab.quant.formats import BLOCK_SIZES, FLOAT_DTYPES, NESTED_BLOCK_SIZE, QUANT_TYPES
-from lmlab.quant.kernels.cpu import (
-    _dequantize_full_blocks_fast,
-    _empty_output,
-    _fast_absmax,
-    _quantize_full_blocks_fast,
-)
-from lmlab.quant.state import Quantized4bit
+from lmlab.quant.formats import NESTED_BLOCK_SIZE, check_block_size, check_float_dtype, check_quant_type
+from lmlab.quant.int8 import Int8LinearReference, check_int8_matmul_args
+from lmlab.quant.state import FLOAT_DTYPES, Quantized4bit
+
+
+def use_kernel(impl: str, op: str, device: torch.device, what: str) -> bool:
+    """Whether to call ``lmlab::<op>`` (else the reference directly): see :func:`lmlab.impl.use_fast`.
+
+    ``"auto"`` always calls the op: it dispatches to the kernel registered for the device, else to
+    its reference body."""
+    devices = ops.FAST_DEVICES[op]
+    applies = device.type in devices
+    if check_impl(impl, what) == "auto":
+        return True  # the op dispatches: its kernel where one is registered, else the reference
+    return use_fast(impl, applies, what, f"no {op} kernel for {device.type}; kernels: {', '.join(devices)}")
 
 
 def _check_args(w: torch.Tensor, quant_type: str, block_size: int, name: str) -> None:
@@ -32,12 +45,8 @@ def _check_args(w: torch.Tensor, quant_type: str, block_size: int, name: str) ->
         raise LmlabError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
         raise LmlabError(f"{name}: 4-bit quantization needs float32, float16 or bfloat16, got {w.dtype}")
-    if quant_type not in QUANT_TYPES:
-        raise LmlabError(f"{name}: quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
-    if block_size not in BLOCK_SIZES:
-        raise LmlabError(
-            f"{name}: block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}"
-        )
+    check_quant_type(quant_type, name)
+    check_block_size(block_size, name)
     if w.numel() == 0:
         raise LmlabError(f"{name}: cannot quantize an empty tensor")
 
@@ -51,11 +60,21 @@ def _raise_not_finite(w: torch.Tensor, name: str) -> None:
     raise LmlabError(f"{name} contains {kind} (first at index {list(index)}); cannot quantize it")
 
 
+def decoded_absmax(
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
+) -> torch.Tensor:
+    """The ``(blocks,) float32`` block scales: ``absmax`` itself, or its double-quantized codes decoded."""
+    if nested_absmax is None:
+        return absmax.float()
+    return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_block_size) + offset.float()
+
+
 def _decoded_absmax(q: Quantized4bit) -> torch.Tensor:
-    if not q.double_quant:
-        return q.absmax.float()
-    absmax = dequantize_blockwise_8bit(q.absmax, q.nested_absmax, q.nested_code, q.nested_block_size)
-    return absmax + q.offset.float()
+    return decoded_absmax(q.absmax, q.offset, q.nested_absmax, q.nested_code, q.nested_block_size)
 
 
 def quantize_4bit(
@@ -65,35 +84,22 @@ def quantize_4bit(
     double_quant: bool = False,
     *,
     name: str = "weight",
+    impl: str = "auto",
 ) -> Quantized4bit:
     """Blockwise 4-bit quantization of ``w`` (any shape; float32, float16 or bfloat16).
 
     Bit-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize=block_size,
-    quant_type=quant_type, compress_statistics=double_quant)``. ``name`` is used in error
-    messages (a NaN or Inf anywhere raises :class:`LmlabError` naming it).
+    quant_type=quant_type, compress_statistics=double_quant)`` for nf4 and fp4. ``name`` is used in
+    error messages (a NaN or Inf anywhere raises :class:`LmlabError` naming it).
     """
     _check_args(w, quant_type, block_size, name)
     w = w.detach()
-    flat = w.reshape(-1)
-    n = flat.numel()
-    full = n - n % block_size
-    if _bw.USE_FAST_PATH and full > 0:
-        w2d = flat[:full].view(-1, block_size)
-        absmax = _fast_absmax(w2d)
-        if full < n:
-            absmax = torch.cat([absmax, flat[full:].float().abs().amax().reshape(1)])
-        if not bool(torch.isfinite(absmax).all()):  # max propagates NaN and Inf: no extra pass
-            _raise_not_finite(w, name)
-        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
-        _quantize_full_blocks_fast(w2d, absmax[: full // block_size], quant_type, packed[: full // 2])
-        if full < n:
-            tail_packed, _ = quantize_4bit_reference(flat[full:], quant_type, block_size)
-            packed[full // 2 :] = tail_packed.reshape(-1)
-        packed = packed.reshape(-1, 1)
+    if use_kernel(impl, "quantize_4bit", w.device, "quantize_4bit"):
+        packed, absmax = ops.quantize_4bit(w, quant_type, block_size)
     else:
         packed, absmax = quantize_4bit_reference(w, quant_type, block_size)
-        if not bool(torch.isfinite(absmax).all()):
-            _raise_not_finite(w, name)
+    if not bool(torch.isfinite(absmax).all()):  # max propagates NaN and Inf: no extra pass
+        _raise_not_finite(w, name)
     code = codebook(quant_type, w.device)
     if not double_quant:
         return Quantized4bit(packed, absmax, code, quant_type, block_size, w.shape, w.dtype)
@@ -119,7 +125,11 @@ def quantize_4bit(
 
 
 def dequantize_4bit(
-    q: Quantized4bit, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+    q: Quantized4bit,
+    dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Decode ``q`` to a tensor of ``q.shape`` and ``dtype`` (default: the original dtype).
 
@@ -127,26 +137,33 @@ def dequantize_4bit(
     right shape and dtype) is written and returned instead of allocating.
     """
     dtype = dtype or q.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise LmlabError(f"dequantize_4bit: dtype must be float32, float16 or bfloat16, got {dtype}")
-    if q.block_size not in BLOCK_SIZES or q.quant_type not in QUANT_TYPES:
-        raise LmlabError(f"dequantize_4bit: bad state (block_size {q.block_size}, {q.quant_type!r})")
-    absmax = _decoded_absmax(q)
+    check_float_dtype(dtype, "dequantize_4bit")
+    check_quant_type(q.quant_type, "dequantize_4bit")
+    check_block_size(q.block_size, "dequantize_4bit")
     n = q.numel
     if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous()):
         raise LmlabError(f"dequantize_4bit: out must be a contiguous {dtype} tensor of {n} elements")
-    if not _bw.USE_FAST_PATH:
+    absmax = _decoded_absmax(q)
+    if not use_kernel(impl, "dequantize_4bit", q.device, "dequantize_4bit"):
         result = dequantize_4bit_reference(q.packed, absmax, q.quant_type, q.block_size, q.shape, dtype)
         return result if out is None else out.view(q.shape).copy_(result)
-    flat = out.view(-1) if out is not None else _empty_output(n, dtype, q.device)
-    full = n - n % q.block_size
-    packed = q.packed.reshape(-1)
-    if full > 0:
-        _dequantize_full_blocks_fast(
-            packed[: full // 2], absmax[: full // q.block_size], q.quant_type, q.block_size, flat[:full]
-        )
-    if full < n:
-        flat[full:] = dequantize_4bit_reference(
-            packed[full // 2 :], absmax[-1:], q.quant_type, q.block_size, (n - full,), dtype
-        )
-    return flat.view(q.shape)
+    if out is None:
+        return ops.dequantize_4bit(q.packed, absmax, q.quant_type, q.block_size, list(q.shape), dtype)
+    out = out.view(q.shape)
+    ops.dequantize_4bit_out(q.packed, absmax, q.quant_type, q.block_size, out)
+    return out
+
+
+def int8_matmul(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float = 6.0, *, impl: str = "auto"
+) -> torch.Tensor:
+    """LLM.int8() ``x @ W.T`` with ``W ≈ w_q * w_scale[:, None] / 127``.
+
+    ``x``: ``(..., K)`` float; ``w_q``: ``(N, K)`` int8; ``w_scale``: ``(N,)`` float32 (row absmax
+    of ``W``). ``threshold <= 0`` disables the outlier decomposition. Returns ``(..., N)`` in
+    ``x.dtype``; differentiable with respect to ``x``.
+    """
+    check_int8_matmul_args(x, w_q, w_scale)
+    if use_kernel(impl, "int8_mm", x.device, "int8_matmul"):
+        return ops.int8_linear(x, w_q, w_scale, float(threshold))
+    return Int8LinearReference.apply(x, w_q, w_scale, float(threshold))

@@ -13,12 +13,17 @@ Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers 
 The weight columns used for the outliers are the int8 weights dequantized (bitsandbytes' choice;
 the paper keeps 16-bit weights, which a layer holding only int8 weights cannot).
 
-On CPU the int32 accumulation is exact: products of int8 values are summed in float64, which
-represents every partial sum below 2**53 exactly (K up to 5e11), then converted to int32.
-``int8_matmul_reference`` spells the same arithmetic out with no shortcuts for the tests.
+The int32 accumulation is exact: by default products of int8 values are summed in float64, which
+represents every partial sum below 2**53 exactly (K up to 5e11), then converted to int32
+(:func:`int_mm_reference`, ``lmlab::int8_mm``'s default; CUDA's ``torch._int_mm`` is its kernel in
+:mod:`lmlab.quant.kernels.cuda`). ``int8_matmul_reference`` spells the same arithmetic out with no
+shortcuts for the tests. The public verb :func:`lmlab.quant.functional.int8_matmul` checks its
+arguments and calls the op.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -66,13 +71,8 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * (scale.float().unsqueeze(-1) / INT8_SCALE)
 
 
-def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a (M, K) int8 @ b (N, K).T -> (M, N) int32``."""
-    if a.device.type == "cuda":
-        try:
-            return torch._int_mm(a, b.t())
-        except RuntimeError:  # shape constraints of the CUDA kernel; fall through
-            pass
+def int_mm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a (M, K) int8 @ b (N, K).T -> (M, N) int32`` on any device (``lmlab::int8_mm``'s default)."""
     # float64 holds every sum of at most 2**53 / 127**2 products exactly.
     return (a.double() @ b.double().t()).to(torch.int32)
 
@@ -84,28 +84,35 @@ def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     return (x2d.abs() >= threshold).any(dim=0).nonzero().view(-1)
 
 
-def int8_matmul(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float = 6.0
-) -> torch.Tensor:
-    """LLM.int8() ``x @ W.T`` with ``W ≈ w_q * w_scale[:, None] / 127``.
-
-    ``x``: ``(..., K)`` float; ``w_q``: ``(N, K)`` int8; ``w_scale``: ``(N,)`` float32 (row absmax
-    of ``W``). ``threshold <= 0`` disables the outlier decomposition. Returns ``(..., N)`` in
-    ``x.dtype``.
-    """
+def check_int8_matmul_args(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
+    """One-line errors for the arguments of :func:`lmlab.quant.functional.int8_matmul`."""
     _check_float(x, "int8_matmul input")
     if w_q.dtype != torch.int8 or w_q.dim() != 2:
         raise LmlabError(f"int8_matmul: w_q must be a 2-D int8 tensor, got {w_q.dtype} {tuple(w_q.shape)}")
     if x.shape[-1] != w_q.shape[1]:
         raise LmlabError(f"int8_matmul: input has {x.shape[-1]} features, the weight expects {w_q.shape[1]}")
     _check_scale(w_scale, w_q.shape[0])
+
+
+def int8_linear_reference(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    threshold: float,
+    int_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = int_mm_reference,
+) -> torch.Tensor:
+    """LLM.int8() ``x @ W.T`` on checked inputs (see :func:`lmlab.quant.functional.int8_matmul`).
+
+    ``int_mm`` is the exact int8 product; ``lmlab::int8_linear`` passes ``lmlab::int8_mm`` so that a
+    device kernel of it (CUDA's ``_int_mm``) is used.
+    """
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K)
     cols = outlier_columns(x2d, threshold)
     # Outlier columns leave the int8 path, and with it the activation scales.
     regular = x2d.index_fill(1, cols, 0.0) if cols.numel() else x2d
     x_q, x_scale = int8_vectorwise(regular)
-    acc = _int_matmul(x_q, w_q)  # (M, N) int32, exact
+    acc = int_mm(x_q, w_q)  # (M, N) int32, exact
     out = acc.float() * (x_scale[:, None] * w_scale.float()[None, :]) / (INT8_SCALE * INT8_SCALE)
     if cols.numel():
         w_cols = w_q.index_select(1, cols).float() * (w_scale.float()[:, None] / INT8_SCALE)  # (N, C)
@@ -130,3 +137,19 @@ def int8_matmul_reference(
     w_deq = w_q.double() * (w_scale.double()[:, None] / 127.0)
     out = out + (x2d * is_outlier[None, :]) @ w_deq.t()
     return out.reshape(*x.shape[:-1], n)
+
+
+class Int8LinearReference(torch.autograd.Function):
+    """:func:`int8_linear_reference` with the input gradient through the dequantized int8 weight
+    (what ``lmlab::int8_linear`` registers), for ``impl="reference"``."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, threshold):
+        ctx.save_for_backward(w_q, w_scale)
+        return int8_linear_reference(x, w_q, w_scale, threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w_q, w_scale = ctx.saved_tensors
+        w = int8_dequantize(w_q, w_scale).to(grad_out.dtype)  # (N, K)
+        return grad_out @ w, None, None, None

@@ -20,11 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.impl import check_impl
+from lmlab.quant import ops
+from lmlab.quant.blockwise import dequantize_4bit_reference
 from lmlab.quant.codebooks import codebook, dynamic_map
-from lmlab.quant.formats import BLOCK_SIZES, FLOAT_DTYPES, NESTED_BLOCK_SIZE
-from lmlab.quant.functional import dequantize_4bit, quantize_4bit
-from lmlab.quant.int8 import int8_dequantize, int8_matmul, int8_vectorwise
-from lmlab.quant.state import Quantized4bit
+from lmlab.quant.formats import NESTED_BLOCK_SIZE, check_block_size, check_float_dtype, check_quant_type
+from lmlab.quant.functional import (
+    _raise_not_finite,
+    decoded_absmax,
+    dequantize_4bit,
+    quantize_4bit,
+    use_kernel,
+)
+from lmlab.quant.int8 import Int8LinearReference, int8_dequantize, int8_vectorwise
+from lmlab.quant.state import FLOAT_DTYPES, Quantized4bit
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -55,7 +64,10 @@ class Linear4bit(nn.Module):
     """``y = x @ dequantize(W).T + b`` with ``W`` stored blockwise in 4 bits.
 
     The weight is decoded to ``compute_dtype`` (default: the input's dtype) on every call; the
-    output has the input's dtype.
+    output has the input's dtype. ``quant_type`` is any registered format
+    (:data:`lmlab.quant.formats.FORMATS`). The forward is one ``lmlab::linear_4bit`` op
+    (``impl="reference"``: the reference decode and ``F.linear``). This constructor is the only one:
+    :meth:`from_linear` and loading build the layer through it.
     """
 
     def __init__(
@@ -69,14 +81,15 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
-        if quant_type not in ("nf4", "fp4"):
-            raise LmlabError(f"Linear4bit: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-        if block_size not in BLOCK_SIZES:
-            raise LmlabError(f"Linear4bit: block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
-        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-            raise LmlabError(f"Linear4bit: unsupported compute_dtype {compute_dtype}")
+        check_quant_type(quant_type, "Linear4bit")
+        check_block_size(block_size, "Linear4bit")
+        if compute_dtype is not None:
+            check_float_dtype(compute_dtype, "Linear4bit", "compute_dtype")
+        check_float_dtype(weight_dtype, "Linear4bit", "weight_dtype")
+        self.impl = check_impl(impl, "Linear4bit")
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
@@ -149,28 +162,54 @@ class Linear4bit(nn.Module):
         double_quant: bool = False,
         compute_dtype: torch.dtype | None = None,
         name: str = "weight",
+        impl: str = "auto",
     ) -> Linear4bit:
         """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``); the source module is not modified."""
         w = linear_weight(linear)
         out_features, in_features = w.shape
         bias = _bias_of(linear)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features, layer.compute_dtype = in_features, out_features, compute_dtype
-        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-            raise LmlabError(f"Linear4bit: unsupported compute_dtype {compute_dtype}")
-        layer._set_state(quantize_4bit(w.contiguous(), quant_type, block_size, double_quant, name=name))
-        layer.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        if w.dtype not in FLOAT_DTYPES:
+            raise LmlabError(f"{name}: 4-bit quantization needs float32, float16 or bfloat16, got {w.dtype}")
+        layer = cls(
+            in_features,
+            out_features,
+            bias is not None,
+            quant_type,
+            block_size,
+            double_quant,
+            compute_dtype,
+            weight_dtype=w.dtype,
+            device=w.device,
+            impl=impl,
+        )
+        q = quantize_4bit(w.contiguous(), quant_type, block_size, double_quant, name=name, impl=impl)
+        layer._set_state(q)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
         return layer
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_4bit(self.quantized, dtype or self.weight_dtype)
+        return dequantize_4bit(self.quantized, dtype or self.weight_dtype, impl=self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.float32)
-        w = dequantize_4bit(self.quantized, dtype)  # (out, in), a constant for autograd
+        absmax = decoded_absmax(
+            self.weight_absmax,
+            self.weight_offset,
+            self.weight_nested_absmax,
+            self.weight_nested_quant_map,
+            self.nested_block_size,
+        )
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), w, bias).to(x.dtype)
+        shape = [self.out_features, self.in_features]
+        if use_kernel(self.impl, "dequantize_4bit", self.weight.device, "Linear4bit"):
+            y = ops.linear_4bit(
+                x.to(dtype), self.weight, absmax, self.quant_type, self.block_size, shape, bias
+            )
+        else:  # (out, in), a constant for autograd
+            w = dequantize_4bit_reference(self.weight, absmax, self.quant_type, self.block_size, shape, dtype)
+            y = F.linear(x.to(dtype), w, bias)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -228,26 +267,13 @@ class Linear4bit(nn.Module):
                 missing_keys.append(f"{prefix}weight.quant_state")
 
 
-class _Int8Linear(torch.autograd.Function):
-    """LLM.int8() forward; the input gradient uses the dequantized int8 weight (as bitsandbytes)."""
-
-    @staticmethod
-    def forward(ctx, x, w_q, w_scale, threshold):
-        ctx.save_for_backward(w_q, w_scale)
-        return int8_matmul(x, w_q, w_scale, threshold)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        w_q, w_scale = ctx.saved_tensors
-        w = int8_dequantize(w_q, w_scale).to(grad_out.dtype)  # (N, K)
-        return grad_out @ w, None, None, None
-
-
 class Linear8bit(nn.Module):
     """LLM.int8() linear layer: ``weight`` ``(out, in) int8`` and ``SCB`` ``(out,) float32`` buffers.
 
     ``threshold`` (6.0 as in the paper) picks the outlier input columns computed in floating point;
-    0 disables the decomposition.
+    0 disables the decomposition. The forward is one ``lmlab::int8_linear`` op (``impl="reference"``:
+    the reference with the same input gradient). This constructor is the only one:
+    :meth:`from_linear` and loading build the layer through it.
     """
 
     def __init__(
@@ -258,10 +284,14 @@ class Linear8bit(nn.Module):
         threshold: float = 6.0,
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise LmlabError(f"Linear8bit: threshold must be a number, got {threshold!r}")
         if not threshold >= 0 or math.isinf(threshold):
             raise LmlabError(f"Linear8bit: threshold must be a finite number >= 0, got {threshold!r}")
+        self.impl = check_impl(impl, "Linear8bit")
         self.in_features = in_features
         self.out_features = out_features
         self.threshold = float(threshold)
@@ -278,15 +308,17 @@ class Linear8bit(nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, threshold: float = 6.0, name: str = "weight") -> Linear8bit:
+    def from_linear(
+        cls, linear: nn.Module, threshold: float = 6.0, name: str = "weight", impl: str = "auto"
+    ) -> Linear8bit:
         w = linear_weight(linear)
         if not bool(torch.isfinite(w).all()):
-            from lmlab.quant.functional import _raise_not_finite
-
             _raise_not_finite(w, name)
         out_features, in_features = w.shape
         bias = _bias_of(linear)
-        layer = cls(in_features, out_features, bias is not None, threshold, w.dtype, device=w.device)
+        layer = cls(
+            in_features, out_features, bias is not None, threshold, w.dtype, device=w.device, impl=impl
+        )
         q, scale = int8_vectorwise(w)
         layer.weight.copy_(q)
         layer.SCB.copy_(scale)
@@ -298,7 +330,13 @@ class Linear8bit(nn.Module):
         return int8_dequantize(self.weight, self.SCB).to(dtype or self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Int8Linear.apply(x, self.weight, self.SCB, self.threshold)
+        if not x.is_floating_point():
+            raise LmlabError(f"Linear8bit: expected a floating-point input, got {x.dtype}")
+        # The buffers were checked when built or loaded; int8_matmul's per-call checks would sync.
+        if use_kernel(self.impl, "int8_mm", x.device, "Linear8bit"):
+            out = ops.int8_linear(x, self.weight, self.SCB, self.threshold)
+        else:
+            out = Int8LinearReference.apply(x, self.weight, self.SCB, self.threshold)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out

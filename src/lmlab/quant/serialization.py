@@ -31,7 +31,7 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_dir, check_output_dir, read_json_object, sha256_file
 from lmlab.quant.api import Config, config_from_json, quantized_layers
-from lmlab.quant.formats import BLOCK_SIZES, NESTED_BLOCK_SIZE
+from lmlab.quant.formats import FLOAT_DTYPE_NAMES, NESTED_BLOCK_SIZE, check_block_size, check_quant_type
 from lmlab.quant.modules import Linear4bit, Linear8bit
 from lmlab.quant.state import _dtype_from_name, _dtype_name, _read_quant_state
 
@@ -247,6 +247,38 @@ def verify_manifest(directory: str | os.PathLike) -> bool:
     return True
 
 
+def _check_layer_meta(path: Path, name: str, lm: object) -> None:
+    """One layer's entry of ``lmlab_quant.json``; the format and block size by the registry's checks."""
+    if not isinstance(lm, dict):
+        raise LmlabError(f"{path}: layer {name}: must be an object")
+
+    def bad(field: str, what: str) -> LmlabError:
+        return LmlabError(f"{path}: layer {name}: {field!r} must be {what}, got {lm.get(field)!r}")
+
+    for field in ("in_features", "out_features"):
+        v = lm.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise bad(field, "a positive integer")
+    if not isinstance(lm.get("bias"), bool):
+        raise bad("bias", "true or false")
+    if lm.get("weight_dtype", "float32") not in FLOAT_DTYPE_NAMES:
+        raise bad("weight_dtype", f"one of {', '.join(FLOAT_DTYPE_NAMES)}")
+    kind = lm.get("kind")
+    if kind == "linear4bit":
+        check_quant_type(lm.get("quant_type"), f"{path}: layer {name}")
+        check_block_size(lm.get("block_size"), f"{path}: layer {name}")
+        if not isinstance(lm.get("double_quant"), bool):
+            raise bad("double_quant", "true or false")
+        if lm.get("compute_dtype") is not None and lm.get("compute_dtype") not in FLOAT_DTYPE_NAMES:
+            raise bad("compute_dtype", f"null or one of {', '.join(FLOAT_DTYPE_NAMES)}")
+    elif kind == "linear8bit":
+        t = lm.get("threshold")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise bad("threshold", "a finite number >= 0")
+    else:
+        raise bad("kind", "linear4bit or linear8bit")
+
+
 def _read_meta(directory: Path) -> dict:
     """``lmlab_quant.json``, every field checked: a hand-edited file is a one-line error."""
     path = directory / META_NAME
@@ -256,43 +288,13 @@ def _read_meta(directory: Path) -> dict:
     layers = meta.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise LmlabError(f'{path}: "layers" must be a non-empty object')
-
-    def bad(name: str, field: str, what: str) -> LmlabError:
-        return LmlabError(f"{path}: layer {name}: {field!r} must be {what}, got {layers[name].get(field)!r}")
-
     for name, lm in layers.items():
-        if not isinstance(lm, dict):
-            raise LmlabError(f"{path}: layer {name}: must be an object")
-        for field in ("in_features", "out_features"):
-            v = lm.get(field)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise bad(name, field, "a positive integer")
-        if not isinstance(lm.get("bias"), bool):
-            raise bad(name, "bias", "true or false")
-        if lm.get("weight_dtype", "float32") not in _FLOAT_NAMES:
-            raise bad(name, "weight_dtype", f"one of {', '.join(_FLOAT_NAMES)}")
-        kind = lm.get("kind")
-        if kind == "linear4bit":
-            if lm.get("quant_type") not in ("nf4", "fp4"):
-                raise bad(name, "quant_type", "nf4 or fp4")
-            if isinstance(lm.get("block_size"), bool) or lm.get("block_size") not in BLOCK_SIZES:
-                raise bad(name, "block_size", f"one of {', '.join(map(str, BLOCK_SIZES))}")
-            if not isinstance(lm.get("double_quant"), bool):
-                raise bad(name, "double_quant", "true or false")
-            if lm.get("compute_dtype") is not None and lm.get("compute_dtype") not in _FLOAT_NAMES:
-                raise bad(name, "compute_dtype", f"null or one of {', '.join(_FLOAT_NAMES)}")
-        elif kind == "linear8bit":
-            t = lm.get("threshold")
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-                raise bad(name, "threshold", "a finite number >= 0")
-        else:
-            raise bad(name, "kind", "linear4bit or linear8bit")
+        _check_layer_meta(path, name, lm)
     if meta.get("config") is not None and not isinstance(meta["config"], dict):
         raise LmlabError(f'{path}: "config" must be an object or null')
     return meta
 
 
-_FLOAT_NAMES = ("float32", "float16", "bfloat16")
 # safetensors' header dtype names
 _ST_DTYPE = {
     torch.float32: "F32",

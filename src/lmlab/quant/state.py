@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.quant.formats import BLOCK_SIZES, FLOAT_DTYPES, NESTED_BLOCK_SIZE
+from lmlab.quant.formats import BLOCK_SIZES, NESTED_BLOCK_SIZE, QUANT_TYPES
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ def _read_quant_state(blob: object, key: str) -> dict:
         return v
 
     quant_type = field("quant_type", str, "a string")
-    if quant_type not in ("nf4", "fp4"):
+    if quant_type not in QUANT_TYPES:
         raise LmlabError(f"{key}: unsupported quant_type {quant_type!r}")
     block_size = field("blocksize", int, "an integer")
     if block_size not in BLOCK_SIZES:

@@ -1,15 +1,27 @@
-"""The CPU fast path of blockwise 4-bit quantize / dequantize (chunked torch ops, bit-identical to the reference).
+"""The CPU kernels of ``lmlab::quantize_4bit`` / ``lmlab::dequantize_4bit`` (registered in :mod:`lmlab.quant.ops`).
 
-It works in chunks that stay in cache, replaces the binary search by a uniform-grid lookup (one
-exact comparison per element, see :func:`lmlab.quant.codebooks._grid_tables`) and decodes whole
-bytes through a 256-entry table of value pairs.
+Whole blocks go to the compiled kernel of :mod:`lmlab.quant.kernels.native` where it is built, else
+to the chunked torch path below; a trailing partial block goes to the reference
+(:mod:`lmlab.quant.blockwise`), whose arithmetic for it is bitsandbytes' (``x / absmax``). Every
+route is bit-identical to the reference.
+
+The chunked torch path works in chunks that stay in cache, replaces the binary search by a
+uniform-grid lookup (one exact comparison per element, see
+:func:`lmlab.quant.codebooks._grid_tables`) and decodes whole bytes through a 256-entry table of
+value pairs. Each chunk costs a handful of torch ops, each one OpenMP parallel region; on a machine
+where other processes hold the cores those regions wait for a preempted worker, which the compiled
+kernel (one parallel region per call) does not.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from lmlab.quant.blockwise import dequantize_4bit_reference, quantize_4bit_reference
 from lmlab.quant.codebooks import _grid_tables, _pair_table, _slot_byte_to_code_byte, _sorted_tables
+from lmlab.quant.kernels import native
 from lmlab.quant.kernels.hugepages import _advise_hugepages
 
 CHUNK_ELEMENTS = (
@@ -97,3 +109,81 @@ def _dequantize_full_blocks_fast(
         dst.view(-1, block_size).mul_(absmax[r0:r1, None])
         if not direct:
             out[r0 * block_size : r1 * block_size].copy_(dst)
+
+
+def _quantize_full_blocks(
+    w2d: torch.Tensor, quant_type: str, packed: torch.Tensor, absmax: torch.Tensor
+) -> None:
+    """Codes and absmax of whole blocks ``w2d (blocks, B)``: the compiled kernel, else chunked torch."""
+    device = w2d.device
+    k, low_table, mid_table = _grid_tables(quant_type, device)
+    _, _, identity = _sorted_tables(quant_type, device)
+    byte_map = None if identity else _slot_byte_to_code_byte(quant_type, device)
+    threads = torch.get_num_threads()
+    if native.quantize_4bit_blocks(w2d, k, low_table, mid_table, byte_map, packed, absmax, threads):
+        return
+    absmax.copy_(_fast_absmax(w2d))
+    # A NaN or Inf scale would index the grid tables out of range; the caller refuses such a weight
+    # from the absmax (max propagates them), so its codes may stay unwritten.
+    if bool(torch.isfinite(absmax).all()):
+        _quantize_full_blocks_fast(w2d, absmax, quant_type, packed)
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``lmlab::quantize_4bit``: ``(packed ((n+1)//2, 1) uint8, absmax (blocks,) f32)``."""
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    full = n - n % block_size
+    if full == 0:
+        return quantize_4bit_reference(w, quant_type, block_size)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=w.device)
+    w2d = flat[:full].view(-1, block_size)  # (blocks, B)
+    _quantize_full_blocks(w2d, quant_type, packed[: full // 2], absmax[: full // block_size])
+    if full < n:
+        tail_packed, tail_absmax = quantize_4bit_reference(flat[full:], quant_type, block_size)
+        packed[full // 2 :] = tail_packed.reshape(-1)
+        absmax[-1:] = tail_absmax
+    return packed.reshape(-1, 1), absmax
+
+
+def _dequantize_full_blocks(
+    packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, block_size: int, out: torch.Tensor
+) -> None:
+    table = _pair_table(quant_type, packed.device)
+    if native.dequantize_4bit_blocks(packed, absmax, table, block_size, out, torch.get_num_threads()):
+        return
+    _dequantize_full_blocks_fast(packed, absmax, quant_type, block_size, out)
+
+
+def dequantize_4bit_into(
+    packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, block_size: int, out: torch.Tensor
+) -> None:
+    """CPU kernel of ``lmlab::dequantize_4bit_out``: decode into contiguous ``out`` (its numel elements)."""
+    flat = out.view(-1)
+    n = flat.numel()
+    full = n - n % block_size
+    packed = packed.reshape(-1)
+    absmax = absmax.float().contiguous()
+    if full > 0:
+        _dequantize_full_blocks(
+            packed[: full // 2], absmax[: full // block_size], quant_type, block_size, flat[:full]
+        )
+    if full < n:
+        flat[full:] = dequantize_4bit_reference(
+            packed[full // 2 :], absmax[-1:], quant_type, block_size, (n - full,), out.dtype
+        )
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """CPU kernel of ``lmlab::dequantize_4bit``: ``shape`` of ``dtype`` (absmax decoded, float32)."""
+    out = _empty_output(math.prod(shape), dtype, packed.device)
+    dequantize_4bit_into(packed, absmax, quant_type, block_size, out)
+    return out.view(shape)

@@ -1,0 +1,177 @@
+"""lmlab's quantization kernels as ``torch.library`` custom ops: one contract per kernel.
+
+Each op is defined over plain tensors and scalars, with a fake (meta) implementation giving the
+output shapes (so ``torch.compile`` traces a quantized model as one op per layer, not a Python
+loop), the plain PyTorch reference as its default implementation (every device, CI), and device
+kernels registered beside it:
+
+==========================  ==========================================  =========================
+op                          default (reference)                         device kernels
+==========================  ==========================================  =========================
+``lmlab::quantize_4bit``    :func:`blockwise.quantize_4bit_reference`   cpu: compiled C, else
+                                                                        chunked torch
+``lmlab::dequantize_4bit``  :func:`blockwise.dequantize_4bit_reference` cpu (same)
+``lmlab::dequantize_4bit_out``  the same, written into ``out``          cpu (same)
+``lmlab::linear_4bit``      ``x @ dequantize_4bit(W).T + b``, with the  (its dequantize_4bit
+                            input gradient (QLoRA trains through it)    dispatches)
+``lmlab::int8_mm``          :func:`int8.int_mm_reference` (float64)     cuda: ``torch._int_mm``
+``lmlab::int8_linear``      :func:`int8.int8_linear_reference`, with    (its int8_mm dispatches)
+                            the input gradient
+==========================  ==========================================  =========================
+
+A CUDA / Triton kernel for an op is a function in :mod:`lmlab.quant.kernels.cuda` and one
+``register_kernel(..., "cuda")`` line below. The public verbs (:mod:`lmlab.quant.functional`,
+:mod:`lmlab.quant.modules`) validate their arguments and call these ops; with ``impl="reference"``
+they call the reference functions directly instead. Importing this module defines the ops; it
+probes no hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.quant import blockwise
+from lmlab.quant.int8 import int8_dequantize, int8_linear_reference, int_mm_reference
+from lmlab.quant.kernels import cpu, cuda
+
+# Device types with a registered kernel per op: where impl="fast" applies.
+FAST_DEVICES: dict[str, tuple[str, ...]] = {
+    "quantize_4bit": ("cpu",),
+    "dequantize_4bit": ("cpu",),
+    "int8_mm": ("cuda",),
+}
+
+# -------------------------------------------------------------------------------- 4-bit
+
+
+@torch.library.custom_op("lmlab::quantize_4bit", mutates_args=())
+def quantize_4bit(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (any shape, float) -> ``(packed ((n+1)//2, 1) uint8, absmax (blocks,) float32)``.
+
+    A NaN or Inf in ``w`` shows in ``absmax`` (max propagates it); the codes are then unspecified.
+    """
+    return blockwise.quantize_4bit_reference(w, quant_type, block_size)
+
+
+@quantize_4bit.register_fake
+def _(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = w.numel()
+    packed = w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    return packed, w.new_empty(((n + block_size - 1) // block_size,), dtype=torch.float32)
+
+
+@torch.library.custom_op("lmlab::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``packed`` codes and *decoded* ``absmax (blocks,) float32`` -> a ``shape`` tensor of ``dtype``."""
+    return blockwise.dequantize_4bit_reference(packed, absmax, quant_type, block_size, tuple(shape), dtype)
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, quant_type, block_size, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.custom_op("lmlab::dequantize_4bit_out", mutates_args=("out",))
+def dequantize_4bit_out(
+    packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, block_size: int, out: torch.Tensor
+) -> None:
+    """:func:`dequantize_4bit` written into ``out`` (contiguous; its shape and dtype say what to decode)."""
+    out.copy_(
+        blockwise.dequantize_4bit_reference(packed, absmax, quant_type, block_size, out.shape, out.dtype)
+    )
+
+
+@dequantize_4bit_out.register_fake
+def _(packed, absmax, quant_type, block_size, out):
+    return None
+
+
+torch.library.register_kernel("lmlab::quantize_4bit", "cpu", cpu.quantize_4bit)
+torch.library.register_kernel("lmlab::dequantize_4bit", "cpu", cpu.dequantize_4bit)
+torch.library.register_kernel("lmlab::dequantize_4bit_out", "cpu", cpu.dequantize_4bit_into)
+
+
+@torch.library.custom_op("lmlab::linear_4bit", mutates_args=())
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    shape: Sequence[int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x (..., in) @ W.T + bias`` with ``W (out, in)`` decoded to ``x.dtype`` (QLoRA's frozen layer)."""
+    w = dequantize_4bit(packed, absmax, quant_type, block_size, shape, x.dtype)  # (out, in)
+    return F.linear(x, w, bias)
+
+
+@linear_4bit.register_fake
+def _(x, packed, absmax, quant_type, block_size, shape, bias):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+def _linear_4bit_setup(ctx, inputs, output) -> None:
+    _, packed, absmax, ctx.quant_type, ctx.block_size, ctx.shape, _ = inputs
+    ctx.save_for_backward(packed, absmax)
+
+
+def _linear_4bit_backward(ctx, grad_out):
+    # Only the input gradient: the 4-bit weight and its bias are frozen (adapters train beside them).
+    packed, absmax = ctx.saved_tensors
+    w = dequantize_4bit(packed, absmax, ctx.quant_type, ctx.block_size, ctx.shape, grad_out.dtype)
+    return grad_out @ w, None, None, None, None, None, None
+
+
+torch.library.register_autograd("lmlab::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup)
+
+# -------------------------------------------------------------------------------- LLM.int8()
+
+
+@torch.library.custom_op("lmlab::int8_mm", mutates_args=())
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a (M, K) int8 @ b (N, K).T -> (M, N) int32``."""
+    return int_mm_reference(a, b)
+
+
+@int8_mm.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+torch.library.register_kernel("lmlab::int8_mm", "cuda", cuda.int8_mm)
+
+
+@torch.library.custom_op("lmlab::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM.int8() ``x (..., K) @ W.T -> (..., N)`` in ``x.dtype``, ``W ≈ w_q * w_scale[:, None] / 127``."""
+    return int8_linear_reference(x, w_q, w_scale, threshold, int_mm=int8_mm)
+
+
+@int8_linear.register_fake
+def _(x, w_q, w_scale, threshold):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+def _int8_linear_setup(ctx, inputs, output) -> None:
+    _, w_q, w_scale, _ = inputs
+    ctx.save_for_backward(w_q, w_scale)
+
+
+def _int8_linear_backward(ctx, grad_out):
+    # The input gradient through the dequantized int8 weight, as bitsandbytes computes it.
+    w_q, w_scale = ctx.saved_tensors
+    return grad_out @ int8_dequantize(w_q, w_scale).to(grad_out.dtype), None, None, None
+
+
+torch.library.register_autograd("lmlab::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup)

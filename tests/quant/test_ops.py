@@ -1,0 +1,186 @@
+"""The op contract (lmlab.quant.ops): opcheck of every op, the registered CPU kernel against the
+reference, the impl switch, and torch.compile seeing one lmlab op per quantized layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import bits
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.quant import Linear4bit, Linear8bit, blockwise, dequantize_4bit, int8_matmul, ops, quantize_4bit
+from lmlab.quant.functional import decoded_absmax
+from lmlab.quant.int8 import int8_vectorwise, int_mm_reference
+from lmlab.quant.kernels import cpu
+
+lmlab_ops = torch.ops.lmlab
+
+# (shape, block_size): whole blocks, a partial last block, fewer elements than a block, odd count
+CASES = [((4, 64), 64), ((5, 30), 64), ((3,), 32), ((7, 9), 32)]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _weight(shape, dtype, seed=0):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "shape,block_size,dtype", [(*case, dtype) for case, dtype in zip(CASES, DTYPES * 2, strict=False)]
+)
+def test_opcheck_quantize_and_dequantize(shape, block_size, dtype):
+    w = _weight(shape, dtype)
+    torch.library.opcheck(lmlab_ops.quantize_4bit, (w, "nf4", block_size))
+    packed, absmax = lmlab_ops.quantize_4bit(w, "fp4", block_size)
+    torch.library.opcheck(lmlab_ops.dequantize_4bit, (packed, absmax, "fp4", block_size, list(shape), dtype))
+    out = torch.empty(shape, dtype=dtype)
+    torch.library.opcheck(lmlab_ops.dequantize_4bit_out, (packed, absmax, "fp4", block_size, out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_linear_4bit_with_its_input_gradient(dtype):
+    w = _weight((6, 40), torch.float32)
+    packed, absmax = lmlab_ops.quantize_4bit(w, "nf4", 32)  # 240 = 7.5 blocks: a partial one
+    x = torch.randn(3, 40).to(dtype).requires_grad_(True)
+    bias = torch.randn(6).to(dtype)
+    torch.library.opcheck(lmlab_ops.linear_4bit, (x, packed, absmax, "nf4", 32, [6, 40], bias))
+    torch.library.opcheck(lmlab_ops.linear_4bit, (x, packed, absmax, "nf4", 32, [6, 40], None))
+
+
+def test_opcheck_int8_ops():
+    w_q, w_scale = int8_vectorwise(torch.randn(12, 16))
+    a, _ = int8_vectorwise(torch.randn(5, 16))
+    torch.library.opcheck(lmlab_ops.int8_mm, (a, w_q))
+    x = torch.randn(5, 16, requires_grad=True)
+    x.data[:, 3] = 8.0  # an outlier column
+    torch.library.opcheck(lmlab_ops.int8_linear, (x, w_q, w_scale, 6.0))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("shape,block_size", [*CASES, ((33, 128), 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_registered_cpu_kernel_equals_the_reference(quant_type, shape, block_size, dtype):
+    w = _weight(shape, dtype, seed=1)
+    ref_packed, ref_absmax = blockwise.quantize_4bit_reference(w, quant_type, block_size)
+    for packed, absmax in (
+        cpu.quantize_4bit(w, quant_type, block_size),  # the kernel itself
+        lmlab_ops.quantize_4bit(w, quant_type, block_size),  # what the op dispatches to on CPU
+    ):
+        assert torch.equal(packed, ref_packed) and torch.equal(bits(absmax), bits(ref_absmax))
+    for out_dtype in DTYPES:
+        ref = blockwise.dequantize_4bit_reference(
+            ref_packed, ref_absmax, quant_type, block_size, shape, out_dtype
+        )
+        got = cpu.dequantize_4bit(ref_packed, ref_absmax, quant_type, block_size, list(shape), out_dtype)
+        assert torch.equal(bits(got), bits(ref))
+        assert torch.equal(
+            bits(lmlab_ops.dequantize_4bit(ref_packed, ref_absmax, quant_type, block_size, shape, out_dtype)),
+            bits(ref),
+        )
+
+
+def test_op_default_is_the_reference():
+    # The op's own body (CompositeExplicitAutograd) is what runs on a device without a kernel.
+    w = _weight((5, 30), torch.float32)
+    packed, absmax = ops.quantize_4bit._init_fn(w, "nf4", 64)
+    ref_packed, ref_absmax = blockwise.quantize_4bit_reference(w, "nf4", 64)
+    assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+    a, _ = int8_vectorwise(torch.randn(4, 8))
+    assert torch.equal(ops.int8_mm._init_fn(a, a), int_mm_reference(a, a))
+
+
+def test_impl_switch():
+    w = _weight((8, 64), torch.float32)
+    for impl in ("auto", "reference", "fast"):
+        q = quantize_4bit(w, impl=impl)
+        assert torch.equal(bits(dequantize_4bit(q, impl=impl)), bits(dequantize_4bit(q, impl="reference")))
+    with pytest.raises(LmlabError, match="impl must be one of"):
+        quantize_4bit(w, impl="fastest")
+    w_q, w_scale = int8_vectorwise(torch.randn(4, 8))
+    with pytest.raises(LmlabError, match="impl='fast' does not apply here.*int8_mm kernel for cpu"):
+        int8_matmul(torch.randn(2, 8), w_q, w_scale, impl="fast")  # its only kernel is CUDA's
+    x = torch.randn(2, 8)
+    assert torch.equal(int8_matmul(x, w_q, w_scale, impl="reference"), int8_matmul(x, w_q, w_scale))
+
+
+def test_decoded_absmax_of_double_quant_is_the_state_s():
+    q = quantize_4bit(_weight((40, 64), torch.float32), double_quant=True)
+    absmax = decoded_absmax(q.absmax, q.offset, q.nested_absmax, q.nested_code, q.nested_block_size)
+    w = blockwise.dequantize_4bit_reference(q.packed, absmax, "nf4", 64, q.shape, torch.float32)
+    assert torch.equal(bits(dequantize_4bit(q)), bits(w))
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_reference_and_op_layers_agree_with_gradients(kind):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    make = Linear4bit.from_linear if kind == "4bit" else Linear8bit.from_linear
+    layers = [make(lin, impl=impl) for impl in ("auto", "reference")]
+    x = torch.randn(5, 64)
+    x[:, 2] = 9.0
+    grads = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.pow(2).sum().backward()
+        grads.append((y.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _lmlab_nodes(model: nn.Module, x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The lmlab ops in the graph torch.compile(fullgraph=True) captures, and the compiled output."""
+    seen: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and str(node.target).startswith("lmlab."):
+                seen.append(str(node.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    return seen, out
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_compiled_model_holds_one_lmlab_op_per_layer(kind):
+    torch.manual_seed(0)
+    model = _Tiny()
+    for name in ("up", "down"):
+        lin = getattr(model, name)
+        q = Linear4bit.from_linear(lin, double_quant=True) if kind == "4bit" else Linear8bit.from_linear(lin)
+        setattr(model, name, q)
+    x = torch.randn(4, 32)
+    seen, out = _lmlab_nodes(model, x)
+    op = "lmlab.linear_4bit.default" if kind == "4bit" else "lmlab.int8_linear.default"
+    assert seen == [op, op]
+    assert torch.equal(out, model(x))
+
+
+@pytest.mark.slow
+def test_aot_eager_compile_gives_the_eager_result_and_gradient():
+    torch.manual_seed(0)
+    model = _Tiny()
+    model.up = Linear4bit.from_linear(model.up)
+    model.down = Linear8bit.from_linear(model.down)
+    x = torch.randn(4, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = model(x2)
+    y2.sum().backward()
+    assert torch.equal(y, y2)
+    assert torch.equal(x.grad, x2.grad)
