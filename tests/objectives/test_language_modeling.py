@@ -21,12 +21,16 @@ def ragged(lengths: list[int], pad: int, seed: int) -> tuple[torch.Tensor, torch
     return tokens, mask
 
 
+# Ragged batches: row lengths, extra padding columns and a seed, as ragged() takes them.
+RAGGED = {
+    "lengths": st.lists(st.integers(0, 50), min_size=1, max_size=5),
+    "pad": st.integers(0, 3),
+    "seed": st.integers(0, 2**31),
+}
+
+
 @settings(max_examples=50, deadline=None)
-@given(
-    lengths=st.lists(st.integers(0, 50), min_size=1, max_size=5),
-    pad=st.integers(0, 3),
-    seed=st.integers(0, 2**31),
-)
+@given(**RAGGED)
 def test_prefix_lm_splits_and_reassembles(lengths, pad, seed):
     tokens, mask = ragged(lengths, pad, seed)
     before = tokens.clone()
@@ -64,11 +68,7 @@ def test_prefix_split_is_uniform():
 
 
 @settings(max_examples=50, deadline=None)
-@given(
-    lengths=st.lists(st.integers(0, 50), min_size=1, max_size=5),
-    pad=st.integers(0, 3),
-    seed=st.integers(0, 2**31),
-)
+@given(**RAGGED)
 def test_deshuffle_is_a_permutation_of_each_row(lengths, pad, seed):
     tokens, mask = ragged(lengths, pad, seed)
     batch = Deshuffle()(tokens, attention_mask=mask, generator=torch.Generator().manual_seed(seed))
