@@ -30,6 +30,7 @@ IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     "name,argv",
     [
         ("gpt2", ["--method", "nf4"]),
+        ("gpt2", ["--method", "int4", "--double-quant"]),
         ("t5", ["--method", "fp4", "--block-size", "128", "--double-quant"]),
         ("bert", ["--method", "int8", "--threshold", "5.0"]),
     ],
