@@ -20,6 +20,7 @@ import importlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 from lmlab import __version__
 from lmlab.errors import LmlabError
@@ -46,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).configure(p)
         p.set_defaults(_module=module)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------- environment
+# The only environment variables lmlab reads, read here and passed down to the library as arguments.
+
+
+def env_cache_dir() -> Path | None:
+    """lmlab's cache from the environment: ``$LMLAB_CACHE``, else ``$XDG_CACHE_HOME/lmlab``, else None
+    (the library's default, ``~/.cache/lmlab``)."""
+    if os.environ.get("LMLAB_CACHE"):
+        return Path(os.environ["LMLAB_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "lmlab"
+    return None
+
+
+def env_onednn_policy() -> str:
+    """``$LMLAB_ONEDNN`` (auto, 1/on, 0/off; unset is auto): the oneDNN policy a command passes down."""
+    return os.environ.get("LMLAB_ONEDNN", "auto")
 
 
 def os_error_line(e: OSError) -> str:

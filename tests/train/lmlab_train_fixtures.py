@@ -52,3 +52,13 @@ def write_prepared(out: Path, train_docs: int = 600, val_docs: int = 80, seed: i
         meta[split] = {"tokens": int(arr.size), "documents": len(docs)}
     (out / "meta.json").write_text(json.dumps(meta))
     return out
+
+
+def tiny_config(data_dir: Path, out: Path, **kw):
+    """A t5-tiny span-corruption run of 8 steps on ``data_dir``: seconds on a CPU."""
+    from lmlab.train import PretrainConfig
+
+    base = dict(data=[str(data_dir)], out=str(out), objective="span", model="t5-tiny", steps=8, batch_size=4,
+                seq_len=32, eval_every=4, eval_batches=2, save_every=2, keep=3, workers=1, progress=False,
+                precision="fp32")  # fmt: skip
+    return PretrainConfig(**{**base, **kw})

@@ -1,4 +1,4 @@
-"""The pre-training loop end to end on CPU: train, evaluate, checkpoint, resume bit-identically."""
+"""lmlab.train.loop end to end on CPU: train, validate, checkpoint, resume bit-identically; the process left as it was."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from lmlab_train_fixtures import tiny_config as tiny  # noqa: E402
 from lmlab_train_fixtures import write_prepared  # noqa: E402
 
 from lmlab.errors import LmlabError  # noqa: E402
@@ -23,13 +24,6 @@ from lmlab.train.checkpoint import list_checkpoints  # noqa: E402
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared")
-
-
-def tiny(data_dir: Path, out: Path, **kw) -> PretrainConfig:
-    base = dict(data=[str(data_dir)], out=str(out), objective="span", model="t5-tiny", steps=8, batch_size=4,
-                seq_len=32, eval_every=4, eval_batches=2, save_every=2, keep=3, workers=1, progress=False,
-                precision="fp32")  # fmt: skip
-    return PretrainConfig(**{**base, **kw})
 
 
 def test_bf16_autocast_run_on_cpu(data_dir, tmp_path):
@@ -49,47 +43,6 @@ def test_bf16_autocast_run_on_cpu(data_dir, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ev = evaluate(model, data_dir, "span", batch_size=4, seq_len=32, max_batches=2, precision="bf16")
     assert ev["loss"] == pytest.approx(r.evals[-1][1], rel=1e-5)
-
-
-def test_auto_precision_is_fp32_or_native_bf16(monkeypatch):
-    from lmlab.train import loop
-
-    cpu = torch.device("cpu")
-    assert loop.resolve_precision("fp32", cpu) == "fp32" and loop.resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr(loop, "_cpu_native_bf16", lambda: False)
-    assert loop.resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr(loop, "_cpu_native_bf16", lambda: True)
-    assert loop.resolve_precision("auto", cpu) == "bf16"
-    with pytest.raises(LmlabError, match="unknown precision"):
-        PretrainConfig(data=["x"], out="y", precision="fp16")
-
-
-def test_keep_freed_memory_tunes_glibc_and_skips_other_c_libraries(monkeypatch):
-    import ctypes
-    import platform
-
-    from lmlab.train import loop
-
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(loop.sys, "platform", "linux")
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
-    assert loop.keep_freed_memory.__wrapped__() is True
-    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-
-    def missing(name):
-        raise OSError(f"{name}: cannot open shared object file")
-
-    monkeypatch.setattr(ctypes, "CDLL", missing)
-    assert loop.keep_freed_memory.__wrapped__() is False
-    monkeypatch.undo()
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # the real call succeeds here
-        assert loop.keep_freed_memory.__wrapped__() is True
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -119,18 +72,6 @@ def test_span_t5_run_writes_a_loadable_model(data_dir, tmp_path):
     ev = evaluate(model, data_dir, "span", batch_size=4, seq_len=32, max_batches=2)
     assert ev["loss"] == pytest.approx(r.evals[-1][1], rel=1e-5)
     assert ev["perplexity"] == pytest.approx(torch.tensor(ev["loss"]).exp().item(), rel=1e-6)
-
-
-def test_evaluate_before_and_after_training(data_dir, tmp_path):
-    from lmlab.models import build_model, load_model
-
-    untrained = build_model("t5-tiny", 336, seed=0)
-    before = evaluate(untrained, data_dir, "span", batch_size=4, seq_len=32, max_batches=2)
-    r = pretrain(tiny(data_dir, tmp_path / "run", steps=12, lr=3e-3))
-    after = evaluate(load_model(r.final_dir), data_dir, "span", batch_size=4, seq_len=32, max_batches=2)
-    assert before["tokens"] == after["tokens"] > 0
-    assert after["loss"] < before["loss"] - 0.5
-    assert before["perplexity"] > after["perplexity"]
 
 
 @pytest.mark.parametrize(
@@ -195,23 +136,6 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_dir, tmp_path, capsys
     assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
 
 
-def test_resume_notes_a_change_of_fp32_product_library(data_dir, tmp_path, capsys, monkeypatch):
-    """A run resumed with the other fp32 products (LMLAB_ONEDNN) says it will match to rounding only."""
-    from lmlab.models import onednn
-
-    if not onednn._probe():
-        pytest.skip("no oneDNN fp32 linear in this torch build")
-    monkeypatch.setenv("LMLAB_ONEDNN", "1")
-    pretrain(tiny(data_dir, tmp_path / "r", steps=4, eval_every=100))
-    monkeypatch.setenv("LMLAB_ONEDNN", "0")
-    capsys.readouterr()
-    resumed = pretrain(PretrainConfig.resume_from(tmp_path / "r", steps=6, progress=False))
-    err = capsys.readouterr().err
-    assert resumed.step == 6 and "multiplied fp32 with onednn, this process with torch" in err
-    saved = json.loads((tmp_path / "r" / "config.json").read_text())["resolved"]
-    assert saved["cpu_fp32_products"] == "torch"  # what the resumed part ran with
-
-
 def test_dropout_is_seeded_and_resumes_bit_identical(data_dir, tmp_path):
     """BERT trains with dropout 0.1: its masks come from the run's seed, and a resume continues them."""
     kw = dict(objective="bert", model="bert-tiny", steps=6, save_every=3, eval_every=6)
@@ -236,18 +160,6 @@ def test_resume_may_extend_steps(data_dir, tmp_path):
         PretrainConfig.resume_from(tmp_path / "run", lr=1.0)
 
 
-def test_resume_a_run_whose_config_predates_a_setting(data_dir, tmp_path):
-    import json
-
-    pretrain(tiny(data_dir, tmp_path / "run", steps=4, precision="auto"))
-    path = tmp_path / "run" / "config.json"
-    saved = json.loads(path.read_text())
-    del saved["config"]["precision"]  # as an lmlab without --precision wrote it
-    path.write_text(json.dumps(saved))
-    longer = pretrain(PretrainConfig.resume_from(tmp_path / "run", steps=5, progress=False))
-    assert longer.step == 5
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     def poison(step: int, loss) -> None:
         if step == 4:  # after the step-4 checkpoint, break the weights as a diverging run would
@@ -260,7 +172,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
 
     def build(self):
         real(self)
-        poison.model = self.base
+        poison.model = self.s.base
 
     loop._Run._build = build
     try:
@@ -338,13 +250,39 @@ def test_lmlab_command_line_in_process(data_dir, tmp_path):
     assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3]
 
 
-def test_evaluate_decoder_and_encoder_models(data_dir):
-    from lmlab.models import build_model
+def test_pretrain_leaves_the_process_as_it_found_it(data_dir, tmp_path, monkeypatch):
+    """No TF32 switch, no malloc tuning, no oneDNN policy outside the run, unless asked (tune_process)."""
+    from lmlab import runtime
 
-    gpt = build_model("gpt-tiny", 336, seed=0)
-    ev = evaluate(gpt, [data_dir], "causal", batch_size=4, seq_len=32, max_batches=2)
-    assert ev["rows"] == 8 and ev["tokens"] == 8 * 31  # next-token targets: 31 per row of 32
-    assert ev["loss"] == pytest.approx(torch.log(torch.tensor(336.0)).item(), rel=0.1)  # untrained ≈ uniform
-    bert = build_model("bert-tiny", 336, seed=0)
-    ev = evaluate(bert, data_dir, "bert", batch_size=4, seq_len=32, max_batches=2)
-    assert 0 < ev["tokens"] < 8 * 32  # only the masked positions are scored
+    tuned = []
+    monkeypatch.setattr(runtime, "tune_process", lambda device: tuned.append(str(device)))
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: pytest.fail("mallopt without tune_process"))
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())  # fmt: skip
+    seen = []
+    r = pretrain(tiny(data_dir, tmp_path / "a", steps=2, onednn="off"),
+                 on_step=lambda s, loss: seen.append(runtime.current_onednn_policy()))  # fmt: skip
+    after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())  # fmt: skip
+    assert r.final_dir is not None and before == after and tuned == []
+    assert seen == ["off", "off"] and runtime.current_onednn_policy() == "auto"
+    pretrain(tiny(data_dir, tmp_path / "b", steps=1), tune_process=True)
+    assert tuned == ["cpu"]
+
+
+def test_final_holds_a_pure_hf_config_and_the_run_settings_beside_it(data_dir, tmp_path):
+    from lmlab.io import output_kind
+    from lmlab.models import load_model
+    from lmlab.train.state import TRAINING_FILE, model_settings
+
+    r = pretrain(tiny(data_dir, tmp_path / "run", steps=2, seq_len=24))
+    hf = json.loads((r.final_dir / "config.json").read_text())
+    assert not [k for k in hf if k.startswith("lmlab")]
+    assert json.loads((r.final_dir / TRAINING_FILE).read_text()) == {"seq_len": 24, "objective": "span"}
+    assert output_kind(r.final_dir) == "model" and output_kind(tmp_path / "run") == "run"
+    model = load_model(r.final_dir)
+    assert model_settings(model.name_or_path, model.config) == {"seq_len": 24, "objective": "span"}
+    # --init takes the length the model was trained at, as before.
+    cont = pretrain(tiny(data_dir, tmp_path / "cont", steps=1, seq_len=None, init=str(r.final_dir)))
+    saved = json.loads((tmp_path / "cont" / "config.json").read_text())
+    assert cont.step == 1 and saved["resolved"]["seq_len"] == 24

@@ -209,7 +209,7 @@ def test_a_signal_after_divergence_writes_no_nan_checkpoint(data_dir, tmp_path):
 
     def build(self):
         real(self)
-        poison.model = self.base
+        poison.model = self.s.base
 
     run = tmp_path / "run"
     cfg = PretrainConfig(data=[str(data_dir)], out=str(run), objective="causal", model="gpt-tiny", steps=8,
@@ -296,7 +296,7 @@ def test_a_full_tmpfs_is_one_line(data_dir, tmp_path):
 
 
 def test_metrics_on_a_full_disk_is_one_line(tmp_path):
-    from lmlab.train.loop import _Metrics
+    from lmlab.train.metrics import Metrics as _Metrics
 
     m = _Metrics(tmp_path, None, True, lambda msg: None)
 

@@ -20,6 +20,7 @@ _RESUMABLE = ("steps", "tokens", "eval_every", "eval_batches", "save_every", "ke
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from lmlab.models.presets import PRESETS
+    from lmlab.objectives.cli import objective_help
     from lmlab.train.config import OPTIMIZERS, PRECISIONS, SCHEDULES
 
     S = argparse.SUPPRESS  # unset flags stay absent, so --resume can tell what was given
@@ -37,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--objective",
         default=S,
-        help="span, iid-span, bert, bert-style, mass, drop, prefix, deshuffle or causal (default span)",
+        help=objective_help("{names} (default span)"),
     )
     p.add_argument(
         "--model",
@@ -106,6 +107,7 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmlab.cli import env_onednn_policy
     from lmlab.train.config import PretrainConfig
 
     given = _given(args)
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if fixed:
             flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
             raise LmlabError(f"--resume uses the run's own settings; {flags} cannot be given again")
-        cfg = PretrainConfig.resume_from(args.resume, **given)
+        cfg = PretrainConfig.resume_from(args.resume, **given, onednn=env_onednn_policy())
     else:
         for need in ("data", "out"):
             if need not in given:
@@ -125,11 +127,12 @@ def run(args: argparse.Namespace) -> int:
             raise LmlabError(
                 f"--model {given['model']} and --init {given['init']}: the model comes from --init; drop --model"
             )
-        cfg = PretrainConfig(**given)
+        cfg = PretrainConfig(**given, onednn=env_onednn_policy())
 
     from lmlab.train.loop import pretrain
 
-    result = pretrain(cfg)
+    # The command owns its process: TF32 on CUDA, glibc keeping freed memory on CPU (lmlab.runtime).
+    result = pretrain(cfg, tune_process=True)
     if result.stopped_by:
         return 130 if result.stopped_by == "SIGINT" else 143
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.runtime import check_onednn_policy
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "inverse-sqrt", "constant")
@@ -61,6 +62,8 @@ class PretrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     objective_args: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    # fp32 CPU products: auto, on or off (lmlab.runtime.onednn_policy); the CLI passes $LMLAB_ONEDNN.
+    onednn: str = "auto"
     resume: bool = False  # continue the run in ``out`` from its newest good checkpoint
 
     def __post_init__(self) -> None:
@@ -71,12 +74,19 @@ class PretrainConfig:
         self.out = str(self.out)
         if self.init is not None:
             self.init = str(self.init)
+        self.onednn = check_onednn_policy(self.onednn)
+        self._check_choices()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise LmlabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise LmlabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise LmlabError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+    def _check_numbers(self) -> None:
         if self.steps is not None and self.tokens is not None:
             raise LmlabError("give --steps or --tokens, not both")
         positive = {
@@ -162,7 +172,7 @@ class PretrainConfig:
 _INT = ("steps", "tokens", "batch_size", "seq_len", "warmup", "grad_accum", "eval_every", "eval_batches",
         "save_every", "keep", "log_every", "seed", "workers")  # fmt: skip
 _FLOAT = ("lr", "min_lr_ratio", "weight_decay", "clip", "mix_alpha")
-_STR = ("out", "objective", "model", "optimizer", "schedule", "precision", "init", "device")
+_STR = ("out", "objective", "model", "optimizer", "schedule", "precision", "init", "device", "onednn")
 _BOOL = ("compile", "fsdp", "progress", "resume")
 _OPTIONAL = ("steps", "tokens", "seq_len", "lr", "warmup", "clip", "init", "workers", "device")
 
@@ -208,6 +218,7 @@ RESUME_OVERRIDABLE = frozenset(
         "log_every",
         "workers",
         "device",
+        "onednn",
         "progress",
         "compile",
         "out",

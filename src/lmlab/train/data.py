@@ -349,6 +349,12 @@ def make_loader(
     )
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (asynchronous copies to CUDA from pinned memory)."""
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
+
+
 def _worker_init(_: int) -> None:
     # The objective is light; one thread per worker leaves the cores to the model.
     torch.set_num_threads(1)
