@@ -227,3 +227,16 @@ def test_any_shape_round_trips_like_the_reference(
         ref_packed, ref_absmax, quant_type, block_size, (blocks * block_size,), dtype
     )
     assert torch.equal(bits(out), bits(ref))
+
+
+def test_all_finite_sees_every_nan_and_inf():
+    x = torch.linspace(-3.4e38, 3.4e38, 1000)  # up to near the float32 maximum
+    assert native.all_finite(x) is True
+    assert native.all_finite(torch.zeros(0)) is True
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in (0, 517, 999):
+            y = x.clone()
+            y[i] = bad
+            assert native.all_finite(y) is False
+    assert native.all_finite(x.double()) is None
+    assert native.all_finite(x[::2]) is None

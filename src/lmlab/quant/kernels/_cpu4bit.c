@@ -433,6 +433,21 @@ int lmlab_dequantize_4bit(const uint8_t *packed, const float *absmax, const floa
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Finiteness of the scales, on one thread                                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* 1 if every value is finite, else 0. The caller refuses a weight whose absmax holds a NaN or inf;
+ * a torch reduction would be two more OpenMP regions, which stall when another process holds a core. */
+HOT int lmlab_all_finite(const float *x, int64_t n) {
+    uint32_t worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t a = f2u(x[i]) & 0x7FFFFFFFu;
+        worst = a > worst ? a : worst;
+    }
+    return worst < 0x7F800000u;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Importable as lmlab.quant.kernels._cpu4bit, so that setuptools builds and installs it in place.  */
 /* ------------------------------------------------------------------------------------------------ */
 
