@@ -9,9 +9,15 @@ Scale" (§3, vector-wise quantization and mixed-precision decomposition); Dettme
     save_quantized(model, "out/")                              # safetensors, bitsandbytes' keys
     model = load_quantized("out/")                              # no re-quantization
 
-Layout: ``codebooks`` (NF4 / FP4 / int4 tables, quantile and dynamic maps), ``blockwise``
-(4-bit quantize / dequantize, fast path + reference), ``int8`` (LLM.int8() matmul), ``modules``
-(``Linear4bit``, ``Linear8bit``), ``api`` (configs, ``quantize_``), ``serialization``, ``cli``.
+Layout: ``formats`` (the registry of 4-bit formats and block sizes, read by everything below),
+``codebooks`` (NF4 / FP4 / int4 tables, quantile and dynamic maps, the kernels' lookup tables),
+``blockwise`` (the 4-bit references and double quantization), ``int8`` (LLM.int8() math and
+reference), ``ops`` (the ``torch.library`` op contract: ``lmlab::quantize_4bit``,
+``dequantize_4bit``, ``linear_4bit``, ``int8_mm``, ``int8_linear``), ``kernels/`` (the device
+kernels registered under the ops: ``cpu``, ``native`` (compiled C), ``cuda``), ``functional``
+(the public verbs, ``impl="auto"|"reference"|"fast"``), ``state`` (``Quantized4bit`` and its
+state dict), ``modules`` (``Linear4bit``, ``Linear8bit``), ``api`` (configs, ``quantize_``),
+``serialization``, ``cli``.
 The names below are imported on first use, so that ``lmlab --help`` and ``lmlab.quant.cli`` do
 not pay for importing torch.
 """
@@ -24,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _EXPORTS = {
     "FP4Config": "lmlab.quant.api",
+    "FourBitConfig": "lmlab.quant.api",
+    "Int4Config": "lmlab.quant.api",
     "Int8Config": "lmlab.quant.api",
     "NF4Config": "lmlab.quant.api",
     "QuantReport": "lmlab.quant.api",
@@ -44,6 +52,8 @@ _EXPORTS = {
 
 __all__ = [
     "FP4Config",
+    "FourBitConfig",
+    "Int4Config",
     "Int8Config",
     "Linear4bit",
     "Linear8bit",
@@ -63,7 +73,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lmlab.quant.api import FP4Config, Int8Config, NF4Config, QuantReport, quantize_
+    from lmlab.quant.api import (
+        FourBitConfig,
+        FP4Config,
+        Int4Config,
+        Int8Config,
+        NF4Config,
+        QuantReport,
+        quantize_,
+    )
     from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
     from lmlab.quant.functional import dequantize_4bit, int8_matmul, quantize_4bit
     from lmlab.quant.int8 import int8_vectorwise

@@ -90,7 +90,8 @@ def quantize_4bit(
 
     Bit-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize=block_size,
     quant_type=quant_type, compress_statistics=double_quant)`` for nf4 and fp4. ``name`` is used in
-    error messages (a NaN or Inf anywhere raises :class:`LmlabError` naming it).
+    error messages (a NaN or Inf anywhere raises :class:`LmlabError` naming it). ``impl``: see the
+    module docstring (``"auto"``: ``lmlab::quantize_4bit``, the CPU kernel on CPU).
     """
     _check_args(w, quant_type, block_size, name)
     w = w.detach()
@@ -134,7 +135,8 @@ def dequantize_4bit(
     """Decode ``q`` to a tensor of ``q.shape`` and ``dtype`` (default: the original dtype).
 
     Bit-identical to ``bitsandbytes.functional.dequantize_4bit``. ``out`` (optional, contiguous,
-    right shape and dtype) is written and returned instead of allocating.
+    right shape and dtype) is written and returned instead of allocating. ``impl``: see the module
+    docstring (``"auto"``: ``lmlab::dequantize_4bit``, the CPU kernel on CPU).
     """
     dtype = dtype or q.dtype
     check_float_dtype(dtype, "dequantize_4bit")
