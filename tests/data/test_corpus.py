@@ -4,6 +4,8 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prepare_helpers import dead_pid
 
 from lmlab.data.corpus import (
@@ -61,6 +63,52 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     docs = docs_of(p, stats=st)
     assert docs == ["caf\ufffd ok", "\ufffd\ufffd tail \u20ac"]
     assert st.undecodable_bytes == 3
+
+
+_PIECES = [b"a", b"\n", b"\r", b"\r\n", b" ", b"\xe9", b"\xff", b"\xe2\x82\xac", b"\xe2\x82", b"\xf0\x9f\x98\x80",
+           b"\xef\xbf\xbd", b"\xc3", b"\xed\xa0\x80", b"\x00"]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=st.lists(st.sampled_from(_PIECES), max_size=200), chunk=st.integers(1, 9))
+def test_decoding_is_textiowrapper_with_replace_and_counts_every_bad_byte(tmp_path_factory, pieces, chunk):
+    """Same text as io.TextIOWrapper(errors="replace", newline=None) at any chunk boundary; the count
+    is what a counting error handler sees (registered here, in the test, not by lmlab)."""
+    import codecs
+    import io
+    from unittest import mock
+
+    from lmlab.data import corpus
+
+    data = b"".join(pieces)
+    seen = []
+
+    def count(exc):
+        seen.append(exc.end - exc.start)
+        return "\ufffd", exc.end
+
+    codecs.register_error("lmlab-test-count", count)
+    want = io.TextIOWrapper(
+        io.BytesIO(data), encoding="utf-8", errors="lmlab-test-count", newline=None
+    ).read()
+    stats = SourceStats("x")
+    with mock.patch.object(corpus, "_READ_CHUNK", chunk):
+        reader = corpus._TextReader(io.BufferedReader(io.BytesIO(data), 1), stats)
+        got = "".join(iter(lambda: reader.readline(5), ""))
+    assert got == want and stats.undecodable_bytes == sum(seen)
+
+
+def test_nothing_is_registered_at_import():
+    """No codec error handler of lmlab's exists after importing it (``lmlab --help`` imports corpus)."""
+    import codecs
+    import subprocess
+    import sys
+
+    code = "import codecs, lmlab.cli, lmlab.data.corpus; lmlab.cli.build_parser(); codecs.lookup_error('lmlab-count')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown error handler name 'lmlab-count'" in r.stderr
+    with pytest.raises(LookupError):
+        codecs.lookup_error("lmlab-count")
 
 
 def test_long_documents_are_cut(tmp_path):

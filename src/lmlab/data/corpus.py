@@ -90,19 +90,90 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
-# The decoder's error handler counts the undecodable bytes of the source being read.
-_current: list[SourceStats] = []
+class _CountingUTF8Decoder(codecs.IncrementalDecoder):
+    """UTF-8, each undecodable byte sequence replaced by one U+FFFD and its bytes counted in ``stats``.
+
+    What ``errors="replace"`` gives, with the count it cannot: the strict decoder names each bad
+    sequence (``exc.start``, ``exc.end``), exactly as it would pass it to an error handler, so no
+    handler has to be registered process-wide.  Bytes of a sequence cut by a chunk's end wait for
+    the next chunk.
+    """
+
+    def __init__(self, stats: SourceStats):
+        super().__init__("strict")
+        self._stats = stats
+        self._pending = b""
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        buf = memoryview(self._pending + bytes(data))
+        out, pos = [], 0
+        while True:
+            try:
+                text, used = codecs.utf_8_decode(buf[pos:], "strict", final)
+            except UnicodeDecodeError as e:
+                out.append(str(buf[pos : pos + e.start], "utf-8"))
+                out.append("\ufffd")
+                self._stats.undecodable_bytes += e.end - e.start
+                pos += e.end
+                continue
+            out.append(text)
+            pos += used
+            break
+        self._pending = bytes(buf[pos:])
+        return "".join(out)
+
+    def reset(self) -> None:
+        self._pending = b""
+
+    def getstate(self) -> tuple[bytes, int]:
+        return self._pending, 0
+
+    def setstate(self, state: tuple[bytes, int]) -> None:
+        self._pending = state[0]
 
 
-def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
-    if not isinstance(exc, UnicodeDecodeError):
-        raise exc
-    if _current:
-        _current[-1].undecodable_bytes += exc.end - exc.start
-    return "\ufffd", exc.end
+class _TextReader:
+    """The text of a byte stream, read as ``io.TextIOWrapper(encoding="utf-8", newline=None)`` reads it
+    (universal newlines), decoded by :class:`_CountingUTF8Decoder`; just ``readline`` and ``buffer``."""
 
+    def __init__(self, buffer: io.BufferedIOBase, stats: SourceStats):
+        self.buffer = buffer
+        self._decoder = io.IncrementalNewlineDecoder(_CountingUTF8Decoder(stats), translate=True)
+        self._text, self._pos, self._eof = "", 0, False
 
-codecs.register_error("lmlab-count", _count_and_replace)
+    def __enter__(self) -> _TextReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.buffer.close()
+
+    def _fill(self) -> bool:
+        """Decode the next chunk into the (consumed) text buffer; False at the end of the stream."""
+        while not self._eof:
+            data = self.buffer.read(_READ_CHUNK)
+            self._eof = not data
+            self._text, self._pos = self._decoder.decode(data, final=self._eof), 0
+            if self._text:
+                return True
+        return False
+
+    def readline(self, limit: int) -> str:
+        """The next line (ending in ``\n``), or its next ``limit`` characters; "" at the end."""
+        parts, need = [], limit
+        while True:
+            text, pos = self._text, self._pos
+            end = min(len(text), pos + need)
+            nl = text.find("\n", pos, end)
+            if nl >= 0:
+                parts.append(text[pos : nl + 1])
+                self._pos = nl + 1
+                break
+            parts.append(text[pos:end])
+            self._pos = end
+            need -= end - pos
+            if need == 0 or not self._fill():
+                break
+        return "".join(parts)
 
 
 def _strip_gz(name: str) -> str:
@@ -139,15 +210,15 @@ def resolve_sources(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _open_text(path: Path, stats: SourceStats) -> io.TextIOWrapper:
-    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned wrapper
+def _open_text(path: Path, stats: SourceStats) -> _TextReader:
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned reader
     hashed: io.BufferedIOBase = io.BufferedReader(_HashingReader(raw, stats), _READ_CHUNK)
     if path.name.endswith(".gz"):
         hashed = gzip.GzipFile(fileobj=hashed, mode="rb")
-    return io.TextIOWrapper(hashed, encoding="utf-8", errors="lmlab-count", newline=None)
+    return _TextReader(hashed, stats)
 
 
-def _file_pieces(f: io.TextIOBase) -> Iterator[str]:
+def _file_pieces(f: _TextReader) -> Iterator[str]:
     """The stream's lines, a line longer than :data:`MAX_DOC_CHARS` in pieces of that size."""
     return iter(lambda: f.readline(MAX_DOC_CHARS), "")
 
@@ -187,7 +258,7 @@ def _plain_documents(pieces: Iterator[str], doc_sep: str | None) -> Iterator[str
         yield doc
 
 
-def _jsonl_documents(f: io.TextIOWrapper, path: Path) -> Iterator[str]:
+def _jsonl_documents(f: _TextReader, path: Path) -> Iterator[str]:
     lineno = 0
     # A capped read: a file that is one endless line is refused, not read whole into memory.
     while line := f.readline(MAX_RECORD_CHARS + 1):
@@ -224,7 +295,6 @@ def iter_documents(path: Path, stats: SourceStats | None = None, doc_sep: str = 
     if doc_sep not in DOC_SEPARATORS:
         raise LmlabError(f"unknown document separator {doc_sep!r}; choose one of {', '.join(DOC_SEPARATORS)}")
     stats = stats if stats is not None else SourceStats(str(path))
-    _current.append(stats)
     try:
         with _open_text(path, stats) as f:
             docs = _jsonl_documents(f, path) if is_jsonl(path) else _plain_documents(_file_pieces(f), doc_sep)
@@ -237,8 +307,6 @@ def iter_documents(path: Path, stats: SourceStats | None = None, doc_sep: str = 
         # gzip.BadGzipFile is an OSError; a damaged deflate stream is zlib.error, a truncated one EOFError.
         what = "a damaged or truncated gzip file" if path.name.endswith(".gz") else "unreadable"
         raise LmlabError(f"cannot read {path} ({what}): {e}") from None
-    finally:
-        _current.remove(stats)
     stats.sha256 = stats._hash.hexdigest()
 
 
