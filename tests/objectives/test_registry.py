@@ -1,5 +1,5 @@
 """The registry (get_objective, make_objective, @register_objective), the Objective protocol,
-from_tokenizer with lmlab's tokenizer layout, and ``lmlab corrupt``."""
+from_tokenizer with lmlab's tokenizer layout, and what every objective does on any device."""
 
 from __future__ import annotations
 
