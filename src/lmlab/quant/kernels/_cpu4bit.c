@@ -33,7 +33,9 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14)
+/* -DLMLAB_NO_X86 builds what a non-x86 machine builds (a portability check on x86). */
+#if defined(__x86_64__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14) && \
+    !defined(LMLAB_NO_X86)
 #define X86 1
 #include <immintrin.h>
 /* The loops GCC does not vectorise by itself (table gathers, half-float conversions) exist twice:
@@ -451,8 +453,11 @@ HOT int lmlab_all_finite(const float *x, int64_t n) {
 /* Importable as lmlab.quant.kernels._cpu4bit, so that setuptools builds and installs it in place.  */
 /* ------------------------------------------------------------------------------------------------ */
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu4bit",
-                                    "Compiled CPU 4-bit kernel; called through ctypes by native.py.", -1,
-                                    NULL};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_cpu4bit",
+    .m_doc = "Compiled CPU 4-bit kernel; called through ctypes by native.py.",
+    .m_size = -1,
+};
 
 PyMODINIT_FUNC PyInit__cpu4bit(void) { return PyModule_Create(&module); }
