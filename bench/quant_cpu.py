@@ -62,7 +62,6 @@ import torch  # noqa: E402
 from lmlab.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from lmlab.quant.codebooks import _grid_tables, _pair_table, _slot_byte_to_code_byte, _sorted_tables  # noqa: E402
 from lmlab.quant.kernels import native  # noqa: E402
-from lmlab.quant.kernels.hugepages import _advise_hugepages  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -124,7 +123,8 @@ def one_thread(fn):
 
 
 def native_fns(quant_type: str, w: torch.Tensor) -> tuple[callable, callable]:
-    """The compiled kernel called directly (whole blocks; 4096^2 has no partial block)."""
+    """The compiled kernel called directly (whole blocks; 4096^2 has no partial block; it advises huge
+    pages for a large output itself)."""
     k, low, mid = _grid_tables(quant_type, CPU)
     byte_map = None if _sorted_tables(quant_type, CPU)[2] else _slot_byte_to_code_byte(quant_type, CPU)
     w2d = w.reshape(-1, 64)
@@ -142,7 +142,6 @@ def native_fns(quant_type: str, w: torch.Tensor) -> tuple[callable, callable]:
 
     def dequant():
         out = torch.empty(w.numel())
-        _advise_hugepages(out.data_ptr(), out.numel() * 4)
         assert native.dequantize_4bit_blocks(packed, absmax, table, 64, out, torch.get_num_threads())
         return out
 
