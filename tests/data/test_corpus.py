@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prepare_helpers import dead_pid
 
+from lmlab.cli import env_cache_dir  # the session's cache (tests/conftest.py sets $LMLAB_CACHE)
 from lmlab.data.corpus import (
     MAX_DOC_CHARS,
     SourceStats,
@@ -145,9 +146,9 @@ def test_resolve_sources(tmp_path):
 
 
 def test_default_corpus_is_english_from_python():
-    p = default_corpus_path()
+    p = default_corpus_path(env_cache_dir())
     assert p.is_file() and p.stat().st_size > 500_000
-    assert default_corpus_path() == p  # cached
+    assert default_corpus_path(env_cache_dir()) == p  # cached
     docs = docs_of(p)
     assert len(docs) > 3000
     text = " ".join(docs[:200]).lower()
@@ -190,13 +191,13 @@ def test_damaged_gzip_names_the_file(tmp_path):
 
 
 def test_default_corpus_lookup_removes_dead_writers_temps():
-    cache = default_corpus_path().parent  # extracted once per session
+    cache = default_corpus_path(env_cache_dir()).parent  # extracted once per session
     dead = cache / f".default-corpus-py3.jsonl.{dead_pid()}.abc123.tmp"
     live = cache / f".default-corpus-py3.jsonl.{os.getpid()}.abc123.tmp"
     dead.write_text("half an extraction")
     live.write_text("another process is writing this")
     try:
-        assert default_corpus_path().is_file()
+        assert default_corpus_path(env_cache_dir()).is_file()
         assert not dead.exists() and live.exists()
     finally:
         live.unlink()

@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from lmlab_cli_harness import run_lmlab, tree_hashes
 from prepare_helpers import english_docs, write_corpus
 
+from lmlab.cli import env_cache_dir  # the session's cache (tests/conftest.py sets $LMLAB_CACHE)
 from lmlab.data import load_meta, load_tokenizer, load_tokens, prepare, token_dtype
 from lmlab.data import pipeline as prepare_mod
 from lmlab.data.corpus import default_corpus_path, iter_documents
@@ -23,7 +25,9 @@ PARAS = [
 def small_corpus(tmp_path_factory):
     """About 300 KB of the default corpus plus a few hand-written paragraphs, as a .txt file."""
     d = tmp_path_factory.mktemp("corpus")
-    docs = [doc for _, doc in zip(range(1500), iter_documents(default_corpus_path()), strict=False)]
+    docs = [
+        doc for _, doc in zip(range(1500), iter_documents(default_corpus_path(env_cache_dir())), strict=False)
+    ]
     text = "\n\n".join(PARAS + docs) + "\n"
     (d / "a.txt").write_text(text, encoding="utf-8")
     return d / "a.txt"
@@ -243,16 +247,32 @@ def test_huge_jsonl_record_prepares_like_the_same_text(tmp_path, prepared):
 
 
 def test_ensure_default_data_replaces_only_its_own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
-    d = prepare_mod.default_data_dir()
+    monkeypatch.setenv(
+        "LMLAB_CACHE", str(tmp_path / "not-read")
+    )  # the library takes its cache as an argument
+    d = prepare_mod.default_data_dir(tmp_path)
     d.mkdir(parents=True)
     (d / "tokenizer.json").write_text("{}")  # what an older lmlab's killed prepare left: no meta.json
     (d / ".train.bin.tmp").write_bytes(b"\0" * 10)
     calls = []
     monkeypatch.setattr(prepare_mod, "prepare", lambda *a, **k: calls.append(k))
-    assert prepare_mod.ensure_default_data(progress=False) == d
-    assert calls == [{"progress": False, "overwrite": True}] and not d.exists()
+    assert prepare_mod.ensure_default_data(progress=False, cache=tmp_path) == d
+    assert calls == [{"progress": False, "overwrite": True, "cache": tmp_path}] and not d.exists()
     d.mkdir()
     (d / "mine.txt").write_text("not lmlab's")
-    prepare_mod.ensure_default_data(progress=False)
+    prepare_mod.ensure_default_data(progress=False, cache=tmp_path)
     assert (d / "mine.txt").read_text() == "not lmlab's"  # left for check_output_dir to refuse
+    assert not (tmp_path / "not-read").exists()
+
+
+def test_the_cache_is_an_argument_and_the_cli_reads_the_environment(tmp_path, monkeypatch):
+    from lmlab.data.corpus import cache_dir
+
+    assert cache_dir(tmp_path) == tmp_path and cache_dir() == Path.home() / ".cache" / "lmlab"
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert env_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("LMLAB_CACHE")
+    assert env_cache_dir() == tmp_path / "xdg" / "lmlab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert env_cache_dir() is None

@@ -1,5 +1,6 @@
 import pytest
 
+from lmlab.cli import env_cache_dir  # the session's cache (tests/conftest.py sets $LMLAB_CACHE)
 from lmlab.data.corpus import default_corpus_path, iter_documents
 from lmlab.data.tokenizer import (
     BASE_SPECIALS,
@@ -16,7 +17,7 @@ from lmlab.errors import LmlabError
 
 @pytest.fixture(scope="module")
 def texts():
-    docs = iter_documents(default_corpus_path())
+    docs = iter_documents(default_corpus_path(env_cache_dir()))
     return [d for _, d in zip(range(800), docs, strict=False)]
 
 

@@ -49,14 +49,17 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import math
 
+    from lmlab.cli import env_cache_dir
     from lmlab.data.pipeline import default_data_dir, prepare
     from lmlab.errors import LmlabError
+
+    cache = env_cache_dir()  # $LMLAB_CACHE, else $XDG_CACHE_HOME/lmlab, else the library's ~/.cache/lmlab
 
     overwrite = args.overwrite
     if args.out is None:
         if args.corpus is not None:
             raise LmlabError("--out is required with --corpus")
-        args.out = default_data_dir()
+        args.out = default_data_dir(cache)
         overwrite = True  # lmlab's own cache
     mb = args.tokenizer_train_mb
     if not math.isfinite(mb) or mb <= 0:
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_train_bytes=max(1, int(mb * 2**20)),
         progress=False if args.no_progress else None,
         overwrite=overwrite,
+        cache=cache,
     )
     print(res.summary())
     return 0

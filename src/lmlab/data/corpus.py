@@ -15,7 +15,7 @@ replaced with U+FFFD and counted.
 The embedded default corpus is the English that ships with every CPython: the ``pydoc`` topic
 texts (``pydoc_data.topics``) and the docstrings of the standard library's modules, classes
 and functions (read with :mod:`ast`, nothing is imported).  It is extracted once into the cache
-directory as JSON Lines, so the quickstart needs no download.
+directory (an argument; the CLI's ``$LMLAB_CACHE``) as JSON Lines, so the quickstart needs no download.
 """
 
 from __future__ import annotations
@@ -313,12 +313,13 @@ def iter_documents(path: Path, stats: SourceStats | None = None, doc_sep: str = 
 # --- the embedded default corpus -------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """``$LMLAB_CACHE``, else ``$XDG_CACHE_HOME/lmlab``, else ``~/.cache/lmlab``."""
-    if os.environ.get("LMLAB_CACHE"):
-        return Path(os.environ["LMLAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lmlab"
+def cache_dir(cache: str | os.PathLike | None = None) -> Path:
+    """lmlab's cache directory: ``cache`` when given, else ``~/.cache/lmlab``.
+
+    The command line passes ``$LMLAB_CACHE`` (else ``$XDG_CACHE_HOME/lmlab``) here
+    (:func:`lmlab.cli.env_cache_dir`); library code reads no environment variable.
+    """
+    return Path(cache) if cache else Path.home() / ".cache" / "lmlab"
 
 
 def _stdlib_docstrings() -> Iterator[str]:
@@ -339,10 +340,10 @@ def _stdlib_docstrings() -> Iterator[str]:
                     yield doc
 
 
-def default_corpus_path() -> Path:
-    """The embedded default corpus as JSON Lines, extracted on first use (a few seconds)."""
+def default_corpus_path(cache: str | os.PathLike | None = None) -> Path:
+    """The embedded default corpus as JSON Lines in :func:`cache_dir`, extracted on first use (seconds)."""
     v = sys.version_info
-    path = cache_dir() / f"default-corpus-py{v.major}.{v.minor}.{v.micro}.jsonl"
+    path = cache_dir(cache) / f"default-corpus-py{v.major}.{v.minor}.{v.micro}.jsonl"
     remove_stale_temps(path.parent)  # what an extraction killed part-way left behind
     if path.is_file():
         return path

@@ -215,13 +215,15 @@ def prepare(
     tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
     progress: bool | None = None,
     overwrite: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> PrepareResult:
     """Turn ``sources`` (files / directories; ``None`` = the embedded default corpus) into a
     prepared directory ``out_dir``.  See the module docstring for the pipeline and guarantees.
 
     ``out_dir`` must be new or empty, or (with ``overwrite``, the CLI's ``--overwrite``) a
     prepared directory, which is replaced only once the new one is complete.
-    ``progress=None`` shows progress bars only on a terminal.
+    ``progress=None`` shows progress bars only on a terminal.  ``cache``: where the default
+    corpus is extracted (:func:`lmlab.data.corpus.cache_dir`; the CLI passes ``$LMLAB_CACHE``).
     """
     t0 = time.perf_counter()
     _check_settings(val_fraction, tokenizer_train_bytes, doc_sep)
@@ -241,7 +243,7 @@ def prepare(
         with DirLock(out, "prepared directory", beside=True):
             return _prepare_locked(
                 out, sources, paths, default, vocab_size, tokenizer, tokenizer_type, val_fraction,
-                doc_sep, tokenizer_train_bytes, progress, overwrite, t0,
+                doc_sep, tokenizer_train_bytes, progress, overwrite, t0, cache,
             )  # fmt: skip
     except BaseException:
         for a in made:  # the parents made for an output that never came
@@ -264,12 +266,13 @@ def _prepare_locked(
     progress: bool | None,
     overwrite: bool,
     t0: float,
+    cache: str | os.PathLike | None,
 ) -> PrepareResult:
     recover_interrupted_swap(out)  # a swap killed between its two renames: put the old one back
     check_output_dir(out, "prepared", overwrite=overwrite, inputs=[] if default else list(sources))
     _check_no_foreign_files(out)
     if paths is None:
-        paths = [corpus_.default_corpus_path()]
+        paths = [corpus_.default_corpus_path(cache)]
     tok = tokenizer_.read_tokenizer(tokenizer) if tokenizer is not None else None
     remove_stale_temps(out.parent)  # what killed runs of prepare left beside their outputs
     with atomic_dir(out) as tmp:
@@ -451,9 +454,9 @@ def _tokenizer_type(tok) -> str:
     return json.loads(tok.to_str())["model"]["type"].lower()
 
 
-def default_data_dir() -> Path:
-    """Where the embedded default corpus is prepared: ``<cache>/data/default``."""
-    return corpus_.cache_dir() / "data" / "default"
+def default_data_dir(cache: str | os.PathLike | None = None) -> Path:
+    """Where the embedded default corpus is prepared: ``<cache>/data/default`` (see :func:`~lmlab.data.corpus.cache_dir`)."""
+    return corpus_.cache_dir(cache) / "data" / "default"
 
 
 # What ``prepare`` has ever written into a prepared directory (older versions left the
@@ -463,13 +466,14 @@ _PREPARED_NAMES = frozenset(
 )
 
 
-def ensure_default_data(progress: bool | None = None) -> Path:
-    """The prepared default-corpus directory, preparing it first if it is missing or incomplete."""
+def ensure_default_data(progress: bool | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """The prepared default-corpus directory in ``cache`` (default ``~/.cache/lmlab``), preparing it
+    first if it is missing or incomplete."""
     import shutil
 
     from lmlab.io import output_kind
 
-    d = default_data_dir()
+    d = default_data_dir(cache)
     try:
         meta = shards.load_meta(d)
         shards.load_tokens(d, "train")
@@ -482,5 +486,5 @@ def ensure_default_data(progress: bool | None = None) -> Path:
     # The cache is lmlab's own: an incomplete directory an older lmlab left there may go.
     if d.is_dir() and output_kind(d) is None and all(p.name in _PREPARED_NAMES for p in d.iterdir()):
         shutil.rmtree(d)
-    prepare(None, d, progress=progress, overwrite=True)
+    prepare(None, d, progress=progress, overwrite=True, cache=cache)
     return d
