@@ -4,8 +4,10 @@
     report = quantize_(model, NF4Config(double_quant=True))
     print(report)
 
-Configs are frozen dataclasses validated on construction; a small registry maps each config type
-to the function that builds the replacement layer. Works for ``nn.Linear`` in any model and for
+Configs are frozen dataclasses validated on construction, the one place their fields are checked
+(the CLI and the load path build them through it): one :class:`FourBitConfig` subclass per
+registered 4-bit format (:data:`lmlab.quant.formats.FORMATS`), and :class:`Int8Config`;
+:func:`config_for` finds the class of a method name. Works for ``nn.Linear`` in any model and for
 Hugging Face GPT-2's ``Conv1D`` (whose weight is stored transposed). The output head
 (``model.get_output_embeddings()`` and modules named in ``skip_modules``, ``lm_head`` by default)
 stays in floating point, as in QLoRA and LLM.int8() practice.

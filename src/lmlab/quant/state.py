@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.quant.formats import BLOCK_SIZES, NESTED_BLOCK_SIZE, QUANT_TYPES
+from lmlab.quant.formats import NESTED_BLOCK_SIZE, check_block_size, check_quant_type
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -231,14 +231,8 @@ def _read_quant_state(blob: object, key: str) -> dict:
             raise LmlabError(f"{key}: quant state field {name!r} must be {what}, got {v!r}")
         return v
 
-    quant_type = field("quant_type", str, "a string")
-    if quant_type not in QUANT_TYPES:
-        raise LmlabError(f"{key}: unsupported quant_type {quant_type!r}")
-    block_size = field("blocksize", int, "an integer")
-    if block_size not in BLOCK_SIZES:
-        raise LmlabError(
-            f"{key}: blocksize must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}"
-        )
+    quant_type = check_quant_type(field("quant_type", str, "a string"), f"{key}: quant state")
+    block_size = check_block_size(field("blocksize", int, "an integer"), f"{key}: quant state")
     shape = field("shape", list, "a list of sizes")
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise LmlabError(
