@@ -10,7 +10,7 @@
 4. summary   one table: validation loss, perplexity of the span targets, weight memory
 
 Every stage is a library call that a user can make on their own (``lmlab.data.prepare``,
-``lmlab.train.pretrain`` / ``evaluate``, ``lmlab.quant.quantize_``).
+``lmlab.train.pretrain``, ``lmlab.eval.evaluate``, ``lmlab.quant.quantize_``).
 """
 
 from __future__ import annotations
@@ -61,15 +61,27 @@ def _remove_earlier_quickstart(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmlab import runtime
+    from lmlab.cli import env_onednn_policy
+
+    # fp32 CPU products by $LMLAB_ONEDNN for every stage (evaluations included), as for lmlab pretrain.
+    with runtime.onednn_policy(env_onednn_policy()):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from lmlab import runtime
+    from lmlab.cli import env_cache_dir
     from lmlab.data import ensure_default_data, load_meta
     from lmlab.errors import LmlabError
+    from lmlab.eval import evaluate
     from lmlab.models.presets import build_model, load_model
     from lmlab.quant import Int8Config, NF4Config, quantize_
     from lmlab.quant.api import model_nbytes
-    from lmlab.train import PretrainConfig, evaluate, pretrain
+    from lmlab.train import PretrainConfig, pretrain
     from lmlab.train.config import RUN_CONFIG
 
     hf_logging.disable_progress_bar()  # lmlab's own bars say enough; HF's per-load bars are noise here
@@ -88,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         data = Path(args.data)
         meta = load_meta(data)
     else:
-        data = ensure_default_data(progress=progress)
+        data = ensure_default_data(progress=progress, cache=env_cache_dir())
         meta = load_meta(data)
     _say(
         f"      {data}: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens, "
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         device="cpu" if not torch.cuda.is_available() else None,
+        onednn=runtime.current_onednn_policy(),
     )
     initial = build_model(cfg.model, meta["vocab_size"], meta["special_ids"], seed=cfg.seed)
     n_params = sum(p.numel() for p in initial.parameters())
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     )
     del initial
     t_train = time.perf_counter()
-    result = pretrain(cfg)
+    result = pretrain(cfg, tune_process=True)  # the command owns its process (lmlab.runtime)
     t_train = time.perf_counter() - t_train
     if result.final_dir is None:
         raise LmlabError(

@@ -99,6 +99,49 @@ def test_registered_in_the_lmlab_command():
     assert (a.steps, a.mix_alpha, a.compile) == (5, 0.3, True)
 
 
+def test_the_command_passes_lmlab_onednn_down_and_tunes_its_process(data_dir, tmp_path, monkeypatch):
+    """$LMLAB_ONEDNN reaches the run's config (the library reads no environment); a bad value is one line;
+    the command asks pretrain() for the process tuning, a resume takes this process's policy."""
+    import json
+    from argparse import ArgumentParser
+
+    from lmlab import runtime
+    from lmlab.errors import LmlabError
+    from lmlab.train import cli, loop
+
+    calls = []
+    real = loop.pretrain
+    monkeypatch.setattr(loop, "pretrain", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
+    monkeypatch.setattr(runtime, "tune_process", lambda device: None)
+    p = ArgumentParser()
+    cli.configure(p)
+    run = tmp_path / "run"
+    args = ["--data", str(data_dir), "--model", "gpt-tiny", "--objective", "causal", "--steps", "1",
+            "--batch-size", "4", "--seq-len", "16", "--workers", "0", "--no-progress"]  # fmt: skip
+    monkeypatch.setenv("LMLAB_ONEDNN", "0")
+    assert cli.run(p.parse_args([*args, "--out", str(run)])) == 0
+    assert calls == [{"tune_process": True}]
+    assert json.loads((run / "config.json").read_text())["config"]["onednn"] == "off"
+    monkeypatch.setenv("LMLAB_ONEDNN", "1")
+    assert cli.run(p.parse_args(["--resume", str(run), "--steps", "2", "--no-progress"])) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["onednn"] == "on"
+    monkeypatch.setenv("LMLAB_ONEDNN", "sometimes")
+    with pytest.raises(LmlabError, match="unknown oneDNN policy 'sometimes'"):
+        cli.run(p.parse_args([*args, "--out", str(tmp_path / "bad")]))
+
+
+def test_objective_help_lists_the_registered_objectives():
+    from argparse import ArgumentParser
+
+    from lmlab.objectives.registry import objective_names
+    from lmlab.train import cli
+
+    p = ArgumentParser()
+    cli.configure(p)
+    text = " ".join(p.format_help().split())
+    assert ", ".join(objective_names()) + " (default span)" in text
+
+
 def losses(run: Path) -> list[tuple[str, str, str]]:
     with open(run / "metrics.csv", newline="") as f:
         return [(r["step"], r["loss"], r["val_loss"]) for r in csv.DictReader(f)]
