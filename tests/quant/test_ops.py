@@ -184,3 +184,21 @@ def test_aot_eager_compile_gives_the_eager_result_and_gradient():
     y2.sum().backward()
     assert torch.equal(y, y2)
     assert torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_dispatch_and_equal_the_reference():
+    a, _ = int8_vectorwise(torch.randn(32, 64))
+    b, b_scale = int8_vectorwise(torch.randn(16, 64))
+    assert torch.equal(lmlab_ops.int8_mm(a.cuda(), b.cuda()).cpu(), int_mm_reference(a, b))
+    torch.library.opcheck(lmlab_ops.int8_mm, (a.cuda(), b.cuda()))
+    x = torch.randn(32, 64)
+    got = int8_matmul(x.cuda(), b.cuda(), b_scale.cuda(), impl="fast").cpu()
+    assert torch.equal(got, int8_matmul(x, b, b_scale, impl="reference"))
+    # no CUDA kernel for the 4-bit ops yet: "auto" runs their reference body there
+    w = _weight((5, 30), torch.float32)
+    packed, absmax = lmlab_ops.quantize_4bit(w.cuda(), "nf4", 64)
+    ref_packed, ref_absmax = blockwise.quantize_4bit_reference(w, "nf4", 64)
+    assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
+    with pytest.raises(LmlabError, match="no quantize_4bit kernel for cuda"):
+        quantize_4bit(w.cuda(), impl="fast")
