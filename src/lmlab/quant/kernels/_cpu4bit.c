@@ -9,7 +9,7 @@
  *   s = x * (1 / max(absmax, 1e-38f)); j = trunc(K + K * s); slot = low[j] + (s > mid[j])
  *   value = pair[byte] * absmax, rounded to the output dtype to nearest even
  *
- * The tables come from Python (blockwise._grid_tables, _slot_byte_to_code_byte, _pair_table), so a
+ * The tables come from Python (codebooks._grid_tables, _slot_byte_to_code_byte, _pair_table), so a
  * new 4-bit format needs no change here.
  *
  * Threads: the work is cut into chunks of whole blocks that `threads` pthreads (the caller among
@@ -17,9 +17,16 @@
  * it is on, and the others take the rest; there is no barrier per step as with one OpenMP region per
  * torch op. threads == 1 runs inline.
  *
- * target_clones builds an AVX2 and a baseline copy of each hot loop and picks one at load time, so
- * one binary runs on every x86-64. No -ffast-math: the float32 steps must round exactly as torch's.
- * The functions are called through ctypes; the module init only makes the file importable.
+ * One binary runs on every x86-64 and is fast on AVX2: the table gathers and half-float conversions
+ * are written twice, in AVX2 + F16C intrinsics taken when the CPU has them (checked once per call)
+ * and in plain C; target_clones builds an AVX2 and a baseline copy of the rest. Elsewhere (or with
+ * -DLMLAB_NO_X86) only the plain C is built. No -ffast-math and no FMA contraction: the float32
+ * steps must round exactly as torch's. A large dequantize output gets MADV_HUGEPAGE on its interior
+ * and is faulted in by the worker threads, one huge page per chunk.
+ *
+ * The functions are called through ctypes (lmlab_quantize_4bit, lmlab_dequantize_4bit,
+ * lmlab_all_finite); the module init only makes the file importable, so that setuptools builds and
+ * installs it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

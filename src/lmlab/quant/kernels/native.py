@@ -3,16 +3,22 @@
 One C loop per direction, over whole blocks, split into chunks that ``threads`` pthreads take from
 an atomic counter: a thread whose core another process holds delays only its current chunk, where
 the torch fast path runs a handful of OpenMP regions per chunk and every region waits for the
-slowest worker. The arithmetic is the torch fast path's of :mod:`lmlab.quant.blockwise`, so the
-output is bit-identical (``tests/quant/kernels/test_native.py`` holds it to both):
+slowest worker. The arithmetic is the torch fast path's (:mod:`lmlab.quant.kernels.cpu`), so the
+output is bit-identical to it and to the reference of :mod:`lmlab.quant.blockwise`
+(``tests/quant/kernels/test_native.py`` holds it to both):
 
 * quantize: per block, ``absmax = max |x|`` (+0.0 for an all-zero block, NaN / inf when the block
   holds one) fused with the codes ``slot = low[j] + (s > mid[j])``, ``j = trunc(K + K * s)``,
   ``s = x * (1 / max(absmax, 1e-38))`` in float32, on the grid tables the caller passes in
-  (``_grid_tables``, and ``_slot_byte_to_code_byte`` where the codebook is not sorted), so a new
-  4-bit format needs no C change;
+  (:mod:`lmlab.quant.codebooks` ``_grid_tables``, and ``_slot_byte_to_code_byte`` where the
+  codebook is not sorted), so a new 4-bit format needs no C change;
 * dequantize: a 256-entry table of value pairs (``_pair_table``) times the block's absmax, written
-  as float32, bfloat16 or float16 with round-to-nearest-even as torch's float32 copy does.
+  as float32, bfloat16 or float16 with round-to-nearest-even as torch's float32 copy does;
+* :func:`all_finite`: the NaN / inf check of the absmax on the calling thread.
+
+Measured on 2 AVX2 cores, 4096^2 float32, block 64 (``bench/quant_cpu.py``): quantize about 20 ms on
+2 threads, dequantize into a fresh output about 13 ms, against bitsandbytes' 0.4 s and 0.04 s; with
+one core held by another process it stays faster than bitsandbytes on both.
 
 The library is built by ``pip install -e .`` when a C compiler exists (``setup.py``, optional) and is
 loaded through ctypes on first use, never at import; ctypes releases the GIL for the call. Where it
