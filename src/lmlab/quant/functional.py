@@ -25,6 +25,7 @@ from lmlab.quant.blockwise import (
 from lmlab.quant.codebooks import codebook, dynamic_map
 from lmlab.quant.formats import NESTED_BLOCK_SIZE, check_block_size, check_float_dtype, check_quant_type
 from lmlab.quant.int8 import Int8LinearReference, check_int8_matmul_args
+from lmlab.quant.kernels.cpu import all_finite
 from lmlab.quant.state import FLOAT_DTYPES, Quantized4bit
 
 
@@ -99,7 +100,7 @@ def quantize_4bit(
         packed, absmax = ops.quantize_4bit(w, quant_type, block_size)
     else:
         packed, absmax = quantize_4bit_reference(w, quant_type, block_size)
-    if not bool(torch.isfinite(absmax).all()):  # max propagates NaN and Inf: no extra pass
+    if not all_finite(absmax):  # max propagates NaN and Inf: no extra pass over the weight
         _raise_not_finite(w, name)
     code = codebook(quant_type, w.device)
     if not double_quant:

@@ -111,6 +111,13 @@ def _dequantize_full_blocks_fast(
             out[r0 * block_size : r1 * block_size].copy_(dst)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf: on the calling thread where the compiled kernel can (a
+    torch reduction is OpenMP regions that wait for a preempted worker), else by torch."""
+    ok = native.all_finite(t)
+    return bool(torch.isfinite(t).all()) if ok is None else ok
+
+
 def _quantize_full_blocks(
     w2d: torch.Tensor, quant_type: str, packed: torch.Tensor, absmax: torch.Tensor
 ) -> None:
@@ -125,7 +132,7 @@ def _quantize_full_blocks(
     absmax.copy_(_fast_absmax(w2d))
     # A NaN or Inf scale would index the grid tables out of range; the caller refuses such a weight
     # from the absmax (max propagates them), so its codes may stay unwritten.
-    if bool(torch.isfinite(absmax).all()):
+    if all_finite(absmax):
         _quantize_full_blocks_fast(w2d, absmax, quant_type, packed)
 
 
