@@ -218,7 +218,7 @@ def print_table(conditions: dict[str, dict]) -> None:
     names = list(conditions)
     head = f"{'operation':<22}{'library':<16}"
     for name in names:
-        head += f"{name + ' median s':>20}{'best s':>9}{'vs bnb':>8}"
+        head += f"{name + ' median s':>24}{'best s':>9}{'vs bnb':>8}"
     print(head)
     first = conditions[names[0]]
     for label, rows in first.items():
@@ -228,7 +228,7 @@ def print_table(conditions: dict[str, dict]) -> None:
                 med, best = conditions[name][label][lib]
                 peer = conditions[name][label].get("bitsandbytes")
                 ratio = f"{peer[0] / med:>7.1f}x" if peer else f"{'':>8}"
-                line += f"{med:>20.4f}{best:>9.4f}{ratio}"
+                line += f"{med:>24.4f}{best:>9.4f}{ratio}"
             print(line)
 
 
