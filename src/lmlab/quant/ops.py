@@ -20,7 +20,7 @@ op                          default (reference)                         device k
 ==========================  ==========================================  =========================
 
 A CUDA / Triton kernel for an op is a function in :mod:`lmlab.quant.kernels.cuda` and one
-``register_kernel(..., "cuda")`` line below. The public verbs (:mod:`lmlab.quant.functional`,
+``_register_kernel(op, "cuda", fn)`` line below (which also makes ``impl="fast"`` apply there). The public verbs (:mod:`lmlab.quant.functional`,
 :mod:`lmlab.quant.modules`) validate their arguments and call these ops; with ``impl="reference"``
 they call the reference functions directly instead. Importing this module defines the ops; it
 probes no hardware.
@@ -28,7 +28,7 @@ probes no hardware.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,15 @@ from lmlab.quant import blockwise
 from lmlab.quant.int8 import int8_dequantize, int8_linear_reference, int_mm_reference
 from lmlab.quant.kernels import cpu, cuda
 
-# Device types with a registered kernel per op: where impl="fast" applies.
-FAST_DEVICES: dict[str, tuple[str, ...]] = {
-    "quantize_4bit": ("cpu",),
-    "dequantize_4bit": ("cpu",),
-    "int8_mm": ("cuda",),
-}
+# op name -> the device types with a registered kernel: where impl="fast" applies. Filled by
+# _register_kernel, so that it cannot disagree with the registrations.
+FAST_DEVICES: dict[str, tuple[str, ...]] = {}
+
+
+def _register_kernel(op: str, device: str, fn: Callable[..., object]) -> None:
+    torch.library.register_kernel(f"lmlab::{op}", device, fn)
+    FAST_DEVICES[op] = (*FAST_DEVICES.get(op, ()), device)
+
 
 # -------------------------------------------------------------------------------- 4-bit
 
@@ -96,9 +99,9 @@ def _(packed, absmax, quant_type, block_size, out):
     return None
 
 
-torch.library.register_kernel("lmlab::quantize_4bit", "cpu", cpu.quantize_4bit)
-torch.library.register_kernel("lmlab::dequantize_4bit", "cpu", cpu.dequantize_4bit)
-torch.library.register_kernel("lmlab::dequantize_4bit_out", "cpu", cpu.dequantize_4bit_into)
+_register_kernel("quantize_4bit", "cpu", cpu.quantize_4bit)
+_register_kernel("dequantize_4bit", "cpu", cpu.dequantize_4bit)
+_register_kernel("dequantize_4bit_out", "cpu", cpu.dequantize_4bit_into)
 
 
 @torch.library.custom_op("lmlab::linear_4bit", mutates_args=())
@@ -149,7 +152,7 @@ def _(a, b):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-torch.library.register_kernel("lmlab::int8_mm", "cuda", cuda.int8_mm)
+_register_kernel("int8_mm", "cuda", cuda.int8_mm)
 
 
 @torch.library.custom_op("lmlab::int8_linear", mutates_args=())
