@@ -11,6 +11,10 @@ Each subcommand lives in the package of its concern as a module with two functio
 A user's mistake raises :class:`lmlab.errors.LmlabError` and is printed here as one line with
 exit status 2; so is an error of the file system the user pointed lmlab at (a read-only or full
 disk, a permission, a path under a file), named with the file it concerns.
+
+The environment variables lmlab knows (``LMLAB_CACHE``, ``XDG_CACHE_HOME``, ``LMLAB_ONEDNN``) are
+read here, by :func:`env_cache_dir` and :func:`env_onednn_policy`, and passed to the library as
+arguments; library code reads none (torchrun's ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` aside).
 """
 
 from __future__ import annotations

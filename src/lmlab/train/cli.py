@@ -4,6 +4,8 @@
     lmlab pretrain --resume runs/t5 [--steps 4000]
     torchrun --nproc_per_node 2 -m lmlab pretrain --data data/ --objective causal --model gpt ...
 
+``LMLAB_ONEDNN`` (auto, 1, 0) chooses the library of fp32 CPU products for the run
+(``PretrainConfig.onednn``); the command applies lmlab's process tuning (:mod:`lmlab.runtime`).
 Imports nothing heavy until :func:`run`.
 """
 

@@ -280,6 +280,7 @@ class _Run:
 
     def run(self) -> PretrainResult:
         cfg, d = self.cfg, self.d
+        state.check_out(cfg, self.run_dir)
         self._build()
         # Dropout's generator: seeded by the run's seed and the rank (so ranks draw different masks),
         # then replaced by the checkpoint's own state on a resume.
