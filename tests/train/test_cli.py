@@ -34,6 +34,7 @@ def steps_logged(run: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_ctrl_c_checkpoints_and_resume_finishes(data_dir, tmp_path):
     run = tmp_path / "run"
     args = ["--data", str(data_dir), "--model", "t5-tiny", "--objective", "span", "--steps", "400",
@@ -70,6 +71,7 @@ def error_line(r: subprocess.CompletedProcess) -> str:
     return last
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_user_mistakes_are_one_line(data_dir, tmp_path):
     r = lmlab_pretrain(
         "--data", str(data_dir), "--model", "gpt-tiny", "--objective", "span", "--out", str(tmp_path)
@@ -101,33 +103,36 @@ def test_registered_in_the_lmlab_command():
 
 def test_the_command_passes_lmlab_onednn_down_and_tunes_its_process(data_dir, tmp_path, monkeypatch):
     """$LMLAB_ONEDNN reaches the run's config (the library reads no environment); a bad value is one line;
-    the command asks pretrain() for the process tuning, a resume takes this process's policy."""
+    the command asks pretrain() for the process tuning; a resume takes this process's policy."""
     import json
     from argparse import ArgumentParser
+    from types import SimpleNamespace
 
-    from lmlab import runtime
     from lmlab.errors import LmlabError
     from lmlab.train import cli, loop
 
     calls = []
-    real = loop.pretrain
-    monkeypatch.setattr(loop, "pretrain", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
-    monkeypatch.setattr(runtime, "tune_process", lambda device: None)
+    monkeypatch.setattr(
+        loop, "pretrain", lambda cfg, **kw: calls.append((cfg, kw)) or SimpleNamespace(stopped_by=None)
+    )
     p = ArgumentParser()
     cli.configure(p)
     run = tmp_path / "run"
-    args = ["--data", str(data_dir), "--model", "gpt-tiny", "--objective", "causal", "--steps", "1",
-            "--batch-size", "4", "--seq-len", "16", "--workers", "0", "--no-progress"]  # fmt: skip
     monkeypatch.setenv("LMLAB_ONEDNN", "0")
-    assert cli.run(p.parse_args([*args, "--out", str(run)])) == 0
-    assert calls == [{"tune_process": True}]
-    assert json.loads((run / "config.json").read_text())["config"]["onednn"] == "off"
+    assert cli.run(p.parse_args(["--data", str(data_dir), "--out", str(run)])) == 0
+    ((cfg, kw),) = calls
+    assert kw == {"tune_process": True} and cfg.onednn == "off"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "resolved": {}}))
     monkeypatch.setenv("LMLAB_ONEDNN", "1")
-    assert cli.run(p.parse_args(["--resume", str(run), "--steps", "2", "--no-progress"])) == 0
-    assert json.loads((run / "config.json").read_text())["config"]["onednn"] == "on"
+    assert cli.run(p.parse_args(["--resume", str(run), "--steps", "2"])) == 0
+    assert calls[-1][0].onednn == "on" and calls[-1][0].resume and calls[-1][0].steps == 2
+    monkeypatch.delenv("LMLAB_ONEDNN")
+    assert cli.run(p.parse_args(["--resume", str(run)])) == 0
+    assert calls[-1][0].onednn == "auto"  # unset is auto, as it always was
     monkeypatch.setenv("LMLAB_ONEDNN", "sometimes")
     with pytest.raises(LmlabError, match="unknown oneDNN policy 'sometimes'"):
-        cli.run(p.parse_args([*args, "--out", str(tmp_path / "bad")]))
+        cli.run(p.parse_args(["--data", str(data_dir), "--out", str(tmp_path / "bad")]))
 
 
 def test_objective_help_lists_the_registered_objectives():
@@ -147,6 +152,7 @@ def losses(run: Path) -> list[tuple[str, str, str]]:
         return [(r["step"], r["loss"], r["val_loss"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
     args = ["--data", str(data_dir), "--model", "gpt-tiny", "--objective", "causal", "--steps", "12",
             "--batch-size", "4", "--seq-len", "32", "--save-every", "3", "--eval-every", "4",

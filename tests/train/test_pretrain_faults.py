@@ -122,6 +122,7 @@ def dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_stale_temps_of_dead_writers_are_removed_on_resume(data_dir, tmp_path):
     run = tmp_path / "run"
     cfg = dict(data=[str(data_dir)], out=str(run), objective="causal", model="gpt-tiny", steps=2, batch_size=4,
@@ -139,6 +140,7 @@ def test_stale_temps_of_dead_writers_are_removed_on_resume(data_dir, tmp_path):
     assert not stale.exists() and not stale_metrics.exists() and live.exists()
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_a_second_writer_is_refused_and_the_first_goes_on(data_dir, tmp_path):
     run = tmp_path / "run"
     proc = start(data_dir, run, "--steps", "400", "--save-every", "1000", "--eval-every", "1000")
@@ -166,6 +168,7 @@ def test_a_second_writer_is_refused_and_the_first_goes_on(data_dir, tmp_path):
     assert verify_checkpoint(run / "checkpoints" / f"step-{stopped:08d}") is None
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_a_torn_metrics_csv_is_repaired_on_resume(data_dir, full_run, tmp_path):
     run = tmp_path / "run"
     proc = start(data_dir, run)
@@ -184,6 +187,7 @@ def test_a_torn_metrics_csv_is_repaired_on_resume(data_dir, full_run, tmp_path):
     assert b"\x00" not in (run / "metrics.csv").read_bytes()
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_a_diverged_run_never_writes_a_checkpoint(data_dir, tmp_path):
     """--lr 1e6 goes NaN at step 2; with --log-every 100 no logged loss shows it before the save."""
     run = tmp_path / "run"
@@ -251,6 +255,7 @@ def test_resume_refuses_changed_data_and_keeps_its_tokenizer(data_dir, tmp_path)
     assert (run / "tokenizer.json").read_bytes() == tokenizer
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_no_validation_split_trains_without_a_validation_loss(data_dir, tmp_path, capsys):
     import shutil
 
@@ -282,6 +287,7 @@ def assert_full_disk_refused(r: subprocess.CompletedProcess, run: Path) -> None:
     assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_a_full_disk_by_file_size_limit_is_one_line(data_dir, tmp_path):
     """The checkpoint (gpt-tiny's weights and AdamW state) is the first file over the limit."""
     run = tmp_path / "run"
@@ -289,6 +295,7 @@ def test_a_full_disk_by_file_size_limit_is_one_line(data_dir, tmp_path):
     assert_full_disk_refused(r, run)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (subprocesses or several runs)
 def test_a_full_tmpfs_is_one_line(data_dir, tmp_path):
     with tmpfs(tmp_path / "tmpfs", "size=400k") as mnt:
         r = run_lmlab(["pretrain", "--data", str(data_dir), *ARGS, "--out", str(mnt / "run")])
