@@ -40,13 +40,37 @@ def test_unknown_model_type_and_family_are_one_line_errors():
         ("llama-tiny", "LlamaForCausalLM", ("LlamaDecoderLayer", 4)),
     ],
 )
-def test_model_class_is_the_trained_class_whatever_architectures_says(preset, cls, blocks):
+def test_model_class_is_the_family_class_unless_architectures_names_one(preset, cls, blocks):
     m = build_model(preset, 300, seed=0)
     assert type(m).__name__ == cls
-    m.config.architectures = ["SomethingElse"]  # e.g. a checkpoint saved from a head lmlab does not train
+    assert model_class(m.config).__name__ == cls  # a fresh config names no architecture
+    m.config.architectures = ["SomethingElse"]  # not a transformers class: the family's
     assert model_class(m.config).__name__ == cls
     units = family_of(m).blocks(m)  # what lmlab.train.distributed shards
     assert {type(b).__name__ for b in units} == {blocks[0]} and len(units) == blocks[1]
+
+
+def test_model_class_is_the_saved_class_and_load_model_refuses_a_head_lmlab_does_not_train(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig
+
+    from lmlab.errors import LmlabError
+    from lmlab.models import load_model
+
+    c = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32, pad_token_id=0)
+    GPT2ForSequenceClassification(c).save_pretrained(tmp_path)
+    saved = type(c).from_pretrained(tmp_path)
+    # lmlab quantize and --init agree on the class that loads the directory...
+    assert model_class(saved) is GPT2ForSequenceClassification
+    # ...and training/evaluation refuse it rather than drop its classifier for a fresh LM head.
+    with pytest.raises(
+        LmlabError, match=r"^the model is a GPT2ForSequenceClassification; lmlab trains .*GPT2LMHeadModel$"
+    ):
+        load_model(tmp_path)
+    # A model type no family claims still has a class (lmlab quantize takes any HF model).
+    r = RobertaConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50
+    )
+    assert model_class(r).__name__ == "RobertaForMaskedLM"
 
 
 def test_mt5_is_the_t5_family_with_its_own_class():

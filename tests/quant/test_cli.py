@@ -46,9 +46,9 @@ def test_quantize_command(saved, name, argv, tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
     model = load_quantized(out)
 
-    from lmlab.quant.serialization import hf_model_class
+    from lmlab.models.families import model_class
 
-    float_model = hf_model_class(model.config).from_pretrained(saved[name]).eval()
+    float_model = model_class(model.config).from_pretrained(saved[name]).eval()
     a, b = logits(model, IDS), logits(float_model, IDS)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.97
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
-from lmlab.models.families import Family, family_of, get_family, model_class
+from lmlab.models.families import Family, check_trained_class, family_of, get_family, model_class
 
 if TYPE_CHECKING:
     from torch import nn
@@ -323,7 +323,10 @@ def load_model(model_dir: str | os.PathLike) -> nn.Module:
     """
     check_not_quantized(model_dir)
     config = read_hf_config(model_dir)
-    return load_pretrained(model_class(config), model_dir)
+    family_of(config)  # a model type lmlab does not train: refused before any weight is read
+    model = load_pretrained(model_class(config), model_dir)
+    check_trained_class(model)
+    return model
 
 
 def max_positions(model: nn.Module) -> int | None:

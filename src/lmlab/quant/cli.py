@@ -131,12 +131,13 @@ def _quantize_locked(args: argparse.Namespace, model_dir: Path) -> int:
     config = _make_config(args)  # imports torch: after the checks that need none
     remove_stale_temps(out.resolve().parent)  # what a killed quantize left beside DIR
 
+    from lmlab.models.families import model_class
     from lmlab.models.presets import load_pretrained, read_hf_config
     from lmlab.quant.api import quantize_
-    from lmlab.quant.serialization import hf_model_class, save_quantized
+    from lmlab.quant.serialization import save_quantized
 
     hf_config = read_hf_config(model_dir)
-    cls = hf_model_class(hf_config)
+    cls = model_class(hf_config)
     model = load_pretrained(cls, model_dir)
     model.eval()
     _check_finite(model, model_dir)

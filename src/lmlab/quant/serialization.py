@@ -176,30 +176,10 @@ def _build_hf_model(directory: Path) -> nn.Module:
     return instantiate_hf_model(config)
 
 
-def hf_model_class(config) -> type:
-    """The transformers class for ``config``: its ``architectures`` entry, else the Auto class for
-    seq2seq (T5), masked LM (BERT) or causal LM (GPT-2, Llama)."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type):
-            return cls
-    if getattr(config, "is_encoder_decoder", False):
-        auto = transformers.AutoModelForSeq2SeqLM
-    elif getattr(config, "model_type", "") in ("bert", "roberta", "distilbert", "albert", "electra"):
-        auto = transformers.AutoModelForMaskedLM
-    else:
-        auto = transformers.AutoModelForCausalLM
-    try:
-        return auto._model_mapping[type(config)]
-    except KeyError as e:
-        raise LmlabError(f"no model class for config type {type(config).__name__}") from e
-
-
 def instantiate_hf_model(config) -> nn.Module:
-    cls = hf_model_class(config)
-    return cls(config)
+    from lmlab.models.families import model_class  # the one rule for which class loads a directory
+
+    return model_class(config)(config)
 
 
 _HEX = frozenset("0123456789abcdef")

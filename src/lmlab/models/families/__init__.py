@@ -22,6 +22,17 @@ from lmlab.models.families.base import DECODER, ENCODER, ENCODER_DECODER, KINDS,
 FAMILIES: dict[str, Family] = {f.name: f for f in (t5.FAMILY, bert.FAMILY, gpt2.FAMILY, llama.FAMILY)}
 
 _BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
+# Encoder-only model types whose pre-training head is a masked LM (for types no family claims).
+_MASKED_LM_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "albert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+)
 
 
 def get_family(name: str) -> Family:
@@ -45,11 +56,47 @@ def family_of(model_or_config: Any) -> Family:
 def model_class(config: Any) -> type:
     """The ``transformers`` class that loads a directory saved with ``config`` (and instantiates it).
 
-    The one rule for every caller (``--init``, evaluation, ``lmlab quantize``, presets): the class
-    of ``config``'s family that lmlab trains (``T5ForConditionalGeneration``, ``BertForMaskedLM``,
-    ``GPT2LMHeadModel``, ``LlamaForCausalLM``), whatever ``architectures`` the config lists.
+    The one rule for every caller (``--init``, evaluation, ``lmlab quantize``, presets):
+
+    1. the class the directory was saved from, ``config.architectures[0]``, when ``transformers``
+       has it (what ``save_pretrained`` records; a run's ``final/`` names its family's class);
+    2. else the class of ``config``'s family (``T5ForConditionalGeneration``, ``BertForMaskedLM``,
+       ``GPT2LMHeadModel``, ``LlamaForCausalLM``);
+    3. else, for a model type no family claims, the ``transformers`` Auto class of its kind
+       (seq2seq, masked LM, causal LM) — ``lmlab quantize`` takes any such model; training and
+       evaluation then ask :func:`family_of`, which refuses it in one line.
     """
-    return family_of(config).model_class(config)
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type):
+            return cls
+    if getattr(config, "model_type", None) in _BY_MODEL_TYPE:
+        return family_of(config).model_class(config)
+    if getattr(config, "is_encoder_decoder", False):
+        auto = transformers.AutoModelForSeq2SeqLM
+    elif getattr(config, "model_type", "") in _MASKED_LM_TYPES:
+        auto = transformers.AutoModelForMaskedLM
+    else:
+        auto = transformers.AutoModelForCausalLM
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError:
+        raise LmlabError(f"no transformers model class for config type {type(config).__name__}") from None
+
+
+def check_trained_class(model: Any) -> Family:
+    """The family of ``model``, which must be the class lmlab trains and scores for that family
+    (its language-modelling head); a one-line error for, e.g., a sequence classifier."""
+    family = family_of(model)
+    name = type(model).__name__
+    if name not in family.head_classes:
+        raise LmlabError(
+            f"the model is a {name}; lmlab trains and evaluates {family.name} models as "
+            f"{' or '.join(family.head_classes)}"
+        )
+    return family
 
 
 __all__ = [
@@ -62,4 +109,5 @@ __all__ = [
     "family_of",
     "get_family",
     "model_class",
+    "check_trained_class",
 ]
