@@ -186,6 +186,7 @@ def test_token_dtype_and_writer(tmp_path):
     assert np.fromfile(tmp_path / "x.bin", dtype="<u4").tolist() == [1, 70000, 3]
 
 
+@pytest.mark.slow  # 7 s on 2 cores: a whole novel
 def test_real_corpus_moby_dick(tmp_path, corpus_file):
     src = corpus_file("moby_dick.txt")
     res = prepare([src], tmp_path / "md", vocab_size=2000, progress=False)
