@@ -82,6 +82,7 @@ def evaluate(
     ``seed``, so an untrained and a trained model are measured on the very same batches.
     """
     from lmlab.data import load_tokenizer
+
     dirs = [str(x) for x in data_dir] if isinstance(data_dir, list | tuple) else [str(data_dir)]
     check_same_tokenizer(dirs)
     family = model_family(model)
