@@ -23,19 +23,19 @@ from lmlab.train.state import model_settings
 
 
 class LossHead(torch.nn.Module):
-    """``model`` plus its loss, as one module: ``head(batch)`` → :func:`loss_sum`.
+    """``model`` plus its loss, as one module: ``head(batch)`` → :func:`lmlab.train.loss.loss_sum`.
 
-    ``fused``: lmlab's chunked projection + cross-entropy on the model's body (eager runs).  A
-    compiled head takes ``fused=False``: compiling the model and its plain loss together lets
+    ``impl="auto"``: lmlab's chunked projection + cross-entropy on the model's body (eager runs).  A
+    compiled head takes ``impl="reference"``: compiling the model and its plain loss together lets
     ``torch.compile`` fuse the fp32 upcast and the log-softmax into the projection's consumer.
     """
 
-    def __init__(self, model: torch.nn.Module, family: str, start_id: int = 0, fused: bool = True):
+    def __init__(self, model: torch.nn.Module, start_id: int = 0, impl: str = "auto"):
         super().__init__()
-        self.model, self.family, self.start_id, self.fused = model, family, start_id, fused
+        self.model, self.start_id, self.impl = model, start_id, impl
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_sum(self.model, batch, self.family, self.start_id, fused=self.fused)
+        return loss_sum(self.model, batch, start_id=self.start_id, impl=self.impl)
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def evaluate(
     start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
     # fp32 on CPU unless asked: quantized and float models are then compared on the same arithmetic.
     prec = resolve_precision(precision or ("auto" if dev.type == "cuda" else "fp32"), dev)
-    s, n = eval_pass(LossHead(model, family, start_id), loader, dev, ddp.Dist(device=dev), prec)
+    s, n = eval_pass(LossHead(model, start_id), loader, dev, ddp.Dist(device=dev), prec)
     loss = s / max(n, 1)
     return {
         "loss": loss,

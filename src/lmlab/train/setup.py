@@ -156,8 +156,8 @@ def _heads(s: Setup, cfg: PretrainConfig, d: ddp.Dist) -> None:
     # The loss: the fused chunked projection + cross-entropy (lmlab.train.loss) in eager mode.  Under
     # torch.compile the model's own logits path, which Inductor fuses itself; under FSDP too, whose
     # unsharding hooks sit on the model's own forward.
-    s.eval_head = LossHead(s.base, s.family, s.start_id, fused=not cfg.fsdp)
-    compiled = torch.compile(LossHead(s.base, s.family, s.start_id, fused=False)) if cfg.compile else None
+    s.eval_head = LossHead(s.base, s.start_id, impl="reference" if cfg.fsdp else "auto")
+    compiled = torch.compile(LossHead(s.base, s.start_id, impl="reference")) if cfg.compile else None
     head = compiled if compiled is not None else s.eval_head
     s.train_head = head if cfg.fsdp else ddp.wrap_ddp(head, d)
     s.sync_target = s.base if cfg.fsdp else s.train_head
