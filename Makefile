@@ -45,3 +45,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache runs
+	find src -name "*.so" -delete  # the compiled CPU kernel that pip install -e built in place

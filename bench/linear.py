@@ -5,8 +5,8 @@
 
 Each row times one linear layer of a training step, y = x Wᵀ and its two gradients, as
 ``F.linear`` + autograd (torch's CPU BLAS, MKL in the x86 wheels) and as
-:func:`lmlab.models.onednn.linear` (``LMLAB_ONEDNN=1`` is set here, so the route is timed on any
-x86 CPU, not only where lmlab turns it on by itself), and prints each side's GFLOP/s (6·M·K·N
+:func:`lmlab.models.onednn.linear` (under the policy ``"on"``, so the route is timed on any x86
+CPU, not only where lmlab's ``"auto"`` turns it on), and prints each side's GFLOP/s (6·M·K·N
 FLOPs per forward + backward), the ratio and the largest difference of the outputs and
 gradients relative to their largest entry.  Median of ``--repeats`` calls after three warm-up
 calls.  The first line says which CPU and whether lmlab routes there by default.
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
-
-os.environ["LMLAB_ONEDNN"] = "1"  # noqa: E402 — read when lmlab first routes, not at import
 
 import torch
 import torch.nn.functional as F
 
+from lmlab import runtime
 from lmlab.models import onednn
 
 SHAPES = {
@@ -71,14 +69,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
-    if not onednn.available():  # nothing to compare; `make bench` goes on to the next script
+    with runtime.onednn_policy("on"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not onednn.available("on"):  # nothing to compare; `make bench` goes on to the next script
         print(
             "bench/linear.py: oneDNN's fp32 linear is not available here (not x86, or a torch build without it)"
         )
         return
-    default = onednn._mkl_leaves_avx512_idle()
+    default = onednn.available("auto")
     print(f"fp32 linear, forward + backward, {cpu_name()}, {torch.get_num_threads()} threads; "
-          f"lmlab routes through oneDNN by default here: {'yes' if default else 'no (LMLAB_ONEDNN=1 does)'}")  # fmt: skip
+          f"lmlab routes through oneDNN by default here: {'yes' if default else 'no (policy on does)'}")  # fmt: skip
     print(
         f"{'layer (M x K -> N)':<50} {'torch GFLOP/s':>13} {'lmlab GFLOP/s':>13} {'ratio':>6}  max rel. diff"
     )

@@ -11,8 +11,8 @@ lmlab's pipeline produced for those steps, precomputed, so Trainer pays nothing 
 use AdamW (β₂ 0.95, weight decay 0.01, torch's fused kernel: Trainer's default
 ``adamw_torch_fused``), cosine decay after warmup, clipping at 1.0, in fp32 and (where the CPU
 has it natively) bf16 autocast.  Every run is a fresh Python process, so each side runs as its
-users get it: lmlab's loop sets glibc's malloc to keep freed memory
-(``lmlab.train.loop.keep_freed_memory``), Trainer leaves the default (``--same-malloc`` gives
+users get it: lmlab's command sets glibc's malloc to keep freed memory
+(``lmlab.runtime.keep_freed_memory``, via ``pretrain(..., tune_process=True)``), Trainer leaves the default (``--same-malloc`` gives
 Trainer's process lmlab's setting too).  Throughput is raw corpus tokens per second over the
 steps after ``--warmup-steps`` (timestamps taken at the end of each step by lmlab's ``on_step``
 hook and a ``TrainerCallback``); the first-step losses are printed to show both trained the same
@@ -55,6 +55,7 @@ def lmlab_run(
     data: Path, out: Path, preset: str, objective: str, B: int, L: int, steps: int, warm: int, **kw
 ):
     """tokens/s (median step), the first step's loss (CPU only, else nan), raw tokens per row."""
+    from lmlab.cli import env_onednn_policy
     from lmlab.train import PretrainConfig, pretrain
 
     on_cpu = kw.get("device", "cpu") == "cpu"
@@ -62,6 +63,7 @@ def lmlab_run(
         data=[str(data)], out=str(out), objective=objective, model=preset, steps=steps, batch_size=B, seq_len=L,
         lr=1e-3, warmup=2, eval_every=10**9, eval_batches=1, save_every=10**9, progress=False, seed=0,
         log_every=1 if on_cpu else 10**9,  # a logged step syncs the GPU; on CPU it costs nothing
+        onednn=env_onednn_policy(),
         **kw,
     )  # fmt: skip
     marks: dict[int, float] = {}
@@ -71,7 +73,8 @@ def lmlab_run(
             torch.cuda.synchronize()
         marks[step] = time.perf_counter()
 
-    r = pretrain(cfg, on_step=on_step)
+    # As `lmlab pretrain` runs it: the command tunes its process (lmlab.runtime.tune_process).
+    r = pretrain(cfg, on_step=on_step, tune_process=True)
     raw = json.loads((out / "config.json").read_text())["resolved"]["raw_len"]
     first = r.losses[0][1] if r.losses and r.losses[0][0] == 1 else float("nan")
     return B * raw / step_time(marks, warm, steps), first, raw
@@ -92,10 +95,10 @@ def lmlab_batches(data: Path, objective: str, preset: str, B: int, L: int, steps
     """The rows lmlab's pipeline gives steps 0..steps-1 (seed 0, one process)."""
     from lmlab.data import load_tokenizer
     from lmlab.models import get_preset
+    from lmlab.objectives import make_objective
     from lmlab.train.data import BatchPlan, ObjectiveBatches, Sources, StepSampler
-    from lmlab.train.loop import make_objective
 
-    family = get_preset(preset).family
+    family = get_preset(preset).kind
     obj = make_objective(objective, load_tokenizer(data), family)
     src = Sources([str(data)], obj.raw_length(L))
     ds = ObjectiveBatches(src, obj, 0, shift_labels=family == "decoder")
@@ -180,7 +183,7 @@ def one(spec: dict) -> None:
         print(json.dumps({"tps": tps, "loss": loss, "raw": raw}))
     else:
         if spec.pop("same_malloc"):
-            from lmlab.train.loop import keep_freed_memory
+            from lmlab.runtime import keep_freed_memory
 
             keep_freed_memory()
         tps, loss = trainer_run(*args, **spec)
@@ -188,10 +191,11 @@ def one(spec: dict) -> None:
 
 
 def cpu(args) -> None:
+    from lmlab.cli import env_cache_dir, env_onednn_policy
     from lmlab.data import ensure_default_data
-    from lmlab.train.loop import resolve_precision
+    from lmlab.train.precision import resolve_precision
 
-    data = Path(args.data) if args.data else ensure_default_data(progress=False)
+    data = Path(args.data) if args.data else ensure_default_data(progress=False, cache=env_cache_dir())
     native = resolve_precision("auto", torch.device("cpu"))
     precisions = args.precision or (["fp32", "bf16"] if native == "bf16" else ["fp32"])
     print(f"lmlab pretrain vs transformers.Trainer, CPU ({torch.get_num_threads()} threads), data {data}")
@@ -201,7 +205,7 @@ def cpu(args) -> None:
           f"{'; Trainer with lmlab malloc setting' if args.same_malloc else ''}")  # fmt: skip
     from lmlab.models import onednn
 
-    print(f"fp32 products: lmlab {'oneDNN' if onednn.available() else 'torch (MKL)'} "
+    print(f"fp32 products: lmlab {'oneDNN' if onednn.available(env_onednn_policy()) else 'torch (MKL)'} "
           f"(LMLAB_ONEDNN={os.environ.get('LMLAB_ONEDNN', 'auto')}), Trainer torch (MKL)")  # fmt: skip
     results = []
     for name, (preset, objective, B, L) in CPU_CONFIGS.items():
@@ -241,10 +245,11 @@ def cpu(args) -> None:
 
 def synthetic_data(root: Path, vocab: int, tokens: int) -> Path:
     """A prepared directory of uniform random ids over ``vocab`` (throughput only), lmlab's format."""
+    from lmlab.cli import env_cache_dir
     from lmlab.data import ensure_default_data, load_meta
     from lmlab.data.shards import token_dtype
 
-    src = ensure_default_data(progress=False)
+    src = ensure_default_data(progress=False, cache=env_cache_dir())
     out = root / f"synthetic-{vocab}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
@@ -276,7 +281,9 @@ def gpu(args) -> None:
         raise SystemExit("--gpu needs a CUDA device")
     else:
         dev = torch.device("cuda")
-    peak = peak_flops(dev)
+    from lmlab.cli import env_peak_tflops
+
+    peak = peak_flops(dev, env_peak_tflops())
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
     print(f"lmlab pretrain on {name}, bf16 autocast, fused AdamW; MFU against "
           f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s dense bf16")  # fmt: skip
@@ -313,7 +320,7 @@ def gpu(args) -> None:
                 meta = load_meta(data)
                 model = build_model(preset, meta["vocab_size"], meta["special_ids"])
                 n_in, n_tgt = batch_shapes(data, objective, preset, L)
-                tgt = n_tgt if get_preset(preset).family == "encoder-decoder" else None
+                tgt = n_tgt if get_preset(preset).kind == "encoder-decoder" else None
                 flops = flops_per_step(model, B, n_in, tgt)
                 del model
                 mfu = flops * (tps / (B * raw)) / peak if peak else None

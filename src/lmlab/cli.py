@@ -3,7 +3,7 @@
     lmlab prepare   --corpus PATH ... --out DIR      corpus -> tokenizer -> token shards
     lmlab corrupt   --objective span                 show a pre-training objective on a sentence
     lmlab pretrain  --data DIR --objective span ...  train T5 / BERT / GPT
-    lmlab quantize  MODEL_DIR --method nf4 ...       LLM.int8() / NF4 / FP4 a saved model
+    lmlab quantize  MODEL_DIR --method nf4 ...       LLM.int8() / NF4 / FP4 / int4 a saved model
     lmlab quickstart                                 the README's main job, end to end
 
 Each subcommand lives in the package of its concern as a module with two functions,
@@ -28,13 +28,14 @@ from pathlib import Path
 
 from lmlab import __version__
 from lmlab.errors import LmlabError
+from lmlab.quant.formats import METHODS  # the registered formats; imports no torch
 
 # name -> (module with configure/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lmlab.data.cli", "turn a text corpus into a tokenizer and token shards"),
     "corrupt": ("lmlab.objectives.cli", "show what a pre-training objective does to a sentence"),
-    "pretrain": ("lmlab.train.cli", "pre-train a T5, BERT or GPT model with any objective"),
-    "quantize": ("lmlab.quant.cli", "quantize a saved model with LLM.int8(), NF4 or FP4"),
+    "pretrain": ("lmlab.train.cli", "pre-train a T5, BERT, GPT-2 or Llama model with any objective"),
+    "quantize": ("lmlab.quant.cli", f"quantize a saved model ({', '.join(METHODS)})"),
     "quickstart": ("lmlab.quickstart", "the main job on the embedded default corpus, end to end"),
 }
 
@@ -65,6 +66,23 @@ def env_cache_dir() -> Path | None:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / "lmlab"
     return None
+
+
+def env_peak_tflops() -> float | None:
+    """``$LMLAB_PEAK_TFLOPS``: the accelerator's dense peak for the MFU that ``lmlab pretrain`` shows
+    (for a part the table does not know); unset is None."""
+    from lmlab.errors import LmlabError
+
+    raw = os.environ.get("LMLAB_PEAK_TFLOPS", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise LmlabError(f"LMLAB_PEAK_TFLOPS must be a positive number of TFLOP/s, got {raw!r}")
+    return value
 
 
 def env_onednn_policy() -> str:

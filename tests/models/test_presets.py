@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.models import PRESETS, build_model, family_of, get_preset, model_family
+from lmlab.models import PRESETS, build_model, family_of, get_preset
 
 
 def n_params(model) -> int:
@@ -34,7 +34,6 @@ def test_t5_presets_are_v1_1_shapes():
 def test_every_preset_has_a_family(name):
     p = get_preset(name)
     assert p.adapter.name == p.family_name and p.kind in ("encoder-decoder", "encoder", "decoder")
-    assert p.family == p.kind  # the old name, still read by train/loop.py and bench/pretrain.py
 
 
 def test_llama_presets_are_gpt_sized_with_swiglu_rmsnorm_and_rope():
@@ -61,7 +60,7 @@ def test_small_presets_build_with_the_data_vocabulary():
                       ("gpt-tiny", "GPT2LMHeadModel"), ("llama-tiny", "LlamaForCausalLM")):  # fmt: skip
         m = build_model(name, 512, specials, seed=0)
         assert type(m).__name__ == cls and m.config.vocab_size == 512
-        assert model_family(m) == get_preset(name).kind and family_of(m) is get_preset(name).adapter
+        assert family_of(m).kind == get_preset(name).kind and family_of(m) is get_preset(name).adapter
 
 
 def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():

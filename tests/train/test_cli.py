@@ -102,7 +102,8 @@ def test_registered_in_the_lmlab_command():
 
 
 def test_the_command_passes_lmlab_onednn_down_and_tunes_its_process(data_dir, tmp_path, monkeypatch):
-    """$LMLAB_ONEDNN reaches the run's config (the library reads no environment); a bad value is one line;
+    """$LMLAB_ONEDNN reaches the run's config and $LMLAB_PEAK_TFLOPS the progress bar's MFU (the library
+    reads no environment); a bad value is one line;
     the command asks pretrain() for the process tuning; a resume takes this process's policy."""
     import json
     from argparse import ArgumentParser
@@ -119,9 +120,11 @@ def test_the_command_passes_lmlab_onednn_down_and_tunes_its_process(data_dir, tm
     cli.configure(p)
     run = tmp_path / "run"
     monkeypatch.setenv("LMLAB_ONEDNN", "0")
+    monkeypatch.setenv("LMLAB_PEAK_TFLOPS", "312")
     assert cli.run(p.parse_args(["--data", str(data_dir), "--out", str(run)])) == 0
     ((cfg, kw),) = calls
-    assert kw == {"tune_process": True} and cfg.onednn == "off"
+    assert kw == {"tune_process": True, "peak_tflops": 312.0} and cfg.onednn == "off"
+    monkeypatch.delenv("LMLAB_PEAK_TFLOPS")
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "resolved": {}}))
     monkeypatch.setenv("LMLAB_ONEDNN", "1")
@@ -133,6 +136,13 @@ def test_the_command_passes_lmlab_onednn_down_and_tunes_its_process(data_dir, tm
     monkeypatch.setenv("LMLAB_ONEDNN", "sometimes")
     with pytest.raises(LmlabError, match="unknown oneDNN policy 'sometimes'"):
         cli.run(p.parse_args(["--data", str(data_dir), "--out", str(tmp_path / "bad")]))
+    monkeypatch.setenv("LMLAB_ONEDNN", "auto")
+    for bad in ("fast", "-3", "inf", "nan"):
+        monkeypatch.setenv("LMLAB_PEAK_TFLOPS", bad)
+        with pytest.raises(
+            LmlabError, match=f"LMLAB_PEAK_TFLOPS must be a positive number of TFLOP/s, got '{bad}'"
+        ):
+            cli.run(p.parse_args(["--data", str(data_dir), "--out", str(tmp_path / "bad")]))
 
 
 def test_objective_help_lists_the_registered_objectives():

@@ -200,7 +200,7 @@ def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(preset, 
     assert 1 <= k < 16
 
     def hidden(ids):
-        kw = model_inputs(model, {**batch, "input_ids": ids}, DECODER)
+        kw = model_inputs(model, {**batch, "input_ids": ids})
         body = model.transformer if preset == "gpt-tiny" else model.model
         return body(input_ids=ids, attention_mask=kw["attention_mask"])[0]
 
@@ -216,7 +216,7 @@ def test_prefix_lm_on_a_decoder_sees_the_whole_prefix_and_nothing_after(preset, 
     ref = loss_sum(model, batch, impl="reference")
     assert loss_sum(model, batch, impl="fast").item() == pytest.approx(ref.item(), rel=1e-5)
     causal = {key: v for key, v in batch.items() if key != "prefix_mask"}
-    assert loss_sum(model, causal, DECODER).item() != pytest.approx(ref.item(), rel=1e-5)
+    assert loss_sum(model, causal).item() != pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_models_lmlab_does_not_split_keep_the_logits_path():
@@ -239,16 +239,3 @@ def test_fast_impl_is_refused_where_the_split_does_not_apply_and_auto_falls_back
     with torch.no_grad():
         auto, ref = loss_sum(model, batch), loss_sum(model, batch, impl="reference")
     assert auto.item() == pytest.approx(ref.item(), rel=1e-5)
-
-
-def test_the_old_keywords_still_map_onto_impl():
-    """train/loop.py passes the kind positionally and ``fused=``: the same losses as ``impl``."""
-    model = build_model("gpt-tiny", 100, seed=0)
-    batch = _batch(DECODER, 100)
-    with torch.no_grad():
-        assert torch.equal(
-            loss_sum(model, batch, DECODER, 0, fused=False), loss_sum(model, batch, impl="reference")
-        )
-        assert torch.equal(
-            loss_sum(model, batch, DECODER, 0, fused=True), loss_sum(model, batch, impl="auto")
-        )

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from lmlab.models import DECODER, max_positions, model_family
+from lmlab.models import DECODER, max_positions
+from lmlab.models.families import family_of
 from lmlab.objectives.registry import make_objective
 from lmlab.train import distributed as ddp
 from lmlab.train.data import ObjectiveBatches, Sources, check_same_tokenizer, make_loader, to_device, val_keys
@@ -85,7 +86,7 @@ def evaluate(
 
     dirs = [str(x) for x in data_dir] if isinstance(data_dir, list | tuple) else [str(data_dir)]
     check_same_tokenizer(dirs)
-    family = model_family(model)
+    family = family_of(model).kind
     if isinstance(objective, str):
         objective = make_objective(objective, load_tokenizer(dirs[0]), family)
     trained = model_settings(getattr(model, "name_or_path", None), model.config).get("seq_len")

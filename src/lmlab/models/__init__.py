@@ -29,7 +29,6 @@ from lmlab.models.presets import (
     hf_config,
     load_model,
     max_positions,
-    model_family,
     quiet_hf_progress,
 )
 
@@ -50,7 +49,6 @@ __all__ = [
     "load_model",
     "max_positions",
     "model_class",
-    "model_family",
     "peak_flops",
     "quiet_hf_progress",
 ]

@@ -61,11 +61,6 @@ class Preset:
         """``encoder-decoder``, ``encoder`` or ``decoder``."""
         return self.adapter.kind
 
-    @property
-    def family(self) -> str:
-        """The architecture kind, as :attr:`kind` (the name bench/pretrain.py and train/loop.py read)."""
-        return self.kind
-
 
 def _t5(name: str, d_model: int, d_ff: int, d_kv: int, layers: int, heads: int, seq_len: int) -> Preset:
     return Preset(
@@ -198,12 +193,6 @@ def build_model(
         if seed is not None:
             torch.manual_seed(seed)
         return cls(config)
-
-
-def model_family(model_or_config: Any) -> str:
-    """``encoder-decoder``, ``encoder`` or ``decoder`` for a model or a ``transformers`` config:
-    ``family_of(model_or_config).kind``."""
-    return family_of(model_or_config).kind
 
 
 @contextlib.contextmanager

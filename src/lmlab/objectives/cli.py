@@ -106,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if args.objective != "all" and args.objective not in known:
         raise LmlabError(f"unknown objective {args.objective!r}; choose one of {', '.join(known)} or all")
     if args.tokenizer is None:
+        from lmlab.cli import env_cache_dir
         from lmlab.data import ensure_default_data
 
-        path = ensure_default_data()
+        path = ensure_default_data(cache=env_cache_dir())
     else:
         path = args.tokenizer
     tok = load_tokenizer(path)

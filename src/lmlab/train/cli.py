@@ -109,7 +109,7 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.cli import env_onednn_policy
+    from lmlab.cli import env_onednn_policy, env_peak_tflops
     from lmlab.train.config import PretrainConfig
 
     given = _given(args)
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.train.loop import pretrain
 
     # The command owns its process: TF32 on CUDA, glibc keeping freed memory on CPU (lmlab.runtime).
-    result = pretrain(cfg, tune_process=True)
+    result = pretrain(cfg, tune_process=True, peak_tflops=env_peak_tflops())
     if result.stopped_by:
         return 130 if result.stopped_by == "SIGINT" else 143
     return 0

@@ -39,25 +39,16 @@ from lmlab.errors import LmlabError
 from lmlab.eval.loss import eval_pass
 from lmlab.io import atomic_dir
 from lmlab.models import ENCODER_DECODER, flops_per_step, peak_flops, quiet_hf_progress
-from lmlab.runtime import keep_freed_memory
 from lmlab.train import checkpoint as ckpt
 from lmlab.train import distributed as ddp
 from lmlab.train import state
 from lmlab.train.config import PretrainConfig
 from lmlab.train.data import StepSampler, make_loader, to_device, val_keys
 from lmlab.train.metrics import Metrics
-from lmlab.train.precision import autocast, resolve_precision
-from lmlab.train.setup import Setup, build, make_objective
+from lmlab.train.precision import autocast
+from lmlab.train.setup import Setup, build
 
-# make_objective, keep_freed_memory and resolve_precision are imported from here by bench/pretrain.py.
-__all__ = [
-    "PretrainResult",
-    "keep_freed_memory",
-    "make_objective",
-    "pretrain",
-    "resolve_precision",
-    "train_step",
-]
+__all__ = ["PretrainResult", "pretrain", "train_step"]
 
 
 @dataclass
@@ -102,6 +93,7 @@ def pretrain(
     on_step: Callable[[int, float | None], None] | None = None,
     *,
     tune_process: bool = False,
+    peak_tflops: float | None = None,
 ) -> PretrainResult:
     """Run (or, with ``cfg.resume``, continue) one pre-training run; see :class:`PretrainConfig`.
 
@@ -113,6 +105,8 @@ def pretrain(
     products follow ``cfg.onednn`` only for the run.  ``tune_process=True`` also applies
     :func:`lmlab.runtime.tune_process` (TF32 on CUDA, glibc keeping freed memory on CPU: faster
     steps), which stays on for the whole process afterwards; ``lmlab pretrain`` asks for it.
+    ``peak_tflops`` replaces the device's dense bf16 peak in the progress bar's MFU
+    (:func:`lmlab.models.peak_flops`; ``lmlab pretrain`` reads ``$LMLAB_PEAK_TFLOPS``).
     """
     if not cfg.data:
         raise LmlabError("no --data directory given")
@@ -124,7 +118,7 @@ def pretrain(
             runtime.tune_process(d.device)
         # The run seeds torch's global generators (dropout draws from them); the caller's state is restored.
         devices = [d.device] if d.device.type == "cuda" else []
-        run = _Run(cfg, d, on_step)
+        run = _Run(cfg, d, on_step, peak_tflops)
         with (
             state.claim(cfg, run.run_dir, d.is_main),
             torch.random.fork_rng(devices=devices),
@@ -184,8 +178,8 @@ class _Progress:
 
 
 class _Run:
-    def __init__(self, cfg: PretrainConfig, d: ddp.Dist, on_step):
-        self.cfg, self.d, self.on_step = cfg, d, on_step
+    def __init__(self, cfg: PretrainConfig, d: ddp.Dist, on_step, peak_tflops: float | None = None):
+        self.cfg, self.d, self.on_step, self.peak_tflops = cfg, d, on_step, peak_tflops
         self.run_dir = Path(cfg.out)
         self.log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.is_main else (lambda msg: None)
 
@@ -400,7 +394,13 @@ class _Run:
         workers = cfg.workers if cfg.workers is not None else (0 if dev.type == "cpu" else 1)
         loader = make_loader(s.dataset, sampler, workers, pin_memory=dev.type == "cuda")
         batches = iter(loader)
-        p = _Progress(start, start, start * s.tokens_per_step, start if cfg.resume else -1, peak_flops(dev))
+        p = _Progress(
+            start,
+            start,
+            start * s.tokens_per_step,
+            start if cfg.resume else -1,
+            peak_flops(dev, self.peak_tflops),
+        )
         bar = self._progress_bar(start)
         p.t_mark, p.tok_mark = time.perf_counter(), p.tokens
         p.t_begin = time.perf_counter()

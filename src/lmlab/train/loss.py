@@ -224,11 +224,9 @@ def linear_cross_entropy_reference(
 # ---------------------------------------------------------------------------------------------- a model's loss
 
 
-def model_inputs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], family: str | None = None, start_id: int = 0
-) -> dict[str, Any]:
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], start_id: int = 0) -> dict[str, Any]:
     """The keyword arguments of ``model``'s forward for an objective's batch (no labels: lmlab scores),
-    as ``model``'s family builds them; ``family`` (the kind) is read from the model and ignored."""
+    as ``model``'s family builds them."""
     return family_of(model).forward_inputs(model, batch, start_id)
 
 
@@ -254,9 +252,7 @@ def split_head(model: torch.nn.Module) -> str | None:
 def loss_sum(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    family: str | None = None,
     start_id: int = 0,
-    fused: bool | None = None,
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -269,13 +265,9 @@ def loss_sum(
     it applies), then :func:`linear_cross_entropy` on the scored rows (an error for a model whose
     split does not apply, e.g. a quantized head); ``"auto"``: the fast path where it applies, else
     the model's own forward and ``F.cross_entropy``.  Outside the reference, fp32 linear layers on
-    CPUs take oneDNN's products where :mod:`lmlab.models.onednn` applies.
-
-    ``family`` (the model's kind) is read from the model and ignored; ``fused`` is the old name of
-    ``impl`` (True: ``"auto"``, False: ``"reference"``).  Both go when train/loop.py stops passing them.
+    CPUs take oneDNN's products where :mod:`lmlab.models.onednn` applies.  The model's family
+    (:func:`lmlab.models.families.family_of`) knows its inputs and its body/head split.
     """
-    if fused is not None:
-        impl = "auto" if fused else "reference"
     check_impl(impl, "loss_sum")
     fam = family_of(model)
     kw = fam.forward_inputs(model, batch, start_id)

@@ -19,7 +19,8 @@ import torch
 from lmlab.data.shards import load_meta
 from lmlab.errors import LmlabError
 from lmlab.eval.loss import LossHead
-from lmlab.models import DECODER, build_model, get_preset, load_model, max_positions, model_family
+from lmlab.models import DECODER, build_model, get_preset, load_model, max_positions
+from lmlab.models.families import family_of
 from lmlab.objectives.registry import make_objective
 from lmlab.train import distributed as ddp
 from lmlab.train.config import PretrainConfig
@@ -86,7 +87,7 @@ def build(cfg: PretrainConfig, d: ddp.Dist, log: Callable[[str], None]) -> Setup
     meta = check_same_tokenizer(cfg.data)
     s.tokenizer = load_tokenizer(cfg.data[0])
     model, default_len = _model(cfg, int(meta["vocab_size"]), meta.get("special_ids", {}))
-    s.family = model_family(model)
+    s.family = family_of(model).kind
     _lengths(s, cfg, model, default_len)
     s.start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
 
