@@ -23,6 +23,7 @@ def test_top_level_help_lists_every_command():
         assert name in r.stdout
 
 
+@pytest.mark.slow  # one fresh interpreter per command
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_has_help(name):
     r = lmlab(name, "--help")

@@ -13,6 +13,7 @@ from lmlab import runtime
 from lmlab.errors import LmlabError
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_lmlab_probes_nothing():
     """``lmlab --help`` (every command module) and the runtime module read no /proc/cpuinfo at import."""
     code = (

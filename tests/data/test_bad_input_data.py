@@ -133,6 +133,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # each case is a fresh `python -m lmlab` process
 @pytest.mark.parametrize(("case", "argv", "words", "cwd"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_touches_nothing(world, case, argv, words, cwd):
     before, entries = tree_hashes(world), tree_entries(world)

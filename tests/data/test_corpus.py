@@ -145,6 +145,7 @@ def test_resolve_sources(tmp_path):
         resolve_sources([tmp_path / "empty"])
 
 
+@pytest.mark.slow
 def test_default_corpus_is_english_from_python():
     p = default_corpus_path(env_cache_dir())
     assert p.is_file() and p.stat().st_size > 500_000
@@ -190,6 +191,7 @@ def test_damaged_gzip_names_the_file(tmp_path):
             docs_of(tmp_path / name)
 
 
+@pytest.mark.slow  # prepares the default corpus
 def test_default_corpus_lookup_removes_dead_writers_temps():
     cache = default_corpus_path(env_cache_dir()).parent  # extracted once per session
     dead = cache / f".default-corpus-py3.jsonl.{dead_pid()}.abc123.tmp"

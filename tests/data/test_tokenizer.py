@@ -21,7 +21,7 @@ def texts():
     return [d for _, d in zip(range(800), docs, strict=False)]
 
 
-@pytest.mark.parametrize("kind", ["unigram", "bpe"])
+@pytest.mark.parametrize("kind", [pytest.param("unigram", marks=pytest.mark.slow), "bpe"])
 def test_t5_layout(texts, kind, tmp_path):
     tok = train_tokenizer(texts, vocab_size=600, kind=kind)
     v = tok.get_vocab_size()

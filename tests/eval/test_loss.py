@@ -21,6 +21,7 @@ def data_dir(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared")
 
 
+@pytest.mark.slow
 def test_evaluate_before_and_after_training(data_dir, tmp_path):
     from lmlab.models import build_model, load_model
 
@@ -33,6 +34,7 @@ def test_evaluate_before_and_after_training(data_dir, tmp_path):
     assert before["perplexity"] > after["perplexity"]
 
 
+@pytest.mark.slow
 def test_evaluate_decoder_and_encoder_models(data_dir):
     from lmlab.models import build_model
 

@@ -260,6 +260,7 @@ _LOADS = {
 }
 
 
+@pytest.mark.slow  # each case is a fresh `python -m lmlab` process
 @pytest.mark.parametrize(
     "setup,words",
     [
@@ -293,6 +294,7 @@ def test_pretrain_init_refuses_a_quantized_model(fx, prepared, tmp_path):
     assert tree_hashes(tmp_path) == before and tree_hashes(fx) == fixtures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "setup,words",
     [

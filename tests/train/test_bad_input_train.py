@@ -230,6 +230,7 @@ def test_bad_input_is_one_line_and_touches_nothing(fx, tmp_path, setup, words):
     assert not (tmp_path / "out").exists()  # a refused new run leaves no directory behind
 
 
+@pytest.mark.slow
 def test_a_read_only_out_is_one_line(fx, tmp_path):
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         r = run_lmlab(["pretrain", *new()(tmp_path, fx)[:-1], str(ro / "run")])

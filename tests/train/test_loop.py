@@ -26,6 +26,7 @@ def data_dir(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared")
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run_on_cpu(data_dir, tmp_path):
     import json
 
@@ -50,6 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_span_t5_run_writes_a_loadable_model(data_dir, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
@@ -112,6 +114,7 @@ def _stop_at(step: int, signum: int):
     return hook
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(data_dir, tmp_path, capsys):
     full = pretrain(tiny(data_dir, tmp_path / "full"))
 
@@ -136,6 +139,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_dir, tmp_path, capsys
     assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
 
 
+@pytest.mark.slow
 def test_dropout_is_seeded_and_resumes_bit_identical(data_dir, tmp_path):
     """BERT trains with dropout 0.1: its masks come from the run's seed, and a resume continues them."""
     kw = dict(objective="bert", model="bert-tiny", steps=6, save_every=3, eval_every=6)
@@ -191,6 +195,7 @@ def test_grad_accum_gives_the_same_run(data_dir, tmp_path):
         assert sa == sb and la == pytest.approx(lb, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_init_continues_from_a_saved_model(data_dir, tmp_path):
     first = pretrain(tiny(data_dir, tmp_path / "first", steps=6, lr=3e-3))
     cont = pretrain(tiny(data_dir, tmp_path / "cont", steps=2, init=str(first.final_dir), warmup=0))
