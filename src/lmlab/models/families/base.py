@@ -13,6 +13,7 @@ The batch vocabulary is Hugging Face's (``input_ids``, ``attention_mask``, ``lab
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -168,3 +169,50 @@ def decoder_only_flops(model: nn.Module, batch_size: int, input_len: int, layers
     n = sum(n for _, n in linear_weights(model))
     T = input_len
     return float(batch_size * T * (6 * n + 12 * layers * inner * T))
+
+
+@dataclass(frozen=True)
+class DecoderOnlyFamily:
+    """What the decoder-only families share (GPT-2, Llama): the special ids of the config, the inputs,
+    the body/head split over ``model.<body>`` and ``model.lm_head``.  A family names its
+    ``transformers`` classes and body, and gives its FSDP blocks and FLOP count."""
+
+    name: str
+    model_types: tuple[str, ...]
+    head_classes: tuple[str, ...]  # the first is the class lmlab builds and trains
+    config_class: str  # the ``transformers`` config class
+    body: str  # the attribute of the model that holds the decoder stack
+    kind: str = DECODER
+
+    def hf_config(self, sizes: dict[str, Any], vocab_size: int, ids: dict[str, int]) -> Any:
+        import transformers
+
+        config = getattr(transformers, self.config_class)
+        return config(
+            **sizes,
+            vocab_size=vocab_size,
+            bos_token_id=ids["eos"],
+            eos_token_id=ids["eos"],
+            pad_token_id=ids["pad"],
+        )
+
+    def model_class(self, config: Any) -> type:
+        import transformers
+
+        return getattr(transformers, self.head_classes[0])
+
+    def forward_inputs(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], start_id: int = 0
+    ) -> dict[str, Any]:
+        return decoder_inputs(model, batch)
+
+    def splits(self, model: nn.Module) -> bool:
+        return plain_head(model, self.head_classes)
+
+    def hidden_and_head(
+        self, model: nn.Module, kw: dict[str, Any], keep: torch.Tensor, impl: str = "auto"
+    ) -> tuple[torch.Tensor, nn.Module]:
+        with fast_routing(model, impl):
+            body = getattr(model, self.body)
+            h = body(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"), use_cache=False)[0]
+        return h[keep], model.lm_head

@@ -8,51 +8,16 @@ decoder-only prefix LM (Raffel et al. 2020 §3.2.1).  Its projections are ``Conv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lmlab.models.families.base import DECODER, decoder_inputs, decoder_only_flops, fast_routing, plain_head
+from lmlab.models.families.base import DecoderOnlyFamily, decoder_only_flops
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
 @dataclass(frozen=True)
-class GPT2Family:
-    name: str = "gpt2"
-    kind: str = DECODER
-    model_types: tuple[str, ...] = ("gpt2",)
-    head_classes: tuple[str, ...] = ("GPT2LMHeadModel",)
-
-    def hf_config(self, sizes: dict[str, Any], vocab_size: int, ids: dict[str, int]):
-        from transformers import GPT2Config
-
-        return GPT2Config(
-            **sizes,
-            vocab_size=vocab_size,
-            bos_token_id=ids["eos"],
-            eos_token_id=ids["eos"],
-            pad_token_id=ids["pad"],
-        )
-
-    def model_class(self, config) -> type:
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel
-
-    def forward_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor], start_id: int = 0):
-        return decoder_inputs(model, batch)
-
-    def splits(self, model: nn.Module) -> bool:
-        return plain_head(model, self.head_classes)
-
-    def hidden_and_head(self, model: nn.Module, kw: dict[str, Any], keep: torch.Tensor, impl: str = "auto"):
-        with fast_routing(model, impl):
-            h = model.transformer(
-                input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"), use_cache=False
-            )[0]
-        return h[keep], model.lm_head
-
+class GPT2Family(DecoderOnlyFamily):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.transformer.h)
 
@@ -63,4 +28,10 @@ class GPT2Family:
         return decoder_only_flops(model, batch_size, input_len, c.n_layer, c.n_embd)
 
 
-FAMILY = GPT2Family()
+FAMILY = GPT2Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    head_classes=("GPT2LMHeadModel",),
+    config_class="GPT2Config",
+    body="transformer",
+)

@@ -10,51 +10,16 @@ separate output matrix: at these small sizes the (V, d) matrix would be a large 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lmlab.models.families.base import DECODER, decoder_inputs, decoder_only_flops, fast_routing, plain_head
+from lmlab.models.families.base import DecoderOnlyFamily, decoder_only_flops
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
 @dataclass(frozen=True)
-class LlamaFamily:
-    name: str = "llama"
-    kind: str = DECODER
-    model_types: tuple[str, ...] = ("llama",)
-    head_classes: tuple[str, ...] = ("LlamaForCausalLM",)
-
-    def hf_config(self, sizes: dict[str, Any], vocab_size: int, ids: dict[str, int]):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            **sizes,
-            vocab_size=vocab_size,
-            bos_token_id=ids["eos"],
-            eos_token_id=ids["eos"],
-            pad_token_id=ids["pad"],
-        )
-
-    def model_class(self, config) -> type:
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM
-
-    def forward_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor], start_id: int = 0):
-        return decoder_inputs(model, batch)
-
-    def splits(self, model: nn.Module) -> bool:
-        return plain_head(model, self.head_classes)
-
-    def hidden_and_head(self, model: nn.Module, kw: dict[str, Any], keep: torch.Tensor, impl: str = "auto"):
-        with fast_routing(model, impl):
-            h = model.model(
-                input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask"), use_cache=False
-            )[0]
-        return h[keep], model.lm_head
-
+class LlamaFamily(DecoderOnlyFamily):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.layers)  # LlamaDecoderLayer
 
@@ -67,4 +32,10 @@ class LlamaFamily:
         return decoder_only_flops(model, batch_size, input_len, c.num_hidden_layers, inner)
 
 
-FAMILY = LlamaFamily()
+FAMILY = LlamaFamily(
+    name="llama",
+    model_types=("llama",),
+    head_classes=("LlamaForCausalLM",),
+    config_class="LlamaConfig",
+    body="model",
+)
