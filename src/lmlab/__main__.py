@@ -1,3 +1,5 @@
+"""``python -m lmlab``: the ``lmlab`` command (as torchrun launches it)."""
+
 import sys
 
 from lmlab.cli import main
