@@ -95,3 +95,25 @@ def test_prepare_then_reuse_tokenizer(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+
+
+def test_a_cache_variable_that_points_at_a_file_is_named_in_one_line(tmp_path, monkeypatch):
+    from lmlab.cli import env_cache_dir
+    from lmlab.errors import LmlabError
+
+    (tmp_path / "f").write_text("mine")
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "f"))
+    with pytest.raises(
+        LmlabError, match=r"^\$LMLAB_CACHE points at .*/f, but .*/f is a file, not a directory$"
+    ):
+        env_cache_dir()
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "f" / "sub"))
+    with pytest.raises(LmlabError, match=r"^\$LMLAB_CACHE points at .*/f/sub, but .*/f is a file"):
+        env_cache_dir()
+    monkeypatch.delenv("LMLAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "f"))
+    with pytest.raises(LmlabError, match=r"^\$XDG_CACHE_HOME points at .*/f/lmlab, but .*/f is a file"):
+        env_cache_dir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "new"))
+    assert env_cache_dir() == tmp_path / "new" / "lmlab"
+    assert (tmp_path / "f").read_text() == "mine"

@@ -62,10 +62,18 @@ def env_cache_dir() -> Path | None:
     """lmlab's cache from the environment: ``$LMLAB_CACHE``, else ``$XDG_CACHE_HOME/lmlab``, else None
     (the library's default, ``~/.cache/lmlab``)."""
     if os.environ.get("LMLAB_CACHE"):
-        return Path(os.environ["LMLAB_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "lmlab"
-    return None
+        name, path = "LMLAB_CACHE", Path(os.environ["LMLAB_CACHE"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        name, path = "XDG_CACHE_HOME", Path(os.environ["XDG_CACHE_HOME"]) / "lmlab"
+    else:
+        return None
+    # Named here, where the user set it: deeper down it would read as a mistake of some --out.
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError(f"${name} points at {path}, but {blocked} is a file, not a directory")
+    return path
 
 
 def env_peak_tflops() -> float | None:
