@@ -6,7 +6,14 @@
     optimizer.pt        the optimizer's state dict       (torch.load(weights_only=True))
     state.pt            scheduler state and RNG states   (torch.load(weights_only=True))
     trainer.json        step, tokens seen, loss, the data position
+    config.json         the model's ``transformers`` config, as ``save_pretrained`` writes it
+    generation_config.json   its generation config, where the model generates (not BERT)
     manifest.json       sha256 and size of every file above, written last
+
+With ``config.json`` beside ``model.safetensors`` a checkpoint loads as Hugging Face Trainer's
+``checkpoint-N/`` does: ``AutoModelForSeq2SeqLM.from_pretrained("runs/r/checkpoints/step-00000100")``.
+Checkpoints written before lmlab saved it have no ``config.json``; they still verify and resume
+(the manifest lists what each one holds, and :data:`FILES` names only what every one must hold).
 
 The directory is built under a temporary name and renamed into place (:func:`lmlab.io.atomic_dir`),
 so a killed writer leaves either the previous checkpoint set or a complete new one.  A checkpoint
@@ -65,6 +72,25 @@ def _plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def hf_config_files(model: torch.nn.Module) -> dict[str, str]:
+    """``{"config.json": ..., "generation_config.json": ...}``: the texts ``model.save_pretrained``
+    writes beside the weights (the config with ``architectures`` and ``dtype`` filled in as it
+    fills them; the generation config only for a model that generates).  The model is left as it is."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    p = next(model.parameters(), None)
+    if p is not None:
+        config.dtype = str(p.dtype).split(".")[1]
+    files = {"config.json": config.to_json_string(use_diff=True)}
+    gen = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if gen is not None and can_generate():
+        files["generation_config.json"] = gen.to_json_string(use_diff=True)
+    return files
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -73,13 +99,21 @@ def save_checkpoint(
     extra_state: dict[str, Any],
     trainer: dict[str, Any],
     keep: int,
+    hf_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``."""
+    """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``.
+
+    ``hf_files`` (from :func:`hf_config_files`) are written beside the weights and checksummed
+    with the rest, so that the directory loads with ``from_pretrained``.
+    """
     from safetensors.torch import save_file
 
     path = checkpoint_dir(run_dir, step)
     with atomic_dir(path) as tmp:
-        save_file(_plain_state_dict(model_state), str(tmp / "model.safetensors"))
+        # metadata {"format": "pt"}: what save_pretrained writes and from_pretrained checks for.
+        save_file(_plain_state_dict(model_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, text in (hf_files or {}).items():
+            (tmp / name).write_text(text)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(extra_state, tmp / "state.pt")
         # finite: the loop checked the loss and the weights before this save (lmlab.train.loop).

@@ -235,8 +235,9 @@ class _Run:
             extra = {"scheduler": self.s.scheduler.state_dict(), "rng": ranks[0], "rng_ranks": ranks}
             trainer = {"tokens": tokens, "loss": loss, "data": {"next_step": step, "seed": self.cfg.seed}}
             path = ckpt.save_checkpoint(
-                self.run_dir, step, model_state, optim_state, extra, trainer, self.cfg.keep
-            )
+                self.run_dir, step, model_state, optim_state, extra, trainer, self.cfg.keep,
+                hf_files=ckpt.hf_config_files(self.s.base),
+            )  # fmt: skip
         if self.d.world > 1:
             torch.distributed.barrier()
         return path
