@@ -25,7 +25,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.quant.formats import FORMATS, INT8_METHOD, check_block_size, check_float_dtype
-from lmlab.quant.modules import Linear4bit, Linear8bit, is_linear_like, linear_weight
+from lmlab.quant.modules import Linear4bit, Linear8bit, is_conv1d, is_linear_like, linear_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -279,12 +279,26 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def matches_module(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` names the module ``name``: the full name, a dotted prefix of it (a whole
+    sub-tree: ``"encoder.layer.1"``) or a dotted suffix (``"c_attn"``, ``"attn.c_attn"``) — the way
+    transformers' ``llm_int8_skip_modules`` match, at module boundaries (no regular expressions)."""
+    return name == pattern or name.startswith(f"{pattern}.") or name.endswith(f".{pattern}")
+
+
+def unmatched_skip_modules(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """The ``patterns`` that match no linear layer of ``model`` (a typo would quantize the layer the
+    user meant to keep)."""
+    names = [n for n, m in model.named_modules() if n and is_linear_like(m)]
+    return [p for p in patterns if not any(matches_module(n, p) for n in names)]
+
+
 def _default_filter(config: Config, heads: set[str], keep_float: tuple[str, ...]) -> FilterFn:
-    skip = set(config.skip_modules)
+    skip = tuple(config.skip_modules)
 
     def keep(module: nn.Module, name: str) -> bool:
         parts = name.split(".")
-        if name in heads or name in skip or parts[-1] in skip:
+        if name in heads or any(matches_module(name, s) for s in skip):
             return False
         # Hugging Face's _keep_in_fp32_modules (T5: "wo", whose input T5 casts to wo.weight.dtype)
         return not any(k in parts or name.endswith(k) for k in keep_float)
@@ -341,3 +355,81 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))}
+
+
+def float_linear_names(model: nn.Module) -> list[str]:
+    """The full names of the linear layers (``nn.Linear``, ``Conv1D``) left in floating point."""
+    return [n for n, m in model.named_modules() if n and is_linear_like(m)]
+
+
+# What transformers sets on a quantized model (PreTrainedModel.from_pretrained, HfQuantizer) and
+# removes in its own dequantize().
+_QUANT_ATTRS = (
+    "hf_quantizer",
+    "is_quantized",
+    "is_loaded_in_4bit",
+    "is_loaded_in_8bit",
+    "quantization_method",
+)
+
+
+def _conv1d_names(model: nn.Module) -> set[str] | None:
+    """Names of the modules that are ``Conv1D`` in a fresh float instance of a Hugging Face ``model``
+    (GPT-2's), built on the meta device (no memory); None when that cannot be told."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "_from_config"):
+        return None
+    try:
+        with torch.device("meta"):
+            ref = type(model)._from_config(config)
+    except Exception:  # noqa: BLE001 (a model transformers cannot rebuild: plain nn.Linear then)
+        return None
+    return {n for n, m in ref.named_modules() if is_conv1d(m)}
+
+
+def _float_layer(layer: nn.Module, conv1d: bool) -> nn.Module:
+    w = layer.dequantized_weight(layer.weight_dtype)  # (out, in)
+    bias = None if layer.bias is None else layer.bias.detach().clone().to(layer.weight_dtype)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            new = Conv1D(layer.out_features, layer.in_features)
+        new.weight = nn.Parameter(w.t().contiguous())  # Conv1D stores (in, out)
+        new.bias = nn.Parameter(bias if bias is not None else w.new_zeros(layer.out_features))
+        return new
+    new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(w)
+    if bias is not None:
+        new.bias = nn.Parameter(bias)
+    return new
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every lmlab quantized layer of ``model`` by a float layer holding its dequantized
+    weight, in place (transformers' ``model.dequantize()``); returns the model.
+
+    A layer that a fresh float instance of the Hugging Face model has as ``Conv1D`` (GPT-2) becomes
+    ``Conv1D`` again, so that ``save_pretrained`` writes the shapes the architecture expects; every
+    other becomes ``nn.Linear``. Weights and biases get the dtype the layer was quantized from, and
+    are trainable again. ``config.quantization_config`` and transformers' quantization attributes are
+    removed: the model is a float model. Raises if ``model`` has no quantized layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise LmlabError(f"dequantize_: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = quantized_layers(model)
+    if not layers:
+        raise LmlabError("dequantize_: the model has no lmlab quantized layers")
+    conv1d = _conv1d_names(model) or set()
+    for name, layer in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.no_grad():
+            setattr(parent, attr, _float_layer(layer, name in conv1d))
+    for attr in _QUANT_ATTRS:
+        if attr in vars(model):
+            delattr(model, attr)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return model

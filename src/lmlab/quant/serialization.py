@@ -7,11 +7,19 @@ A saved directory holds
   ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), int8 layers as
   ``weight`` (int8) and ``SCB``. Tied weights are stored once.
 * ``lmlab_quant.json`` -- the method, its settings, and every quantized layer with its shape.
-* ``config.json`` -- for Hugging Face models, so the architecture can be rebuilt.
+* ``config.json`` -- for Hugging Face models, so the architecture can be rebuilt, with the
+  ``quantization_config`` transformers + bitsandbytes write (:mod:`lmlab.quant.hf`): NF4 / FP4 at
+  block size 64 and int8 outputs load with ``AutoModel*.from_pretrained(dir)`` as bitsandbytes'
+  own; what bitsandbytes cannot hold (int4, other block sizes) says ``"quant_method": "lmlab"``,
+  which transformers refuses.
 * ``manifest.json`` -- the SHA-256 and size of every other file, written last and checked on load.
 
 Nothing is pickled, so loading never executes code from the directory. Directories are written
 atomically (:func:`lmlab.io.atomic_dir`).
+
+:func:`load_quantized` also reads what transformers + bitsandbytes ``save_pretrained`` write (no
+``lmlab_quant.json``): the ``quantization_config`` gives the method, each tensor's bitsandbytes quant
+state (4-bit) or ``SCB`` (int8) the layers, and the weights load straight into lmlab's layers.
 """
 
 from __future__ import annotations
@@ -30,8 +38,15 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_dir, check_output_dir, read_json_object, sha256_file
-from lmlab.quant.api import Config, config_from_json, quantized_layers
-from lmlab.quant.formats import FLOAT_DTYPE_NAMES, NESTED_BLOCK_SIZE, check_block_size, check_quant_type
+from lmlab.quant.api import Config, config_for, config_from_json, float_linear_names, quantized_layers
+from lmlab.quant.formats import (
+    FLOAT_DTYPE_NAMES,
+    INT8_METHOD,
+    NESTED_BLOCK_SIZE,
+    check_block_size,
+    check_quant_type,
+)
+from lmlab.quant.hf import LMLAB_METHOD, quantization_config_for, read_bnb_config
 from lmlab.quant.modules import Linear4bit, Linear8bit
 from lmlab.quant.state import _dtype_from_name, _dtype_name, _read_quant_state
 
@@ -125,6 +140,7 @@ def _write(model: nn.Module, directory: Path, meta: dict, extra: list[Path], exp
         hf_config = getattr(model, "config", None)
         if hf_config is not None and hasattr(hf_config, "save_pretrained"):
             hf_config.save_pretrained(tmp)
+            _write_quantization_config(tmp / "config.json", model)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for f in extra:
             if f.is_file() and f.name not in (META_NAME, MANIFEST_NAME) and not (tmp / f.name).exists():
@@ -140,6 +156,42 @@ def _write(model: nn.Module, directory: Path, meta: dict, extra: list[Path], exp
         # lmlab_quant.json last: it marks a quantized directory, so a directory that has it is complete
         # (whatever kills the writer, the temporary directory lacks it until everything else is there).
         (tmp / META_NAME).write_bytes(meta_bytes)
+
+
+def _layers_config(model: nn.Module) -> Config | None:
+    """The one :class:`Config` all quantized layers of ``model`` agree on (their own settings, not
+    what the caller says), with the compute dtype of None resolved; None if they differ."""
+    settings = set()
+    for m in quantized_layers(model).values():
+        if isinstance(m, Linear4bit):
+            settings.add((m.quant_type, m.block_size, m.double_quant, m.compute_dtype, m.weight_dtype))
+        else:
+            settings.add((INT8_METHOD, m.threshold))
+    if len(settings) != 1:
+        return None
+    (method, *rest) = settings.pop()
+    if method == INT8_METHOD:
+        return config_for(INT8_METHOD)(threshold=rest[0], skip_modules=())
+    block_size, double_quant, compute, weight_dtype = rest
+    return config_for(method)(
+        block_size=block_size,
+        double_quant=double_quant,
+        compute_dtype=compute or weight_dtype,
+        skip_modules=(),
+    )
+
+
+def _write_quantization_config(path: Path, model: nn.Module) -> None:
+    """Add transformers' ``quantization_config`` to the ``config.json`` at ``path`` (written by
+    ``save_pretrained``, whose layout -- sorted keys, indent 2 -- is kept)."""
+    config = _layers_config(model)
+    if config is None:  # layers of several settings: nothing transformers could rebuild
+        qc = {"quant_method": LMLAB_METHOD, "method": "mixed", "load_with": "lmlab.quant.load_quantized"}
+    else:
+        qc = quantization_config_for(config, float_linear_names(model))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["quantization_config"] = qc
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _shell(meta: dict) -> nn.Module:
@@ -291,9 +343,17 @@ _ST_DTYPE = {
 _ST_FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
-def _check_layer_tensors(weights: Path, f, header: dict, name: str, lm: dict, shell: nn.Module) -> None:
+def _check_layer_tensors(
+    weights: Path,
+    get_tensor,
+    header: dict,
+    name: str,
+    lm: dict,
+    shell: nn.Module,
+    described_by: str = META_NAME,
+) -> None:
     """Every tensor of one quantized layer present, of the dtype and size its shape and settings
-    give; the stored bitsandbytes quant state agrees with ``lmlab_quant.json``."""
+    give; the stored bitsandbytes quant state agrees with the layer's entry (``described_by``)."""
     expected = shell.state_dict(prefix=f"{name}.")
     for key, ref in expected.items():
         if key not in header:
@@ -308,12 +368,12 @@ def _check_layer_tensors(weights: Path, f, header: dict, name: str, lm: dict, sh
     stray = [k for k in header if k.startswith(f"{name}.weight.") and k not in expected]
     if stray:
         raise LmlabError(
-            f"{weights}: tensor {stray[0]} does not belong to layer {name} as {META_NAME} describes it"
+            f"{weights}: tensor {stray[0]} does not belong to layer {name} as {described_by} describes it"
         )
     if lm["kind"] != "linear4bit":
         return
     key = f"{name}.weight.quant_state.bitsandbytes__{lm['quant_type']}"
-    state = _read_quant_state(f.get_tensor(key), f"{weights}: tensor {key}")
+    state = _read_quant_state(get_tensor(key), f"{weights}: tensor {key}")
     stored = {
         "quant_type": state["quant_type"],
         "block_size": state["blocksize"],
@@ -331,7 +391,7 @@ def _check_layer_tensors(weights: Path, f, header: dict, name: str, lm: dict, sh
     for field, want in described.items():
         if stored[field] != want:
             raise LmlabError(
-                f"{weights}: tensor {key} says {field} {stored[field]!r} but {META_NAME} says {want!r}"
+                f"{weights}: tensor {key} says {field} {stored[field]!r} but {described_by} says {want!r}"
             )
     if state.get("nested_blocksize", NESTED_BLOCK_SIZE) != NESTED_BLOCK_SIZE:
         raise LmlabError(
@@ -339,30 +399,10 @@ def _check_layer_tensors(weights: Path, f, header: dict, name: str, lm: dict, sh
         )
 
 
-def load_quantized(
-    directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """Load a directory written by :func:`save_quantized`; no quantization happens.
-
-    For Hugging Face models the architecture comes from ``config.json``; for other models pass a
-    float ``model`` of the same architecture (its quantized layers are replaced by the stored ones).
-    Every file is checked against ``manifest.json`` (a directory without one, from an older lmlab,
-    loads with a warning), and every tensor's presence, dtype and size against the layer it belongs
-    to, before anything is used: a damaged or tampered directory is a one-line :class:`LmlabError`.
-    Returns the model in eval mode.
-    """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
-
-    directory = Path(directory)
-    meta_path = directory / META_NAME
-    weights = directory / WEIGHTS_NAME
-    if not meta_path.is_file() or not weights.is_file():
-        raise LmlabError(
-            f"{directory}: not a quantized model directory (needs {META_NAME} and {WEIGHTS_NAME})"
-        )
-    verify_manifest(directory)
-    meta = _read_meta(directory)
+def _build_quantized_shell(directory: Path, layers: dict[str, dict], model: nn.Module | None) -> tuple:
+    """The model to load into: ``model`` (or one built from ``config.json``), its layers named in
+    ``layers`` (name -> layer entry, :func:`_check_layer_meta`'s format) replaced by empty quantized
+    shells. Returns ``(model, {name: shell})``. The one place a quantized directory's model is built."""
     if model is None:
         if not (directory / "config.json").is_file():
             raise LmlabError(
@@ -370,7 +410,7 @@ def load_quantized(
             )
         model = _build_hf_model(directory)
     shells = {}
-    for name, layer_meta in meta["layers"].items():
+    for name, layer_meta in layers.items():
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -380,37 +420,281 @@ def load_quantized(
             raise LmlabError(f"{directory}: the model has no module {name!r}")
         shells[name] = _shell(layer_meta)
         setattr(parent, attr, shells[name])
-    try:
-        with safe_open(str(weights), "pt") as f:
-            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
-            for name, layer_meta in meta["layers"].items():
-                _check_layer_tensors(weights, f, header, name, layer_meta, shells[name])
-    except SafetensorError as e:
-        raise LmlabError(f"{weights}: damaged or not a safetensors file ({e})") from None
+    return model, shells
+
+
+def _check_float_tensors(weights: Path, model: nn.Module, header: dict, shells: dict) -> None:
+    """Every tensor of the float part of the model stored in a dtype it can take."""
     quantized_keys = {k for name in shells for k in header if k.startswith(f"{name}.")}
     for key, ref in model.state_dict().items():
         if key in quantized_keys or key not in header:
-            continue  # a missing or unexpected key is reported by the strict load below
+            continue  # a missing or unexpected key is reported by the strict load
         dtype = header[key][0]
         if (dtype not in _ST_FLOATS) if ref.is_floating_point() else (dtype != _ST_DTYPE.get(ref.dtype)):
             raise LmlabError(
                 f"{weights}: tensor {key} is {dtype}, expected {_ST_DTYPE.get(ref.dtype, ref.dtype)}"
             )
+
+
+def _check_scales(weights: Path, shells: dict) -> None:
+    for name, layer in shells.items():
+        if isinstance(layer, Linear8bit) and not bool((torch.isfinite(layer.SCB) & (layer.SCB >= 0)).all()):
+            raise LmlabError(f"{weights}: tensor {name}.SCB holds a NaN, Inf or negative scale")
+
+
+def load_quantized(
+    directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a quantized directory; no quantization happens.
+
+    Reads what :func:`save_quantized` writes and what transformers + bitsandbytes ``save_pretrained``
+    write (NF4 / FP4 with or without double quantization, int8; no ``lmlab_quant.json``: the
+    ``quantization_config`` of ``config.json`` and the stored quant states say everything).
+    For Hugging Face models the architecture comes from ``config.json``; for other models pass a
+    float ``model`` of the same architecture (its quantized layers are replaced by the stored ones).
+    lmlab's directories are checked against ``manifest.json`` (a directory without one, from an older
+    lmlab, loads with a warning); every tensor's presence, dtype and size is checked against the
+    layer it belongs to before anything is used: a damaged or tampered directory is a one-line
+    :class:`LmlabError`. Returns the model in eval mode.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    meta_path = directory / META_NAME
+    weights = directory / WEIGHTS_NAME
+    if not meta_path.is_file():
+        qc = _read_quantization_config(directory)
+        if qc is None:
+            raise LmlabError(
+                f"{directory}: not a quantized model directory (needs {META_NAME}, or a config.json with "
+                "the quantization_config of transformers + bitsandbytes)"
+            )
+        return _load_transformers_dir(directory, qc, model, device)
+    if not weights.is_file():
+        raise LmlabError(
+            f"{directory}: not a quantized model directory (needs {META_NAME} and {WEIGHTS_NAME})"
+        )
+    verify_manifest(directory)
+    meta = _read_meta(directory)
+    model, shells = _build_quantized_shell(directory, meta["layers"], model)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+            for name, layer_meta in meta["layers"].items():
+                _check_layer_tensors(weights, f.get_tensor, header, name, layer_meta, shells[name])
+    except SafetensorError as e:
+        raise LmlabError(f"{weights}: damaged or not a safetensors file ({e})") from None
+    _check_float_tensors(weights, model, header, shells)
     try:
         load_model(model, str(weights), strict=True, device=str(device))
     except (RuntimeError, SafetensorError) as e:
         raise LmlabError(f"{weights}: does not match the model ({str(e).splitlines()[-1].strip()})") from None
-    for name, layer in shells.items():
-        if isinstance(layer, Linear8bit) and not bool((torch.isfinite(layer.SCB) & (layer.SCB >= 0)).all()):
-            raise LmlabError(f"{weights}: tensor {name}.SCB holds a NaN, Inf or negative scale")
+    _check_scales(weights, shells)
+    model.to(device)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ transformers + bitsandbytes dirs
+
+
+def _read_quantization_config(directory: Path) -> dict | None:
+    """The ``quantization_config`` of ``directory/config.json`` (None if there is none)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    qc = read_json_object(path).get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise LmlabError(f"{path}: quantization_config must be a JSON object, got {type(qc).__name__}")
+    if qc.get("quant_method") == LMLAB_METHOD:
+        raise LmlabError(
+            f"{directory}: written by lmlab quantize but {META_NAME} is missing; the directory is incomplete"
+        )
+    return qc
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` directory, one or the shards its index names."""
+    single = directory / WEIGHTS_NAME
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LmlabError(f'{index}: must hold a "weight_map" object of file names')
+        names = sorted(set(weight_map.values()))
+        for n in names:
+            if "/" in n or "\\" in n or n in ("", ".", "..") or not (directory / n).is_file():
+                raise LmlabError(f"{index}: names the shard {n!r}, which is not a file of {directory}")
+        return [directory / n for n in names]
+    if any((directory / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise LmlabError(
+            f"{directory}: lmlab reads safetensors weights only (pickled pytorch_model.bin can run code)"
+        )
+    raise LmlabError(f"{directory}: no {WEIGHTS_NAME} (nor a sharded model.safetensors.index.json)")
+
+
+_QUANT_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+def _config_dtype(directory: Path) -> str:
+    cfg = read_json_object(directory / "config.json")
+    name = cfg.get("dtype", cfg.get("torch_dtype"))
+    return name if name in FLOAT_DTYPE_NAMES else "float32"
+
+
+def _bnb_layers(directory: Path, settings: dict, header: dict, get_tensor) -> dict[str, dict]:
+    """Layer entries (the format of ``lmlab_quant.json``) of the quantized layers in a transformers +
+    bitsandbytes checkpoint: 4-bit layers by their quant-state tensor, int8 ones by ``SCB``."""
+    where = f"{directory}/config.json"
+    method = settings["method"]
+    four = {k.split(_QUANT_STATE)[0] for k in header if _QUANT_STATE in k}
+    eight = {k.removesuffix(".SCB") for k in header if k.endswith(".SCB")}
+    found, other = (eight, four) if method == INT8_METHOD else (four, eight)
+    if other:
+        kind = "4-bit quant states" if method == INT8_METHOD else "int8 SCB scales"
+        raise LmlabError(
+            f"{where}: quantization_config says {method} but the weights hold {kind} ({sorted(other)[0]})"
+        )
+    if not found:
+        raise LmlabError(
+            f"{where}: quantization_config says {method} but the weights hold no quantized layer"
+        )
+    layers = {}
+    for name in sorted(found):
+        bias = f"{name}.bias" in header
+        if method == INT8_METHOD:
+            dtype, shape = header.get(f"{name}.weight", (None, None))
+            if dtype != "I8" or len(shape) != 2:
+                raise LmlabError(
+                    f"{directory}: tensor {name}.weight must be a 2-D int8 weight beside {name}.SCB"
+                )
+            bias_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(
+                header.get(f"{name}.bias", ("",))[0]
+            )
+            layers[name] = {
+                "kind": "linear8bit",
+                "in_features": shape[1],
+                "out_features": shape[0],
+                "bias": bias,
+                "weight_dtype": bias_dtype or _config_dtype(directory),
+                "threshold": settings["threshold"],
+            }
+            continue
+        keys = [k for k in header if k.startswith(f"{name}{_QUANT_STATE}")]
+        state = _read_quant_state(get_tensor(keys[0]), f"{directory}: tensor {keys[0]}")
+        if len(state["shape"]) != 2:
+            raise LmlabError(
+                f"{directory}: tensor {keys[0]}: a linear weight has 2 dimensions, got {state['shape']}"
+            )
+        if state["quant_type"] != method or ("nested_offset" in state) != settings["double_quant"]:
+            dq = "with" if "nested_offset" in state else "without"
+            raise LmlabError(
+                f"{directory}: tensor {keys[0]} is {state['quant_type']} {dq} double quantization, but "
+                f"quantization_config says {method}, bnb_4bit_use_double_quant {str(settings['double_quant']).lower()}"
+            )
+        layers[name] = {
+            "kind": "linear4bit",
+            "in_features": state["shape"][1],
+            "out_features": state["shape"][0],
+            "bias": bias,
+            "weight_dtype": _dtype_name(state["dtype"]),
+            "quant_type": state["quant_type"],
+            "block_size": state["blocksize"],
+            "double_quant": "nested_offset" in state,
+            "compute_dtype": settings["compute_dtype"],
+        }
+    return layers
+
+
+def _open_headers(stack, files: list[Path]) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    header, handles = {}, {}
+    for path in files:
+        f = stack.enter_context(safe_open(str(path), "pt"))
+        for k in f.keys():  # noqa: SIM118 (not iterable)
+            if k in header:
+                raise LmlabError(f"{path}: tensor {k} is stored twice (also in {handles[k][0]})")
+            header[k] = (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape())
+            handles[k] = (path, f)
+    return header, handles
+
+
+def _load_transformers_dir(directory: Path, qc: dict, model: nn.Module | None, device) -> nn.Module:
+    """:func:`load_quantized` of a directory transformers + bitsandbytes ``save_pretrained`` wrote."""
+    import contextlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import _remove_duplicate_names
+
+    settings = read_bnb_config(qc, f"{directory}/config.json")
+    files = _weight_files(directory)
+    try:
+        with contextlib.ExitStack() as stack:
+            header, handles = _open_headers(stack, files)
+
+            def get_tensor(key: str) -> torch.Tensor:
+                return handles[key][1].get_tensor(key)
+
+            layers = _bnb_layers(directory, settings, header, get_tensor)
+            for name, lm in layers.items():
+                _check_layer_meta(directory / "config.json", name, lm)
+            model, shells = _build_quantized_shell(directory, layers, model)
+            for name, lm in layers.items():
+                where = handles.get(f"{name}.weight", (files[0],))[0]
+                _check_layer_tensors(where, get_tensor, header, name, lm, shells[name], "its quant state")
+            _check_float_tensors(files[0], model, header, shells)
+            state = {k: get_tensor(k) for k in header}
+    except SafetensorError as e:
+        raise LmlabError(f"{directory}: damaged or not a safetensors file ({e})") from None
+    expected = model.state_dict()
+    for key in [k for k in state if k.endswith(".weight_format")]:
+        # bitsandbytes' Linear8bitLt layout tag: 0 is "row", the only one it writes for inference
+        if key not in expected:
+            if state[key].numel() != 1 or int(state[key].reshape(-1)[0]) != 0:
+                raise LmlabError(f"{directory}: tensor {key} is not bitsandbytes' row format (0)")
+            del state[key]
+    aliases = {
+        a for group in _remove_duplicate_names(expected, preferred_names=list(state)).values() for a in group
+    }
+    for key, t in state.items():  # load_state_dict's own message is many lines
+        ref = expected.get(key)
+        if ref is not None and ref.is_floating_point() and tuple(t.shape) != tuple(ref.shape):
+            raise LmlabError(
+                f"{directory}: tensor {key} has shape {list(t.shape)}, the model expects {list(ref.shape)}"
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the model does not"
+        n = len(missing) + len(unexpected)
+        raise LmlabError(f"{directory}: the weights do not match the model ({what}; {n} key(s) in all)")
+    if getattr(model, "config", None) is not None and hasattr(model.config, "quantization_config"):
+        model.config.quantization_config = qc
+    _check_scales(files[0], shells)
     model.to(device)
     return model.eval()
 
 
 def load_config(directory: str | os.PathLike) -> Config | None:
-    """The :class:`Config` a quantized directory was written with (None if it was not recorded)."""
-    path = Path(directory) / META_NAME
-    meta = _read_meta(Path(directory))
+    """The :class:`Config` a quantized directory was written with (None if it was not recorded); for a
+    transformers + bitsandbytes directory, the one its ``quantization_config`` describes."""
+    directory = Path(directory)
+    path = directory / META_NAME
+    if not path.is_file() and (qc := _read_quantization_config(directory)) is not None:
+        s = read_bnb_config(qc, f"{directory}/config.json")
+        skip = tuple(s["skip_modules"]) if s["skip_modules"] is not None else ("lm_head",)
+        if s["method"] == INT8_METHOD:
+            return config_for(INT8_METHOD)(threshold=s["threshold"], skip_modules=skip)
+        compute = None if s["compute_dtype"] is None else getattr(torch, s["compute_dtype"])
+        return config_for(s["method"])(
+            double_quant=s["double_quant"], compute_dtype=compute, skip_modules=skip
+        )
+    meta = _read_meta(directory)
     if meta.get("config") is None:
         return None
     try:
