@@ -198,7 +198,14 @@ def test_every_registered_objective_is_an_objective(name, hf_tokenizer):
 def test_make_objective_fits_the_model_kind(hf_tokenizer):
     assert make_objective("prefix", hf_tokenizer, "decoder").decoder_only
     assert not make_objective("prefix", hf_tokenizer, "encoder-decoder").decoder_only
-    assert not make_objective("prefix", hf_tokenizer, "decoder", {"decoder_only": False}).decoder_only
+    # An encoder-decoder prefix batch given to a decoder trains on misaligned labels: refused.
+    with pytest.raises(LmlabError) as e:
+        make_objective("prefix", hf_tokenizer, "decoder", {"decoder_only": False})
+    assert str(e.value) == (
+        "PrefixLM(decoder_only=False) batches do not fit a decoder model; use decoder_only=True"
+    )
+    with pytest.raises(LmlabError, match=r"decoder_only=True\) batches do not fit a encoder-decoder"):
+        make_objective("prefix", hf_tokenizer, "encoder-decoder", {"decoder_only": True})
     assert (
         make_objective("span", hf_tokenizer, "encoder-decoder", {"noise_density": 0.3}).noise_density == 0.3
     )
@@ -212,6 +219,55 @@ def test_make_objective_fits_the_model_kind(hf_tokenizer):
         match=r"trains decoder \(gpt-\*\) or encoder-decoder \(t5-\*\) models, but the model is encoder",
     ):
         make_objective("prefix", hf_tokenizer, "encoder")
+
+
+def _tiny(kind: str):
+    import transformers
+
+    small = dict(vocab_size=1000)
+    if kind == "t5":
+        return transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, **small)
+    if kind == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, **small)
+    if kind == "roberta":  # no lmlab family: its kind comes from the config
+        return transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, **small)
+    return transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, **small)
+
+
+def test_get_objective_for_a_model_builds_its_variant_and_refuses_a_mismatch(hf_tokenizer):
+    import transformers
+
+    gpt = transformers.GPT2LMHeadModel(_tiny("gpt2"))
+    assert get_objective("prefix", hf_tokenizer, model=gpt).decoder_only
+    assert get_objective("prefix", hf_tokenizer, model=_tiny("gpt2")).decoder_only  # a config does too
+    assert not get_objective("prefix", hf_tokenizer, model=_tiny("t5")).decoder_only
+    assert get_objective("prefix", hf_tokenizer, kind="decoder").decoder_only
+    assert not get_objective("prefix", hf_tokenizer).decoder_only  # no model: the registered default
+    assert type(get_objective("bert", hf_tokenizer, model=_tiny("roberta"))) is BertMLM
+    with pytest.raises(
+        LmlabError,
+        match=r"^objective 'span' trains encoder-decoder \(t5-\*\) models, but the model is decoder",
+    ):
+        get_objective("span", hf_tokenizer, model=gpt)
+    with pytest.raises(LmlabError, match=r"^objective 'causal' trains decoder .* the model is encoder "):
+        get_objective("causal", hf_tokenizer, model=_tiny("bert"))
+    with pytest.raises(LmlabError, match=r"decoder_only=False\) batches do not fit a decoder model"):
+        get_objective("prefix", hf_tokenizer, model=gpt, decoder_only=False)
+    with pytest.raises(LmlabError, match=r"^kind='encoder' but the model is decoder$"):
+        get_objective("bert", hf_tokenizer, model=gpt, kind="encoder")
+    with pytest.raises(LmlabError, match=r"^unknown model kind 'gpt'"):
+        get_objective("causal", hf_tokenizer, kind="gpt")
+    with pytest.raises(LmlabError, match=r"cannot tell what kind of model a Linear is"):
+        get_objective("causal", hf_tokenizer, model=torch.nn.Linear(2, 2))
+
+
+def test_instance_kinds(hf_tokenizer):
+    assert get_objective("prefix", hf_tokenizer).kinds == ("encoder-decoder",)
+    assert get_objective("prefix", hf_tokenizer, decoder_only=True).kinds == ("decoder",)
+    assert get_objective("span", hf_tokenizer).kinds == ("encoder-decoder",)
+    get_objective("causal", hf_tokenizer).check_kind("decoder")
+    with pytest.raises(LmlabError, match=r"^CausalLM trains decoder models, but the model is encoder$"):
+        get_objective("causal", hf_tokenizer).check_kind("encoder")
 
 
 # ---------------------------------------------------------------------------------------------- decorator

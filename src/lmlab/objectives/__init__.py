@@ -13,7 +13,14 @@ Inputs are never modified; the same generator seed gives the same batch; outputs
 inputs' device.  :class:`Objective` is the protocol they all follow: ``objective.architectures``
 names the model kinds it trains and ``objective.raw_length(inputs_length)`` how many raw tokens a
 row needs.  ``@register_objective(name)`` gives a class its name (:mod:`lmlab.objectives.registry`);
-``make_objective(name, tokenizer, kind)`` builds one for a model kind, with a clear error on a mismatch.
+``get_objective(name, tokenizer, model=model)`` (or ``make_objective(name, tokenizer, kind)``)
+builds one for a model's kind, with a one-line error on a mismatch.
+
+An objective is also a Hugging Face ``data_collator``: called on a list of feature dicts
+(``input_ids``, optionally ``attention_mask``) it pads them and returns the batch::
+
+    objective = get_objective("span", tokenizer, model=model)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=objective)
 
 The names below are imported on first use, so that ``lmlab --help`` and ``lmlab.objectives.cli``
 do not pay for importing torch.
@@ -38,6 +45,8 @@ _EXPORTS = {
     "span_corruption_lengths": "lmlab.objectives.noise",
     "OBJECTIVES": "lmlab.objectives.registry",
     "get_objective": "lmlab.objectives.registry",
+    "kind_of": "lmlab.objectives.registry",
+    "collate_features": "lmlab.objectives.base",
     "make_objective": "lmlab.objectives.registry",
     "objective_names": "lmlab.objectives.registry",
     "register_objective": "lmlab.objectives.registry",
@@ -58,8 +67,10 @@ __all__ = [
     "Objective",
     "PrefixLM",
     "SpanCorruption",
+    "collate_features",
     "get_objective",
     "iid_noise_mask",
+    "kind_of",
     "make_objective",
     "objective_names",
     "random_spans_noise_mask",
@@ -68,13 +79,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lmlab.objectives.base import IGNORE_INDEX, Objective
+    from lmlab.objectives.base import IGNORE_INDEX, Objective, collate_features
     from lmlab.objectives.language_modeling import CausalLM, Deshuffle, PrefixLM
     from lmlab.objectives.masked_lm import BertMLM, BertStyle, MassStyle
     from lmlab.objectives.noise import iid_noise_mask, random_spans_noise_mask, span_corruption_lengths
     from lmlab.objectives.registry import (
         OBJECTIVES,
         get_objective,
+        kind_of,
         make_objective,
         objective_names,
         register_objective,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -41,6 +41,10 @@ class Objective(Protocol):
     * ``raw_length(inputs_length)``: raw tokens a row needs for inputs of ``inputs_length``;
       ``targets_length(inputs_length)``: the targets' width, ``None`` where the draw decides it.
     * ``from_tokenizer(tok, **kw)``: the objective with its ids read from a tokenizer.
+
+    Objectives built on :class:`ObjectiveBase` (all of lmlab's) also take a list of Hugging Face
+    feature dicts in place of ``tokens`` (a ``data_collator``), and know which model kinds their
+    instance fits (``kinds``, ``check_kind(kind)``).
     """
 
     architectures: ClassVar[tuple[str, ...]]
@@ -123,16 +127,54 @@ class ObjectiveBase(abc.ABC):
     ``__call__`` checks the batch (``(B, L)`` integer ids, a right-padded mask of the same shape:
     :func:`row_lengths`), widens the ids to int64 and hands them with each row's length (``None``
     when every row is full) to :meth:`transform`, which is the objective itself.
+
+    It is also a Hugging Face ``data_collator``: called on a list of features (dicts with
+    ``input_ids``, a list of ints or a 1-D tensor, and optionally ``attention_mask``), as
+    ``transformers.Trainer`` calls ``DataCollatorForLanguageModeling``, it right-pads them with
+    ``pad_id`` into a ``(B, L)`` batch (:func:`collate_features`) and transforms that.  Randomness:
+    ``generator=None`` draws from torch's global generator, as Hugging Face's collators do —
+    ``Trainer`` seeds it from ``TrainingArguments.seed`` and gives each data-loader worker its own
+    seed, so such runs repeat; for a stream independent of the global state pass a generator
+    (``functools.partial(objective, generator=g)``, with ``dataloader_num_workers=0``: each worker
+    would get a copy of ``g`` and draw the same masks).
     """
 
     def __call__(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | Sequence[Mapping[str, Any]] | Mapping[str, Any],
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Batch:
+        if not isinstance(tokens, torch.Tensor):
+            if attention_mask is not None:
+                raise LmlabError("attention_mask goes inside the features when an objective collates them")
+            tokens, attention_mask = collate_features(tokens, self.pad_id)  # type: ignore[attr-defined]
         lengths = row_lengths(tokens, attention_mask)
         return self.transform(tokens.long(), lengths, generator)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The model kinds this instance's batches fit: :attr:`architectures`, narrowed by a
+        ``decoder_only`` field where the objective has one (True: a decoder's one sequence;
+        False: an encoder–decoder's inputs and targets)."""
+        archs = tuple(self.architectures)  # type: ignore[attr-defined]
+        decoder_only = getattr(self, "decoder_only", None)
+        if decoder_only is None:
+            return archs
+        return tuple(a for a in archs if (a == "decoder") == bool(decoder_only))
+
+    def check_kind(self, kind: str) -> None:
+        """Raise a one-line :class:`LmlabError` unless this instance's batches fit a model of ``kind``."""
+        if kind in self.kinds:
+            return
+        name = type(self).__name__
+        if kind in self.architectures and getattr(self, "decoder_only", None) is not None:  # type: ignore[attr-defined]
+            fix = "True" if kind == "decoder" else "False"
+            given = self.decoder_only  # type: ignore[attr-defined]
+            raise LmlabError(
+                f"{name}(decoder_only={given}) batches do not fit a {kind} model; use decoder_only={fix}"
+            )
+        raise LmlabError(f"{name} trains {' or '.join(self.kinds)} models, but the model is {kind}")
 
     @abc.abstractmethod
     def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
@@ -194,6 +236,81 @@ def row_lengths(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return lengths
 
 
+# Feature keys a collated batch may carry besides input_ids and attention_mask, and why they may go.
+_DROPPABLE = {
+    "token_type_ids": "all zeros is what the model assumes without it",
+    "special_tokens_mask": "the objective knows the special ids from its tokenizer",
+}
+
+
+def collate_features(features: Sequence[Any] | Mapping[str, Any], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(tokens (B, L) int64, attention_mask (B, L) int64)`` from Hugging Face features.
+
+    ``features``: a list of dicts with ``input_ids`` (a list of ints or a 1-D tensor) and optionally
+    ``attention_mask`` (1 on tokens; a row's zeros are dropped, so left- and right-padded rows both
+    work), or a list of id sequences, or one dict of already batched ``(B, L)`` tensors.  Rows are
+    right-padded with ``pad_id`` to the longest.  ``labels`` are refused (the objective makes
+    them), as is any key it would have to drop silently (a ``token_type_ids`` with a second segment).
+    """
+    if isinstance(features, Mapping):
+        _check_keys(features)
+        ids = torch.as_tensor(features["input_ids"])
+        mask = features.get("attention_mask")
+        if ids.dim() != 2:
+            raise LmlabError(f"a batch's input_ids must be (batch, length), got shape {tuple(ids.shape)}")
+        return ids, torch.ones_like(ids) if mask is None else torch.as_tensor(mask, device=ids.device)
+    if isinstance(features, str | bytes) or not isinstance(features, Sequence) or not features:
+        raise LmlabError(
+            f"expected a non-empty list of features (dicts with input_ids), got {type(features).__name__}"
+        )
+    rows = []
+    for i, f in enumerate(features):
+        if isinstance(f, Mapping):
+            _check_keys(f)
+            row = torch.as_tensor(f["input_ids"])
+            mask = f.get("attention_mask")
+            if mask is not None:
+                mask = torch.as_tensor(mask)
+                if mask.shape != row.shape:
+                    raise LmlabError(
+                        f"feature {i}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(row.shape)}"
+                    )
+                row = row[mask != 0]
+        else:
+            row = torch.as_tensor(f)
+        if row.dim() != 1 or (row.numel() and row.is_floating_point()):
+            raise LmlabError(
+                f"feature {i}: input_ids must be one row of integer ids, got shape {tuple(row.shape)} {row.dtype}"
+            )
+        rows.append(row.long())
+    L = max(r.numel() for r in rows)
+    tokens = torch.full((len(rows), L), pad_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros((len(rows), L), dtype=torch.long, device=rows[0].device)
+    for b, r in enumerate(rows):
+        tokens[b, : r.numel()] = r
+        mask[b, : r.numel()] = 1
+    return tokens, mask
+
+
+def _check_keys(feature: Mapping[str, Any]) -> None:
+    if "input_ids" not in feature:
+        raise LmlabError(f"a feature has no input_ids (its keys: {', '.join(map(str, feature)) or 'none'})")
+    if "labels" in feature:
+        raise LmlabError("features hold labels, but the objective makes its own; drop the labels column")
+    tt = feature.get("token_type_ids")
+    if tt is not None and bool(torch.as_tensor(tt).any()):
+        raise LmlabError(
+            "features hold token_type_ids of a second segment, which an objective would drop; "
+            "drop the column or pack single segments"
+        )
+    other = set(feature) - {"input_ids", "attention_mask", *_DROPPABLE}
+    if other:
+        raise LmlabError(
+            f"features hold {', '.join(sorted(map(str, other)))}, which an objective does not use; "
+            "remove those columns (datasets' remove_columns)"
+        )
+
+
 def valid_mask(lengths: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     """``(B, L)`` bool: True on each row's tokens."""
     if lengths is None:
@@ -252,12 +369,18 @@ def check_fraction(name: str, value: float, *, low_open: bool = False, high_open
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """The ids an objective needs from a tokenizer (lmlab's layout: pad 0, eos 1, unk 2, mask 3,
-    ``<extra_id_k>`` = vocab_size - 1 - k)."""
+    """The ids an objective needs from a tokenizer, read from the tokenizer itself.
+
+    lmlab's layout is pad 0, eos 1, unk 2, mask 3, ``<extra_id_k>`` = vocab_size - 1 - k; a
+    Hugging Face tokenizer has its own (BERT: ``[PAD]`` 0, ``[MASK]`` 103, no eos; T5: ``<pad>`` 0,
+    ``</s>`` 1, ``<extra_id_0>`` 32099 down to ``<extra_id_99>`` 32000, no mask; GPT-2: no pad, no
+    mask, ``<|endoftext|>`` 50256).  ``eos_id``, ``mask_id`` and ``sentinel_id`` are ``None`` where
+    the tokenizer has none, and the objectives that need one refuse it in one line.
+    """
 
     vocab_size: int
-    pad_id: int
-    eos_id: int
+    pad_id: int  # the tokenizer's pad, else its eos (GPT-2's convention: padding is masked anyway)
+    eos_id: int | None
     mask_id: int | None
     sentinel_id: int | None  # <extra_id_0>; later sentinels count down from it
     num_sentinels: int
@@ -265,36 +388,25 @@ class SpecialIds:
 
 
 def special_ids_of(tok: Any) -> SpecialIds:
-    """Read :class:`SpecialIds` from a ``transformers`` tokenizer or a raw ``tokenizers.Tokenizer``."""
-    if hasattr(tok, "get_vocab_size"):  # tokenizers.Tokenizer
-        vocab = tok.get_vocab(with_added_tokens=True)
-        vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        extra: set[int] = set()
-        pad, eos, unk, mask = (vocab.get(t) for t in ("<pad>", "</s>", "<unk>", "<mask>"))
-    elif hasattr(tok, "convert_tokens_to_ids"):  # transformers tokenizer
-        vocab = tok.get_vocab()
-        vocab_size = len(tok)
-        extra = set(getattr(tok, "all_special_ids", ()) or ())
-        pad, eos, unk, mask = tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id
-    else:
-        raise LmlabError(f"expected a transformers or tokenizers tokenizer, got {type(tok).__name__}")
-    if pad is None or eos is None:
-        raise LmlabError("the tokenizer has no pad or eos token (lmlab needs <pad> and </s>)")
-    sentinel = vocab.get(SENTINEL_FORMAT.format(0))
-    num_sentinels = 0
-    if sentinel is not None:
-        while vocab.get(SENTINEL_FORMAT.format(num_sentinels)) == sentinel - num_sentinels:
-            num_sentinels += 1
-    specials = {pad, eos} | extra
-    specials |= {i for i in (unk, mask) if i is not None}
+    """Read :class:`SpecialIds` from a ``transformers`` tokenizer (its own special-token attributes
+    and ``all_special_ids``) or a raw ``tokenizers.Tokenizer`` (lmlab's token names)."""
+    from lmlab.data.tokenizer import role_ids
+
+    r = role_ids(tok)
+    pad = r["pad"] if r["pad"] is not None else r["eos"]
+    if pad is None:
+        raise LmlabError("the tokenizer has neither a pad nor an end-of-sequence token to pad rows with")
+    extra = set(getattr(tok, "all_special_ids", ()) or ()) if hasattr(tok, "convert_tokens_to_ids") else set()
+    specials = {pad} | extra | {r[k] for k in ("eos", "unk", "mask", "bos", "cls", "sep") if r[k] is not None}
+    sentinel, num_sentinels = r["sentinel_0"], int(r["num_sentinels"] or 0)
     if sentinel is not None:
         specials |= set(range(sentinel - num_sentinels + 1, sentinel + 1))
     return SpecialIds(
-        vocab_size=int(vocab_size),
+        vocab_size=int(r["vocab_size"]),
         pad_id=int(pad),
-        eos_id=int(eos),
-        mask_id=None if mask is None else int(mask),
-        sentinel_id=None if sentinel is None else int(sentinel),
+        eos_id=r["eos"],
+        mask_id=r["mask"],
+        sentinel_id=sentinel,
         num_sentinels=num_sentinels,
         special_ids=tuple(sorted(int(i) for i in specials)),
     )
