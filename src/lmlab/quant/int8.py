@@ -13,12 +13,26 @@ Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers 
 The weight columns used for the outliers are the int8 weights dequantized (bitsandbytes' choice;
 the paper keeps 16-bit weights, which a layer holding only int8 weights cannot).
 
-The int32 accumulation is exact: by default products of int8 values are summed in float64, which
-represents every partial sum below 2**53 exactly (K up to 5e11), then converted to int32
-(:func:`int_mm_reference`, ``lmlab::int8_mm``'s default; CUDA's ``torch._int_mm`` is its kernel in
-:mod:`lmlab.quant.kernels.cuda`). ``int8_matmul_reference`` spells the same arithmetic out with no
-shortcuts for the tests. The public verb :func:`lmlab.quant.functional.int8_matmul` checks its
-arguments and calls the op.
+:func:`int8_vectorwise` is the paper's law on the values it is given. bitsandbytes' ``Int8Params``
+rounds a weight to float16 before it (``bitsandbytes/nn/modules.py``, 0.50.2), which moves ~0.75% of
+the codes by one; :func:`quantize_int8_weight` is that convention (what ``Linear8bit.from_linear``
+uses), so that the codes and ``SCB`` are byte-identical to bitsandbytes'. A row whose magnitude
+overflows float16 (> 65504, where bitsandbytes writes ``SCB = inf`` and all-zero codes) is
+quantized from the weight as given instead: finite, correct, and loadable by bitsandbytes.
+
+Activations are quantized in float32 as given; bitsandbytes casts them to float16 first and takes
+the row scales with only the outlier *elements* zeroed (the rest of an outlier column still counts);
+here the whole outlier columns leave the int8 part, as §3.2 decomposes ``X``. Both differences are far
+below the int8 step (``tests/quant/test_bnb_int8.py`` measures them against bitsandbytes' forward).
+
+The int32 accumulation is exact on every route. The op's default, :func:`int_mm_reference`, sums
+products of int8 values in float64, which represents every partial sum below 2**53 exactly (K up to
+5e11). CUDA's kernel is ``torch._int_mm`` (:mod:`lmlab.quant.kernels.cuda`); the CPU kernels are in
+:mod:`lmlab.quant.kernels.int8_cpu` (a float32 GEMM where it is provably exact). All of them share
+:func:`row_codes` (the activation codes), :func:`dequantize_product_` and
+:func:`add_outlier_product`, so that every kernel's output is bit-identical to the reference's.
+``int8_matmul_reference`` spells the arithmetic out element by element for the tests. The public
+verb :func:`lmlab.quant.functional.int8_matmul` checks its arguments and calls the op.
 """
 
 from __future__ import annotations
@@ -51,19 +65,58 @@ def _check_scale(w_scale: torch.Tensor, rows: int) -> None:
         raise LmlabError("int8_matmul: w_scale must hold finite row absmax values >= 0")
 
 
+def row_absmax(x2d: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` of every row of ``x2d (M, K)`` float32: two reductions, no ``|x|`` materialised
+    (``abs_`` turns the -0.0 of an all-zero row into +0.0); a NaN in a row gives NaN."""
+    return torch.maximum(x2d.amax(dim=-1), x2d.amin(dim=-1).neg()).abs_()
+
+
+def row_codes(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes of :func:`int8_vectorwise` as integer-valued float32, and the row scales.
+
+    ``xf``: ``(..., K)`` float32 (not modified). The codes are exact integers in [-127, 127]: a
+    float32 GEMM can take them without a conversion (:mod:`lmlab.quant.kernels.int8_cpu`).
+    """
+    scale = row_absmax(xf)
+    factor = torch.where(scale == 0, torch.zeros_like(scale), INT8_SCALE / scale)
+    codes = torch.mul(xf, factor.unsqueeze(-1)).round_().clamp_(-127, 127)
+    tiny = torch.isinf(factor)  # 0 < scale < 127 / FLT_MAX: 127 / scale overflows float32
+    if bool(tiny.any()):
+        rows = xf[tiny]
+        codes[tiny] = torch.round(rows / scale[tiny].unsqueeze(-1) * INT8_SCALE).clamp_(-127, 127)
+    return codes, scale
+
+
 def int8_vectorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise absmax int8 quantization over the last dimension.
+    """Row-wise absmax int8 quantization over the last dimension (LLM.int8() §3.1).
 
     ``x``: ``(..., K)`` float. Returns ``(q (..., K) int8, scale (...,) float32)`` with
     ``q = round(x * (127 / scale))`` (round half to even) and ``scale`` the row's absmax; an all-zero
-    row gives zeros and scale 0. ``x ≈ q * scale / 127``.
+    row gives zeros and scale 0. ``x ≈ q * scale / 127``. Bit-identical to bitsandbytes'
+    ``int8_vectorwise_quant`` on the same values (it computes ``A * (127 / absmax)`` in float32 too).
     """
     _check_float(x, "int8_vectorwise")
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1)
-    factor = torch.where(scale == 0, torch.zeros_like(scale), INT8_SCALE / scale)
-    q = torch.round(xf * factor.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    codes, scale = row_codes(x.float())
+    return codes.to(torch.int8), scale
+
+
+FLOAT16_MAX = 65504.0
+
+
+def quantize_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight ``(N, K)`` float -> ``(codes (N, K) int8, SCB (N,) float32)`` as bitsandbytes makes them.
+
+    bitsandbytes' ``Int8Params`` casts the weight to float16 before :func:`int8_vectorwise`; so does
+    this, row by row, except for rows holding a magnitude beyond float16's range (65504), which are
+    quantized from ``w`` as given (bitsandbytes would write ``SCB = inf`` and zero codes there).
+    """
+    _check_float(w, "quantize_int8_weight")
+    wf = w.float()
+    rounded = w.to(torch.float16).float()
+    overflow = row_absmax(wf) > FLOAT16_MAX  # (N,): float16 rounds these rows to inf
+    if bool(overflow.any()):
+        rounded = torch.where(overflow.unsqueeze(-1), wf, rounded)
+    return int8_vectorwise(rounded)
 
 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -94,6 +147,24 @@ def check_int8_matmul_args(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Te
     _check_scale(w_scale, w_q.shape[0])
 
 
+def dequantize_product_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``acc (M, N)`` float32 (the exact int32 product, converted) scaled in place to
+    ``acc * x_scale[:, None] * (w_scale[None, :] / 127**2)``, and returned."""
+    acc.mul_(x_scale.unsqueeze(1))
+    return acc.mul_(w_scale.float().unsqueeze(0) * (1.0 / (INT8_SCALE * INT8_SCALE)))
+
+
+def add_outlier_product(
+    out: torch.Tensor, x2d: torch.Tensor, cols: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """``out + x2d[:, cols] @ W[:, cols].T`` with ``W``'s columns the dequantized int8 weight
+    (bitsandbytes' choice), in float32; ``out`` itself when ``cols`` is empty."""
+    if not cols.numel():
+        return out
+    w_cols = w_q.index_select(1, cols).float() * (w_scale.float()[:, None] / INT8_SCALE)  # (N, C)
+    return torch.addmm(out, x2d.index_select(1, cols), w_cols.t())
+
+
 def int8_linear_reference(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -103,8 +174,8 @@ def int8_linear_reference(
 ) -> torch.Tensor:
     """LLM.int8() ``x @ W.T`` on checked inputs (see :func:`lmlab.quant.functional.int8_matmul`).
 
-    ``int_mm`` is the exact int8 product; ``lmlab::int8_linear`` passes ``lmlab::int8_mm`` so that a
-    device kernel of it (CUDA's ``_int_mm``) is used.
+    ``int_mm`` is the exact int8 product; the op's default body passes ``lmlab::int8_mm`` so that a
+    device kernel of it is used where one is registered.
     """
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K)
@@ -112,11 +183,8 @@ def int8_linear_reference(
     # Outlier columns leave the int8 path, and with it the activation scales.
     regular = x2d.index_fill(1, cols, 0.0) if cols.numel() else x2d
     x_q, x_scale = int8_vectorwise(regular)
-    acc = int_mm(x_q, w_q)  # (M, N) int32, exact
-    out = acc.float() * (x_scale[:, None] * w_scale.float()[None, :]) / (INT8_SCALE * INT8_SCALE)
-    if cols.numel():
-        w_cols = w_q.index_select(1, cols).float() * (w_scale.float()[:, None] / INT8_SCALE)  # (N, C)
-        out = out + x2d.index_select(1, cols) @ w_cols.t()
+    acc = int_mm(x_q, w_q).float()  # (M, N), exact integers (rounded to float32 above 2**24)
+    out = add_outlier_product(dequantize_product_(acc, x_scale, w_scale), x2d, cols, w_q, w_scale)
     return out.to(x.dtype).reshape(*lead, w_q.shape[0])
 
 

@@ -32,7 +32,7 @@ from lmlab.quant.functional import (
     quantize_4bit,
     use_kernel,
 )
-from lmlab.quant.int8 import Int8LinearReference, int8_dequantize, int8_vectorwise
+from lmlab.quant.int8 import Int8LinearReference, int8_dequantize, quantize_int8_weight
 from lmlab.quant.state import FLOAT_DTYPES, Quantized4bit
 
 
@@ -274,7 +274,17 @@ class Linear8bit(nn.Module):
     0 disables the decomposition. The forward is one ``lmlab::int8_linear`` op (``impl="reference"``:
     the reference with the same input gradient). This constructor is the only one:
     :meth:`from_linear` and loading build the layer through it.
+
+    Interchangeable with bitsandbytes' ``Linear8bitLt`` (``has_fp16_weights=False``):
+    :meth:`from_linear` rounds the weight to float16 first as bitsandbytes' ``Int8Params`` does
+    (:func:`lmlab.quant.int8.quantize_int8_weight`), so ``weight`` and ``SCB`` are byte-identical to
+    its; the state dict carries ``weight``, ``bias``, ``SCB`` and ``weight_format`` (a uint8 scalar,
+    0 = row-major, bitsandbytes' only format since 0.45), and loads with or without
+    ``weight_format`` (older lmlab files lack it), in both directions with ``strict=True``.
     """
+
+    # bitsandbytes.utils.LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING; only "row" is written since bitsandbytes 0.45
+    WEIGHT_FORMATS = {"row": 0, "col32": 1, "col_turing": 2, "col_ampere": 3}
 
     def __init__(
         self,
@@ -319,7 +329,7 @@ class Linear8bit(nn.Module):
         layer = cls(
             in_features, out_features, bias is not None, threshold, w.dtype, device=w.device, impl=impl
         )
-        q, scale = int8_vectorwise(w)
+        q, scale = quantize_int8_weight(w)
         layer.weight.copy_(q)
         layer.SCB.copy_(scale)
         if bias is not None:
@@ -349,4 +359,44 @@ class Linear8bit(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"threshold={self.threshold}"
+        )
+
+    # -- bitsandbytes' serialized layout ---------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, weight, SCB
+        destination[f"{prefix}weight_format"] = torch.tensor(
+            self.WEIGHT_FORMATS["row"], dtype=torch.uint8, device=self.SCB.device
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = f"{prefix}weight_format"
+        if key in state_dict:
+            self._check_weight_format(key, state_dict[key])
+        weight = state_dict.get(f"{prefix}weight")
+        if isinstance(weight, torch.Tensor) and weight.dtype != torch.int8:
+            # copy_ would cast a float weight into the int8 buffer: a silently garbage layer
+            raise LmlabError(
+                f"{prefix}weight is {weight.dtype}, a Linear8bit loads int8 codes and SCB "
+                "(quantize a float layer with Linear8bit.from_linear or quantize_)"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+
+    @classmethod
+    def _check_weight_format(cls, key: str, value: object) -> None:
+        """A stored ``weight_format`` (tensor, int or name) that is not row-major is a one-line error."""
+        if isinstance(value, torch.Tensor):
+            value = value.item() if value.numel() == 1 else value.tolist()
+        if value in ("row", 0):
+            return
+        names = {v: k for k, v in cls.WEIGHT_FORMATS.items()}
+        name = names.get(value, value) if isinstance(value, int) else value
+        raise LmlabError(
+            f"{key}: weight format {name!r} is not supported; Linear8bit loads row-major int8 weights "
+            "(weight_format 0, 'row'), as bitsandbytes writes them"
         )

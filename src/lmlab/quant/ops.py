@@ -14,9 +14,12 @@ op                          default (reference)                         device k
 ``lmlab::dequantize_4bit_out``  the same, written into ``out``          cpu (same)
 ``lmlab::linear_4bit``      ``x @ dequantize_4bit(W).T + b``, with the  (its dequantize_4bit
                             input gradient (QLoRA trains through it)    dispatches)
-``lmlab::int8_mm``          :func:`int8.int_mm_reference` (float64)     cuda: ``torch._int_mm``
-``lmlab::int8_linear``      :func:`int8.int8_linear_reference`, with    (its int8_mm dispatches)
-                            the input gradient
+``lmlab::int8_mm``          :func:`int8.int_mm_reference` (float64)     cpu: exact float32 GEMM
+                                                                        (or ``_int_mm``); cuda:
+                                                                        ``torch._int_mm``
+``lmlab::int8_linear``      :func:`int8.int8_linear_reference`, with    cpu: fused, float32 codes
+                            the input gradient                          (bit-identical); cuda: its
+                                                                        int8_mm dispatches
 ==========================  ==========================================  =========================
 
 A CUDA / Triton kernel for an op is a function in :mod:`lmlab.quant.kernels.cuda` and one
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 
 from lmlab.quant import blockwise
 from lmlab.quant.int8 import int8_dequantize, int8_linear_reference, int_mm_reference
-from lmlab.quant.kernels import cpu, cuda
+from lmlab.quant.kernels import cpu, cuda, int8_cpu
 
 # op name -> the device types with a registered kernel: where impl="fast" applies. Filled by
 # _register_kernel, so that it cannot disagree with the registrations.
@@ -152,6 +155,7 @@ def _(a, b):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
+_register_kernel("int8_mm", "cpu", int8_cpu.int8_mm)
 _register_kernel("int8_mm", "cuda", cuda.int8_mm)
 
 
@@ -164,6 +168,9 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, thres
 @int8_linear.register_fake
 def _(x, w_q, w_scale, threshold):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+_register_kernel("int8_linear", "cpu", int8_cpu.int8_linear)
 
 
 def _int8_linear_setup(ctx, inputs, output) -> None:

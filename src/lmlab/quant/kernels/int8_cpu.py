@@ -1,0 +1,119 @@
+"""The CPU kernels of ``lmlab::int8_mm`` and ``lmlab::int8_linear`` (registered in :mod:`lmlab.quant.ops`).
+
+The int8 x int8 product must be exact (int32 accumulation, LLM.int8() §3.1). Three exact methods:
+
+* ``"float32"`` -- a float32 GEMM (MKL / oneDNN) of the codes. Every product of two int8 values is
+  an integer of at most 128 * 128 = 2**14, and every partial sum a GEMM forms, in whatever order or
+  blocking, is bounded by ``sum_k |a_k| * 128``; while that is at most 2**24 every partial sum is an
+  integer float32 represents, so no rounding happens anywhere. That holds for any ``K <= 1024``, and
+  for longer rows whose L1 norm ``sum_k |a_k|`` is at most 2**17 (one pass over the activations
+  tells); otherwise ``K`` is cut into blocks of 1024 whose exact partial products are summed as
+  int32. (The codes are also exact in bfloat16 and TF32, so a reduced-precision float32 matmul
+  setting keeps it exact.)
+* ``"int_mm"`` -- ``torch._int_mm`` (exact int32, oneDNN's int8 GEMM where the CPU has VNNI);
+* ``"float64"`` -- :func:`lmlab.quant.int8.int_mm_reference`, the op's default body.
+
+``"auto"`` picks ``"int_mm"`` on CPUs torch runs with AVX-512 (bitsandbytes 0.50's criterion for
+registering ``_int_mm`` on CPU; not measured here) and ``"float32"`` everywhere else. Measured on the
+2-core AVX2 AMD EPYC this was written on (no AVX-512, no VNNI; one thread, best of 9, ms)::
+
+    M x K x N           float64  float32  _int_mm  (float32 F.linear)
+    544 x 384 x 384        7.2      2.35    93.5     2.43
+    544 x 384 x 1536      20.8     11.7      -      10.8
+    544 x 1536 x 384      21.7     12.0      -       9.9
+    17 x 384 x 1536        2.3      0.88    11.2     0.83
+    3 x 384 x 1536         1.06     0.49     1.81    0.52
+    1 x 1536 x 384         0.60     0.40     0.57    0.19
+
+``_int_mm`` without VNNI is a scalar loop; float32 is the fastest exact method at every shape there.
+``METHOD`` is the switch (tests flip it to hold every method to the reference).
+
+``int8_linear`` fuses the layer: the activation codes stay float32 (:func:`lmlab.quant.int8.row_codes`,
+the same values as the int8 codes), go straight into the float32 GEMM, and the product is scaled in
+place; the outlier columns are those of the reference. Its output is bit-identical to
+:func:`lmlab.quant.int8.int8_linear_reference`'s, because the integer product is exact on both routes
+and every other step is the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmlab.quant.int8 import (
+    add_outlier_product,
+    dequantize_product_,
+    int_mm_reference,
+    outlier_columns,
+    row_codes,
+)
+
+METHODS = ("auto", "float32", "int_mm", "float64")
+METHOD = "auto"
+
+EXACT_K = 1024  # K * 128 * 128 <= 2**24: a float32 dot product of int8 values is exact
+EXACT_SUM = float(2**24)
+
+
+@functools.cache
+def _auto_method() -> str:
+    # Asked on the first call, never at import.
+    return "int_mm" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "float32"
+
+
+def method() -> str:
+    """The exact method the CPU kernels use now (``METHOD``, with ``"auto"`` resolved)."""
+    if METHOD not in METHODS:
+        raise ValueError(f"lmlab.quant.kernels.int8_cpu.METHOD must be one of {METHODS}, got {METHOD!r}")
+    return _auto_method() if METHOD == "auto" else METHOD
+
+
+def _fits_float32(a: torch.Tensor) -> bool:
+    """Whether one float32 GEMM of ``a (M, K)`` (integer-valued) with int8 rows is exact."""
+    if a.shape[1] <= EXACT_K or a.shape[0] == 0:
+        return True
+    return bool(a.abs().sum(dim=1).max() * 128.0 <= EXACT_SUM)
+
+
+def _blocked_int32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (M, K) @ b (N, K).T`` as int32, ``K`` in blocks of ``EXACT_K`` (each float32 GEMM exact)."""
+    acc = None
+    for k0 in range(0, a.shape[1], EXACT_K):
+        part = (a[:, k0 : k0 + EXACT_K] @ b[:, k0 : k0 + EXACT_K].float().t()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+def exact_product_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (M, K) @ b (N, K).T`` for integer-valued float32 ``a`` (|a| <= 128) and int8 ``b``, as
+    float32 equal to ``int32_product.float()`` (exact below 2**24, rounded to nearest above)."""
+    if _fits_float32(a):
+        return a @ b.float().t()  # (M, N)
+    return _blocked_int32(a, b).float()
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """CPU kernel of ``lmlab::int8_mm``: ``a (M, K) int8 @ b (N, K).T -> (M, N) int32``, exact."""
+    how = method()
+    if how == "int_mm":
+        return torch._int_mm(a, b.t())
+    if how == "float64":
+        return int_mm_reference(a, b)
+    af = a.float()
+    return (af @ b.float().t()).to(torch.int32) if _fits_float32(af) else _blocked_int32(af, b)
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float) -> torch.Tensor:
+    """CPU kernel of ``lmlab::int8_linear``: ``x (..., K) -> (..., N)`` in ``x.dtype``."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K); not modified below
+    cols = outlier_columns(x2d, threshold)
+    regular = x2d.index_fill(1, cols, 0.0) if cols.numel() else x2d
+    codes, x_scale = row_codes(regular)  # (M, K) integer-valued float32, (M,)
+    if method() == "float32":
+        acc = exact_product_float32(codes, w_q)
+    else:
+        acc = int8_mm(codes.to(torch.int8), w_q).float()
+    out = add_outlier_product(dequantize_product_(acc, x_scale, w_scale), x2d, cols, w_q, w_scale)
+    return out.to(x.dtype).reshape(*lead, w_q.shape[0])
