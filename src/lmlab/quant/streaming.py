@@ -164,10 +164,13 @@ class _Targets:
     """Where each checkpoint key goes: the model's parameter and persistent-buffer names, the
     names that share one tensor (tied weights), and the dtype ``from_pretrained`` casts to."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, exclude: frozenset[str] = frozenset()) -> None:
         self.model = model
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self.tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
+        # the tensors of the modules in ``exclude`` (quantized layers loaded whole) are not targets
+        self.tensors: dict[str, torch.Tensor] = {
+            k: v for k, v in model.state_dict(keep_vars=True).items() if _split(k)[0] not in exclude
+        }
         by_id: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             by_id.setdefault(id(t), []).append(name)
@@ -376,3 +379,145 @@ def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
 
     with contextlib.suppress(OSError, ValueError, json.JSONDecodeError):
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
+
+
+# -------------------------------------------------------------------------------- load
+
+
+def _layer_keys(header_keys: list[str], layers: dict[str, dict]) -> dict[str, str]:
+    """checkpoint key -> the quantized layer it belongs to (the longest layer name it starts with)."""
+    owner: dict[str, str] = {}
+    for key in header_keys:
+        parts = key.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:i])
+            if name in layers:
+                owner[key] = name
+                break
+    return owner
+
+
+def load_quantized_model(
+    hf_config,
+    files: list[Path],
+    layers: dict[str, dict],
+    *,
+    device: str | torch.device = "cpu",
+    described_by: str = "lmlab_quant.json",
+) -> nn.Module:
+    """The model-building step of :func:`lmlab.quant.load_quantized`, without a float model first.
+
+    ``hf_config``: the model's ``transformers`` config; ``files``: its safetensors files (one, or
+    the shards); ``layers``: name -> the quantized layer's entry (``lmlab_quant.json``'s format,
+    already checked; for a transformers + bitsandbytes directory, the entries its quant states give).
+    The skeleton is built on the meta device (:func:`empty_model`, floats in torch's default dtype,
+    as ``load_quantized`` builds the model); each quantized layer is built just before its tensors
+    are read, checked as ``load_quantized`` checks them, and given them by assignment; every other
+    tensor is put in place (tied weights re-tied). Tensors keep their memory-mapped storage, as
+    ``from_pretrained`` leaves them. A missing, unexpected, mistyped or mis-shaped tensor is a
+    one-line :class:`LmlabError`. Returns the model in eval mode on ``device``.
+    """
+    from lmlab.quant.serialization import _check_float_tensors, _check_layer_tensors, _check_scales, _shell
+
+    files = [Path(p) for p in files]
+    model = empty_model(hf_config)
+    for name in layers:
+        parent_name, attr = _split(name)
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        if parent is None or not hasattr(parent, attr):
+            raise LmlabError(f"{files[0].parent}: the model has no module {name!r}")
+    targets = _Targets(model, torch.get_default_dtype(), exclude=frozenset(layers))
+    with contextlib.ExitStack() as stack:
+        header, handles = _open_all(stack, files)
+
+        def get_tensor(key: str) -> torch.Tensor:
+            return handles[key][1].get_tensor(key)
+
+        owner = _layer_keys(list(header), layers)
+        _check_float_tensors(files[0], model, header, layers)
+        shells = {}
+        for name, layer_meta in layers.items():
+            shell = _shell(layer_meta)  # built just before its tensors arrive: one layer's zeros at a time
+            where = handles.get(f"{name}.weight", (files[0],))[0]
+            _check_layer_tensors(where, get_tensor, header, name, layer_meta, shell, described_by)
+            state = {k[len(name) + 1 :]: get_tensor(k) for k in header if owner.get(k) == name}
+            _drop_row_format(state, shell, files[0].parent, name)
+            try:
+                shell.load_state_dict(state, strict=True, assign=True)
+            except RuntimeError as e:
+                msg = str(e).splitlines()[-1].strip()
+                raise LmlabError(f"{where}: layer {name} does not match its tensors ({msg})") from None
+            parent_name, attr = _split(name)
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, shell)
+            shells[name] = shell
+            del state
+        for key, (_, shape) in header.items():
+            if key in owner:
+                continue
+            name = targets.resolve(key)
+            if name is None:
+                raise LmlabError(f"{handles[key][0]}: does not match the model (unexpected tensor {key})")
+            if name in targets.filled:
+                continue  # a tied weight stored twice
+            ref = targets.tensors[name]
+            if list(shape) != list(ref.shape):
+                raise LmlabError(
+                    f"{handles[key][0]}: tensor {key} has shape {list(shape)}, the model expects {list(ref.shape)}"
+                )
+            targets.put(targets.aliases[name], targets.cast(name, get_tensor(key)))
+    missing = targets.missing()
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LmlabError(
+            f"{files[0].parent}: the weights do not match the model (lacks {', '.join(missing[:3])}{more})"
+        )
+    _check_scales(files[0], shells)
+    return model.to(device).eval()
+
+
+def _open_all(stack: contextlib.ExitStack, files: list[Path]) -> tuple[dict, dict]:
+    """(key -> (safetensors dtype, shape), key -> (file, its open handle)) over every file."""
+    header: dict[str, tuple[str, list[int]]] = {}
+    handles: dict[str, tuple[Path, object]] = {}
+    for path in files:
+        f = stack.enter_context(_open_shard(path))
+        for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if k in handles:
+                raise LmlabError(f"{path}: tensor {k} is stored twice (also in {handles[k][0]})")
+            handles[k] = (path, f)
+            header[k] = (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape())
+    return header, handles
+
+
+def _drop_row_format(state: dict[str, torch.Tensor], shell: nn.Module, directory: Path, name: str) -> None:
+    """bitsandbytes' ``weight_format`` tag (0 = row, the only layout it writes for inference), where
+    the layer does not keep one."""
+    if "weight_format" in state and "weight_format" not in shell.state_dict():
+        t = state.pop("weight_format")
+        if t.numel() != 1 or int(t.reshape(-1)[0]) != 0:
+            raise LmlabError(f"{directory}: tensor {name}.weight_format is not bitsandbytes' row format (0)")
+
+
+def load_quantized_streaming(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """:func:`lmlab.quant.load_quantized` for a Hugging Face model directory (one with a
+    ``config.json``), with :func:`load_quantized_model` as the model-building step: the same files
+    verified (``manifest.json``, ``lmlab_quant.json``), the same model, no float model built first."""
+    from lmlab.quant.serialization import META_NAME, WEIGHTS_NAME, _read_meta, verify_manifest
+
+    directory = Path(directory)
+    if not (directory / META_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise LmlabError(
+            f"{directory}: not a quantized model directory (needs {META_NAME} and {WEIGHTS_NAME})"
+        )
+    verify_manifest(directory)
+    meta = _read_meta(directory)
+    if not (directory / "config.json").is_file():
+        raise LmlabError(f"{directory}: no config.json; pass the float model to load_quantized(dir, model)")
+    from lmlab.models.presets import read_hf_config
+
+    return load_quantized_model(
+        read_hf_config(directory), [directory / WEIGHTS_NAME], meta["layers"], device=device
+    )
