@@ -8,8 +8,20 @@ Pipeline (two passes over the corpus when a tokenizer is trained, one otherwise)
 2. The tokenizer (:mod:`lmlab.data.tokenizer`) is trained on the training documents, or on a
    deterministic hash-sampled subset of them of about ``tokenizer_train_bytes`` when the corpus
    is larger (SentencePiece trains on a sample of C4 the same way).
-3. Documents are tokenized in batches (the Rust tokenizer runs them in parallel), an ``</s>``
-   is appended to each, and the ids are appended to ``train.bin`` / ``val.bin``.
+3. Documents are tokenized in batches (the Rust tokenizer runs them in parallel), each framed by
+   the tokenizer's own special tokens (its post-processor, ``add_special_tokens=True``), and the
+   ids are appended to ``train.bin`` / ``val.bin``.
+
+Any Hugging Face tokenizer can be reused (``--tokenizer <model or tokenizer dir>``,
+:func:`lmlab.data.tokenizer.load_tokenizer`).  Documents are framed and packed the way
+``run_mlm.py`` / ``run_clm.py`` do (``group_texts``: each text tokenized with its special tokens,
+all concatenated, training rows cut from the stream wherever they fall): lmlab's and T5's
+tokenizers end a document with ``</s>``, BERT's frames it as ``[CLS] … [SEP]``; a tokenizer whose
+framing ends in nothing (GPT-2's) gets its end-of-sequence token appended (``<|endoftext|>``, the
+separator GPT-2 was trained with), and one with neither is refused.  Its own files are saved
+beside the shards (``save_pretrained``) and ``meta.json`` records which tokenizer it was
+(``tokenizer.vocab_sha256``, :func:`lmlab.data.tokenizer.vocab_sha256`), which ``pretrain --init``
+checks against the model's.
 
 Peak memory is the tokenizer plus one batch (about :data:`BATCH_CHARS` characters of text and its
 ids) plus, while a tokenizer is trained, the trainer's table of distinct pre-tokens, which grows
@@ -142,12 +154,48 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def encode_documents(tok, docs: list[str], eos_id: int, dtype: np.dtype) -> np.ndarray:
-    """Token ids of ``docs``, each followed by ``eos_id``, as one flat array ``(N,)``."""
-    eos = np.array([eos_id], dtype=dtype)
-    encs = tok.encode_batch_fast(docs, add_special_tokens=False)
-    parts = [a for e in encs for a in (np.asarray(e.ids, dtype=dtype), eos)]
+def encode_documents(tok, docs: list[str], eos_id: int | None, dtype: np.dtype) -> np.ndarray:
+    """Token ids of ``docs``, each with the tokenizer's own special tokens and then ``eos_id`` (unless
+    ``None``: a tokenizer whose framing ends a document already), as one flat array ``(N,)``."""
+    encs = tok.encode_batch_fast(docs, add_special_tokens=True)
+    if eos_id is None:
+        parts = [np.asarray(e.ids, dtype=dtype) for e in encs]
+    else:
+        eos = np.array([eos_id], dtype=dtype)
+        parts = [a for e in encs for a in (np.asarray(e.ids, dtype=dtype), eos)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+@dataclass
+class ReusedTokenizer:
+    """A ``--tokenizer``: lmlab's own (``hf`` None, ``tok`` exactly as read) or any Hugging Face one
+    (``hf`` the ``transformers`` tokenizer, ``tok`` its Rust backend without truncation or padding)."""
+
+    tok: Any
+    hf: Any = None
+
+
+def read_reused_tokenizer(path: str | os.PathLike) -> ReusedTokenizer:
+    """The tokenizer of ``--tokenizer path``: one-line errors for what cannot be loaded."""
+    hf = tokenizer_.load_tokenizer(path)
+    raw = tokenizer_.backend_copy(hf)
+    if tokenizer_.is_lmlab_layout(raw):
+        return ReusedTokenizer(tokenizer_.read_tokenizer(path))
+    return ReusedTokenizer(raw, hf)
+
+
+def document_eos(tok, ids: dict[str, Any], source) -> int | None:
+    """The id ``prepare`` appends to each document: ``None`` when the tokenizer's framing ends it
+    (``</s>``, ``[SEP]``) or starts it (a BOS), else its EOS; refused without either."""
+    lead, trail = tokenizer_.framing(tok)
+    if trail or (lead and ids.get("eos") is None):
+        return None
+    if ids.get("eos") is None:
+        raise LmlabError(
+            f"the tokenizer {source} has no end-of-sequence token and adds no special tokens around a "
+            "text: prepare could not tell where one document ends and the next begins"
+        )
+    return int(ids["eos"])
 
 
 def _check_settings(val_fraction: float, tokenizer_train_bytes: int, doc_sep: str) -> None:
@@ -273,7 +321,7 @@ def _prepare_locked(
     _check_no_foreign_files(out)
     if paths is None:
         paths = [corpus_.default_corpus_path(cache)]
-    tok = tokenizer_.read_tokenizer(tokenizer) if tokenizer is not None else None
+    tok = read_reused_tokenizer(tokenizer) if tokenizer is not None else None
     remove_stale_temps(out.parent)  # what killed runs of prepare left beside their outputs
     with atomic_dir(out) as tmp:
         meta = _prepare_into(
@@ -286,7 +334,7 @@ def _prepare_locked(
 def _prepare_into(
     tmp: Path,
     paths: list[Path],
-    tok,
+    reused: ReusedTokenizer | None,
     tok_source: str | os.PathLike | None,
     vocab_size: int,
     tokenizer_type: str,
@@ -300,7 +348,8 @@ def _prepare_into(
     from tqdm.auto import tqdm
 
     disable = None if progress is None else not progress
-    trained = tok is None
+    trained = reused is None
+    tok = None if reused is None else reused.tok
     sample = {"documents": 0, "chars": 0}
 
     # Pass 1: the tokenizer.
@@ -349,13 +398,13 @@ def _prepare_into(
                 f"--tokenizer-train-mb {tokenizer_train_bytes / 2**20:g} samples none of the corpus's "
                 f"{n_docs:,} training documents: there is nothing to train the tokenizer on; raise it"
             )
-    tokenizer_json = tok.to_str(pretty=False).encode("utf-8")
-    _write_file(tmp / "tokenizer.json", tokenizer_json)
+    hf = None if reused is None else reused.hf
+    tokenizer_json, ids, v = _write_tokenizer(tmp, tok, hf)
+    eos_id = document_eos(tok, ids, tok_source)
+    per_doc = sum(tokenizer_.framing(tok)) + (eos_id is not None)  # special ids around each document
 
     # Text is text: a literal "</s>" or "<extra_id_0>" in a document must not become a special id.
     tok.encode_special_tokens = True
-    ids = tokenizer_.special_ids(tok)
-    v = tok.get_vocab_size(with_added_tokens=True)
     dtype = shards.token_dtype(v)
 
     # Pass 2: the shards.
@@ -372,15 +421,16 @@ def _prepare_into(
             for split, w in (("train", train_w), ("val", val_w)):
                 docs = [d for d, x in zip(batch, is_val, strict=True) if x == (split == "val")]
                 if docs:
-                    arr = encode_documents(tok, docs, ids["eos"], dtype)
+                    arr = encode_documents(tok, docs, eos_id, dtype)
                     w.write(arr)
                     counts[split] += len(docs)
-                    unk[split] += int(np.count_nonzero(arr == ids["unk"]))
+                    if ids.get("unk") is not None:
+                        unk[split] += int(np.count_nonzero(arr == ids["unk"]))
                     bar.update(arr.size)
         if counts["train"] + counts["val"] == 0:
             raise LmlabError(f"the corpus is empty: no non-blank text in {', '.join(map(str, paths))}")
-        _check_unknown_share(unk, train_w.tokens + val_w.tokens - sum(counts.values()), tok_source, sample,
-                             tokenizer_train_bytes)  # fmt: skip
+        _check_unknown_share(unk, train_w.tokens + val_w.tokens - per_doc * sum(counts.values()), tok_source,
+                             sample, tokenizer_train_bytes)  # fmt: skip
         train_w.commit()
         val_w.commit()
 
@@ -398,6 +448,11 @@ def _prepare_into(
             "source": None if trained else str(tok_source),
             "requested_vocab_size": vocab_size if trained else None,
             "sha256": hashlib.sha256(tokenizer_json).hexdigest(),
+            # Which tokenizer it was, whatever its files: what --init compares with the model's.
+            "layout": "lmlab" if hf is None else "huggingface",
+            "class": None if hf is None else type(hf).__name__,
+            "vocab_sha256": tokenizer_.vocab_sha256(tok if hf is None else hf),
+            "document_end": "eos appended" if eos_id is not None else "the tokenizer's own special tokens",
         },
         "train": {
             "tokens": train_w.tokens,
@@ -448,6 +503,32 @@ def _check_unknown_share(
     raise LmlabError(f"{share:.0%} of the tokens would be <unk>: {why}; {fix}")
 
 
+def _write_tokenizer(tmp: Path, tok, hf) -> tuple[bytes, dict[str, Any], int]:
+    """Write the tokenizer into ``tmp``: ``(tokenizer.json's bytes, special ids by role, vocab size)``."""
+    if hf is None:  # lmlab's own: its tokenizer.json, byte for byte as it encodes
+        tokenizer_json = tok.to_str(pretty=False).encode("utf-8")
+        _write_file(tmp / "tokenizer.json", tokenizer_json)
+        return tokenizer_json, tokenizer_.special_ids(tok), tok.get_vocab_size(with_added_tokens=True)
+    # Any other: its own files, as transformers saves them, for AutoTokenizer to load.
+    _save_hf_tokenizer(hf, tmp)
+    roles: dict[str, Any] = tokenizer_.role_ids(hf)
+    v = int(roles.pop("vocab_size"))
+    return (tmp / "tokenizer.json").read_bytes(), roles, v
+
+
+def _save_hf_tokenizer(hf, out: Path) -> None:
+    """``hf.save_pretrained(out)``, quietly; only files ``prepare`` may write (``_PREPARED_NAMES``)."""
+    from lmlab.models.presets import quiet_hf_progress
+
+    with quiet_hf_progress():
+        hf.save_pretrained(out)
+    odd = sorted(p.name for p in out.iterdir() if p.name not in _PREPARED_NAMES)
+    if odd:
+        raise LmlabError(f"saving the tokenizer wrote {odd[0]!r}, a file prepare does not know")
+    if not (out / "tokenizer.json").is_file():
+        (out / "tokenizer.json").write_text(hf.backend_tokenizer.to_str(), encoding="utf-8")
+
+
 def _tokenizer_type(tok) -> str:
     import json
 
@@ -462,7 +543,7 @@ def default_data_dir(cache: str | os.PathLike | None = None) -> Path:
 # What ``prepare`` has ever written into a prepared directory (older versions left the
 # ``.*.bin.tmp`` files and no ``meta.json`` when killed).
 _PREPARED_NAMES = frozenset(
-    {"tokenizer.json", "train.bin", "val.bin", "meta.json", ".train.bin.tmp", ".val.bin.tmp"}
+    {*tokenizer_.HF_TOKENIZER_FILES, "train.bin", "val.bin", "meta.json", ".train.bin.tmp", ".val.bin.tmp"}
 )
 
 

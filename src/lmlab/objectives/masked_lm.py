@@ -8,10 +8,21 @@
   90% mask / 10% random) for an encoder–decoder model whose target is the whole original sequence.
 * :class:`MassStyle` — §3.3.2 and Table 4 (after Song et al. 2019): mask only, whole target.
 
-Special tokens (pad, EOS, unk, mask, sentinels) and padding are never selected, and a random
-replacement is drawn uniformly from the non-special ids.  T5 used a sentinel as its mask token;
-lmlab's tokenizer has a real ``<mask>`` (id 3), which is the default here (``mask_id=`` changes it).
+Special tokens (pad, EOS, unk, mask, sentinels; BERT's ``[CLS]``/``[SEP]``) and padding are never
+selected, as HF's ``DataCollatorForLanguageModeling`` excludes them with its special-tokens mask.
+A random replacement is drawn uniformly from the non-special ids; there lmlab departs from both
+peers on purpose: Google's ``create_pretraining_data.py`` draws from the whole vocabulary and HF's
+collator from ``randint(len(tokenizer))``, specials included, so a ``[SEP]`` or ``[CLS]`` can appear
+mid-sequence as a fake frame boundary (at 10% × 15% × the specials' share of the vocabulary: rare
+for BERT's 5 of 30,522, not for lmlab's 104 of a small vocabulary).  The ids come from the tokenizer
+(:func:`~lmlab.objectives.base.special_ids_of`): lmlab's ``<mask>`` (id 3), BERT's ``[MASK]`` (103);
+a tokenizer without one (GPT-2's, T5's) is refused unless ``mask_id=`` is given (T5 used a sentinel).
 Inputs keep their length, so ``raw_length`` is the identity and no EOS is appended.
+
+Rows from ``lmlab prepare`` with a BERT tokenizer are packed as ``run_mlm.py`` packs them
+(``group_texts``): each document is ``[CLS] … [SEP]``, documents are concatenated and rows cut
+wherever they fall, so a row may start mid-document and hold several frames; the framing tokens are
+specials, never masked, and are inputs like any other.
 
 Vectorisation: one uniform draw ``u`` per token decides everything: selected iff ``u < p``, masked
 iff ``u < p · mask_replace_prob``, random iff between that and ``p · (mask + random)``; only the
@@ -164,7 +175,10 @@ class _Masking(LengthPreserving):
         sets the split (the default: the class's own)."""
         ids = special_ids_of(tok)
         if ids.mask_id is None and "mask_id" not in kw:
-            raise LmlabError("the tokenizer has no <mask> token; pass mask_id= (T5 used a sentinel)")
+            raise LmlabError(
+                "the tokenizer has no mask token (<mask>, BERT's [MASK]), which masking needs; pass "
+                "mask_id= (T5 used a sentinel)"
+            )
         out = ids_kw(cls, ids)
         if preset is not None:
             if preset not in MLM_PRESETS:

@@ -263,6 +263,16 @@ class _NoiseLaw(ObjectiveBase):
         return iid_noise_mask(B, L, self.noise_density, **where)
 
 
+def _need_eos(ids: Any, kw: dict[str, Any], what: str) -> None:
+    """Refuse a tokenizer without an end-of-sequence token (BERT's, whose [SEP] is not one) unless
+    ``eos_id`` is given: T5's objectives end inputs and targets with it."""
+    if ids.eos_id is None and "eos_id" not in kw:
+        raise LmlabError(
+            f"the tokenizer has no end-of-sequence token (T5's </s>), which {what} ends inputs and "
+            "targets with; pass eos_id="
+        )
+
+
 @register_objective("iid-span", {"noise": "iid"})
 @register_objective("span")
 @dataclass(frozen=True)
@@ -299,9 +309,12 @@ class SpanCorruption(_NoiseLaw):
 
     @classmethod
     def from_tokenizer(cls, tok: Any, **kw: Any) -> SpanCorruption:
+        """Ids from ``tok``: its ``<extra_id_k>`` sentinels (T5's ``<extra_id_0>`` = 32099 …
+        ``<extra_id_99>`` = 32000, read, not assumed) and its ``</s>``; refused without them."""
         ids = special_ids_of(tok)
-        if ids.sentinel_id is None or ids.num_sentinels == 0:
+        if (ids.sentinel_id is None or ids.num_sentinels == 0) and "sentinel_id" not in kw:
             raise LmlabError("the tokenizer has no <extra_id_0> sentinel, which span corruption needs")
+        _need_eos(ids, kw, "span corruption")
         return cls(**{**ids_kw(cls, ids), **kw})
 
     def raw_length(self, inputs_length: int) -> int:
@@ -391,6 +404,12 @@ class DropTokens(_NoiseLaw, LengthPreserving):
     decoder_start_id: int | None = None
 
     architectures: ClassVar[tuple[str, ...]] = ("encoder-decoder",)
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, **kw: Any) -> DropTokens:
+        ids = special_ids_of(tok)
+        _need_eos(ids, kw, "dropping tokens")
+        return cls(**{**ids_kw(cls, ids), **kw})
 
     def transform(self, tokens: Tensor, lengths: Tensor | None, generator: Generator | None) -> Batch:
         L = tokens.shape[1]
