@@ -11,8 +11,8 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.quant import Linear4bit, Linear8bit, blockwise, dequantize_4bit, int8_matmul, ops, quantize_4bit
 from lmlab.quant.functional import decoded_absmax
-from lmlab.quant.int8 import int8_vectorwise, int_mm_reference
-from lmlab.quant.kernels import cpu
+from lmlab.quant.int8 import int8_linear_reference, int8_vectorwise, int_mm_reference
+from lmlab.quant.kernels import cpu, int8_cpu
 
 lmlab_ops = torch.ops.lmlab
 
@@ -203,3 +203,59 @@ def test_cuda_kernels_dispatch_and_equal_the_reference():
     assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
     with pytest.raises(LmlabError, match="no quantize_4bit kernel for cuda"):
         quantize_4bit(w.cuda(), impl="fast")
+
+
+def _int64_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.long()[:, None, :] * b.long()[None, :, :]).sum(-1).to(torch.int32)  # (M, N), exact
+
+
+def _int8_operands():
+    """(a, b) pairs: K under, at and over the float32 limit (1024), not multiples of it; random,
+    all +-127 (partial sums far past 2**24), and -128."""
+    g = torch.Generator().manual_seed(5)
+    for k in (1, 1000, 1025, 3001):
+        yield (
+            torch.randint(-128, 128, (3, k), generator=g, dtype=torch.int8),
+            torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8),
+        )
+        yield (
+            torch.randint(-30, 31, (2, k), generator=g, dtype=torch.int8),
+            torch.full((2, k), -128, dtype=torch.int8),
+        )  # small activations: one float32 GEMM even past K = 1024 (the L1 bound)
+    extreme = torch.full((2, 2049), 127, dtype=torch.int8)
+    extreme[1, ::2] = -127
+    yield extreme, torch.full((3, 2049), 127, dtype=torch.int8)  # 2049 * 127**2 > 2**24, odd
+
+
+@pytest.mark.parametrize("method", ["auto", "float32", "int_mm", "float64"])
+def test_every_cpu_int8_method_is_exact(method, monkeypatch):
+    monkeypatch.setattr(int8_cpu, "METHOD", method)
+    for a, b in _int8_operands():
+        want = _int64_product(a, b)
+        assert torch.equal(int8_cpu.int8_mm(a, b), want), (method, a.shape)
+        assert torch.equal(lmlab_ops.int8_mm(a, b), want)
+        got = int8_cpu.exact_product_float32(a.float(), b)  # what int8_linear uses: want.float()
+        assert torch.equal(bits(got), bits(want.float()))
+
+
+@pytest.mark.parametrize("method", ["float32", "int_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int8_linear_is_bit_identical_to_the_reference(method, dtype, monkeypatch):
+    monkeypatch.setattr(int8_cpu, "METHOD", method)
+    g = torch.Generator().manual_seed(6)
+    for k, threshold in ((40, 0.0), (40, 6.0), (1500, 6.0)):
+        w_q, w_scale = int8_vectorwise(torch.randn(24, k, generator=g))
+        x = torch.randn(2, 3, k, generator=g)
+        x[..., 3] *= 20  # an outlier column
+        x[0, 0] = 0.0  # an all-zero row
+        x = x.to(dtype)
+        got = int8_cpu.int8_linear(x, w_q, w_scale, threshold)
+        want = int8_linear_reference(x, w_q, w_scale, threshold)
+        assert got.dtype == dtype and got.shape == (2, 3, 24)
+        assert torch.equal(bits(got), bits(want)), (k, threshold)
+
+
+def test_cpu_int8_method_switch_is_checked(monkeypatch):
+    monkeypatch.setattr(int8_cpu, "METHOD", "float16")
+    with pytest.raises(ValueError, match="METHOD must be one of"):
+        int8_cpu.method()
