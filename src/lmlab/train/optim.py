@@ -7,6 +7,21 @@
 * Schedules: linear warmup, then cosine decay to ``min_lr_ratio · lr`` (Loshchilov & Hutter
   2017), T5's inverse square root ``lr · sqrt(W / max(step, W))`` (Raffel et al. 2020 §3.1.2,
   peak 0.01 for W = 10⁴ steps), or constant.
+
+Why lmlab keeps its own schedules rather than ``transformers.get_*_schedule_with_warmup``: those
+give the first update (step 0) a learning rate of 0 under warmup — a step spent on nothing but
+Adam's moments — where lmlab's first update runs at ``lr / W``.  The curves are otherwise the same,
+pinned by ``tests/train/test_optim.py``:
+
+* warmup (every schedule): lmlab's update ``s`` is HF's ``s + 1``, ``(s + 1) / W``;
+* cosine decay (``get_cosine_with_min_lr_schedule_with_warmup``, ``min_lr_rate=min_lr_ratio``)
+  and constant: lmlab's ``s`` is HF's ``s`` (lmlab holds the peak for updates ``W − 1`` and ``W``;
+  past ``total`` it stays at the floor where HF's cosine climbs back up);
+* inverse square root (``get_inverse_sqrt_schedule(W, timescale=W)``): lmlab's ``s`` is HF's
+  ``s + 1`` throughout.
+
+Switching would move every golden loss figure of the quickstart and the runs already resumed
+bit for bit from their checkpoints (the scheduler's state is only its step count).
 """
 
 from __future__ import annotations
