@@ -272,6 +272,18 @@ def load_pretrained(cls: type, model_dir: str | os.PathLike) -> nn.Module:
     corrupt, truncated or empty weights file, or a tensor of the wrong shape is a one-line
     :class:`LmlabError`. Tied weights that transformers re-ties are not missing.
     """
+    model, missing = _load_reporting_missing(cls, model_dir)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LmlabError(
+            f"{model_dir}: the weights file lacks {len(missing)} tensor(s) the model needs "
+            f"({', '.join(missing[:3])}{more}); refusing to fill them with random values"
+        )
+    return model
+
+
+def _load_reporting_missing(cls: type, model_dir: str | os.PathLike) -> tuple[nn.Module, list[str]]:
+    """``cls.from_pretrained(model_dir)`` and the sorted names of the tensors the file lacked."""
     from transformers.utils import logging as hf_logging
 
     d = Path(model_dir)
@@ -291,16 +303,44 @@ def load_pretrained(cls: type, model_dir: str | os.PathLike) -> nn.Module:
         raise LmlabError(f"{model_dir}: the model's weights {what} ({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise LmlabError(
-            f"{model_dir}: the weights file lacks {len(missing)} tensor(s) the model needs "
-            f"({', '.join(missing[:3])}{more}); refusing to fill them with random values"
-        )
     if info.get("mismatched_keys"):
         raise LmlabError(f"{model_dir}: tensors of the wrong shape ({sorted(info['mismatched_keys'])[:3]})")
-    return model
+    return model, sorted(info.get("missing_keys") or ())
+
+
+def load_model_with_head(model_dir: str | os.PathLike) -> tuple[nn.Module, list[str]]:
+    """:func:`load_model` for training (``--init``): ``(model, names of the tensors that start fresh)``.
+
+    A checkpoint of a family's bare body -- a ``BertModel`` such as all-MiniLM-L6-v2, which has no
+    MLM head -- loads into the family's head class (``BertForMaskedLM``): the body's weights from
+    the file, the head's own tensors (BERT's transform and bias) initialised by transformers, and its
+    output projection tied to the input embeddings, as ``BertForMaskedLM.from_pretrained`` of such a
+    checkpoint does (``run_mlm.py`` on a body-only checkpoint).  Every other model loads as
+    :func:`load_model` loads it (nothing fresh); a body tensor missing from the file is still refused.
+    """
+    import transformers
+
+    check_not_quantized(model_dir)
+    config = read_hf_config(model_dir)
+    family = family_of(config)
+    cls = model_class(config)
+    try:
+        body = transformers.AutoModel._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        body = None
+    if cls.__name__ in family.head_classes or cls is not body:
+        return load_model(model_dir), []
+    head = family.model_class(config)
+    model, missing = _load_reporting_missing(head, model_dir)
+    prefix = f"{head.base_model_prefix}."
+    lacking = [k for k in missing if k.startswith(prefix)]
+    if lacking:
+        raise LmlabError(
+            f"{model_dir}: the weights file lacks {len(lacking)} tensor(s) of the {cls.__name__} "
+            f"({', '.join(lacking[:3])}); refusing to fill them with random values"
+        )
+    check_trained_class(model)
+    return model, missing
 
 
 def load_model(model_dir: str | os.PathLike) -> nn.Module:

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from lmlab.data.shards import load_meta
+from lmlab.data.tokenizer import set_padding_side
 from lmlab.errors import LmlabError
 from lmlab.eval.loss import LossHead
-from lmlab.models import DECODER, build_model, get_preset, load_model, max_positions
+from lmlab.models import DECODER, build_model, get_preset, max_positions
 from lmlab.models.families import family_of
+from lmlab.models.presets import check_not_quantized, load_model_with_head
 from lmlab.objectives.registry import make_objective
 from lmlab.train import distributed as ddp
 from lmlab.train.config import PretrainConfig
@@ -86,8 +88,10 @@ def build(cfg: PretrainConfig, d: ddp.Dist, log: Callable[[str], None]) -> Setup
     s = Setup()
     meta = check_same_tokenizer(cfg.data)
     s.tokenizer = load_tokenizer(cfg.data[0])
-    model, default_len = _model(cfg, int(meta["vocab_size"]), meta.get("special_ids", {}))
+    model, default_len = _model(cfg, meta, s.tokenizer, log)
     s.family = family_of(model).kind
+    if s.family == DECODER:  # saved with final/: transformers' advice for batched generation
+        set_padding_side(s.tokenizer, "left")
     _lengths(s, cfg, model, default_len)
     s.start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
 
@@ -117,20 +121,71 @@ def build(cfg: PretrainConfig, d: ddp.Dist, log: Callable[[str], None]) -> Setup
     return s
 
 
-def _model(cfg: PretrainConfig, vocab: int, specials: dict[str, int]) -> tuple[torch.nn.Module, int]:
+def _model(
+    cfg: PretrainConfig, meta: dict[str, Any], tokenizer: Any, log: Callable[[str], None]
+) -> tuple[torch.nn.Module, int]:
     """The ``--init`` model or a fresh preset, and the input length it defaults to."""
+    vocab = int(meta["vocab_size"])
     if cfg.init:
-        model = load_model(cfg.init)
-        if model.config.vocab_size != vocab:
-            raise LmlabError(
-                f"--init {cfg.init} has a vocabulary of {model.config.vocab_size} ids but the data's "
-                f"tokenizer has {vocab}; continue pre-training on data prepared with the model's tokenizer"
+        check_not_quantized(cfg.init)
+        own = check_init_tokenizer(cfg.init, cfg.data[0], tokenizer)  # before the (slow) load
+        model, fresh = load_model_with_head(cfg.init)
+        if fresh:
+            was = (getattr(model.config, "architectures", None) or ["body"])[0]
+            log(
+                f"lmlab pretrain: note: --init {cfg.init} is a {was} without the {type(model).__name__} head; "
+                f"its {len(fresh)} head tensors start fresh (the output projection tied to the input "
+                "embeddings), as transformers does"
             )
+        check_init_embedding(cfg.init, model, vocab, own)
         # The length it was trained at, as its final/ records it (lmlab.train.state.model_settings).
         trained = model_settings(getattr(model, "name_or_path", None), model.config).get("seq_len")
         return model, trained or 512
     preset = get_preset(cfg.model)
+    specials = {k: v for k, v in (meta.get("special_ids") or {}).items() if v is not None}
     return build_model(preset, vocab, specials, seed=cfg.seed), preset.seq_len
+
+
+def _advice(init: str) -> str:
+    return f"prepare the data with the model's tokenizer (lmlab prepare --tokenizer {init})"
+
+
+def check_init_tokenizer(init: str, data: str, tokenizer: Any) -> bool:
+    """Refuse ``--init`` of a model directory whose own tokenizer (a run's ``final/``, a Hugging Face
+    checkpoint) is not the one ``data`` was prepared with (:func:`lmlab.data.tokenizer.vocab_sha256`:
+    the same ids for the same tokens, whatever the files); whether it has a tokenizer at all."""
+    from lmlab.data.tokenizer import load_tokenizer, vocab_sha256
+
+    try:
+        own = load_tokenizer(init)
+    except LmlabError as e:
+        if not str(e).startswith("no tokenizer at"):
+            raise
+        return False
+    if vocab_sha256(own) != vocab_sha256(tokenizer):
+        raise LmlabError(
+            f"--init {init} has its own tokenizer and {data} was prepared with another; {_advice(init)}"
+        )
+    return True
+
+
+def check_init_embedding(init: str, model: torch.nn.Module, vocab: int, has_tokenizer: bool) -> None:
+    """Refuse ``--init`` of a model that cannot read the data's ``vocab`` ids, in one line.
+
+    With its own (matching) tokenizer the input embedding needs a row for each id; more rows are
+    fine (T5's 32,128 for its tokenizer's 32,100).  Without one, only the sizes can be compared,
+    and they must be equal.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if not has_tokenizer and model.config.vocab_size != vocab:
+        raise LmlabError(
+            f"--init {init} has a vocabulary of {model.config.vocab_size} ids but the data's "
+            f"tokenizer has {vocab}; {_advice(init)}"
+        )
+    if rows < vocab:
+        raise LmlabError(
+            f"--init {init}: its input embedding has {rows} rows, fewer than the {vocab} ids of its tokenizer"
+        )
 
 
 def _lengths(s: Setup, cfg: PretrainConfig, model: torch.nn.Module, default_len: int) -> None:
