@@ -2,7 +2,7 @@
 
     from lmlab.quant import NF4Config
     from lmlab.quant.streaming import quantize_pretrained, load_quantized_streaming
-    model, report = quantize_pretrained("llama-7b/", NF4Config())   # peak RSS ~ NF4 size + one shard
+    model, report = quantize_pretrained("llama-7b/", NF4Config())   # peak RSS ~ the NF4 model's size
     model = load_quantized_streaming("llama-7b-nf4/")                # no float model built first
 
 ``cls.from_pretrained(dir)`` then :func:`lmlab.quant.quantize_` holds the whole float model (28 GB
@@ -11,11 +11,14 @@ model's skeleton with its parameters on the ``meta`` device (accelerate's
 ``init_empty_weights(include_buffers=False)``: buffers such as RoPE's ``inv_freq`` are computed as
 the model's ``__init__`` computes them), asks :func:`quantize_` which layers it would quantize (its
 own selection rules, through its ``filter_fn`` hook, quantizing nothing), then reads the
-checkpoint (``model.safetensors`` or the shards of ``model.safetensors.index.json``, memory-mapped
-through ``safetensors.safe_open``) one tensor at a time: a quantized layer's weight is quantized as
-soon as it arrives and its float copy dropped; every other tensor is copied into place, cast as
-``from_pretrained`` casts it. Resident memory peaks near the quantized model plus one shard's
-touched pages (the shard's mapping is released when the next shard opens). The result is
+checkpoint (``model.safetensors`` or the shards of ``model.safetensors.index.json``, through
+``safetensors.safe_open``) one tensor at a time: a quantized layer's weight is quantized as soon as
+it arrives and its float copy dropped; every other tensor is put in place, cast as
+``from_pretrained`` casts it. Each tensor is read with ``pread`` into memory of its own
+(safetensors' ``backend="pread"``) rather than viewed in a memory map: a mapped shard's touched
+pages count as resident until the shard is closed, which made the peak the quantized model plus a
+whole shard (plus the embedding twice, view and copy); read this way it is the quantized model plus
+the tensor in hand (bench/quant_memory.py measures it). The result is
 bit-identical to ``quantize_(cls.from_pretrained(dir), config)``: state dict, tied weights,
 non-persistent buffers, forward (tests/quant/test_streaming.py).
 
@@ -27,7 +30,7 @@ non-persistent buffers, forward (tests/quant/test_streaming.py).
 The dtype rule is ``from_pretrained``'s default (transformers 5: ``dtype="auto"``, the config's
 ``dtype``, else the first floating tensor's; transformers 4: the torch default), so a float16
 checkpoint is quantized from float16 as ``lmlab quantize`` does today. Checkpoints in pickle
-(``pytorch_model.bin``) cannot be memory-mapped safely and are refused in one line.
+(``pytorch_model.bin``) cannot be read a tensor at a time (nor safely) and are refused in one line.
 """
 
 from __future__ import annotations
@@ -83,12 +86,23 @@ def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _open_shard(path: Path) -> Iterator[object]:
+def _open_shard(path: Path) -> Iterator[tuple[object, bool]]:
+    """``(safe_open(path), whether its tensors own their memory)``.
+
+    safetensors >= 0.6 can read each tensor with ``pread`` into memory of its own
+    (``backend="pread"``): the shard is then never mapped into this process, its pages stay in the
+    page cache (not resident memory), and a tensor's memory goes with the tensor. Older versions
+    memory-map the file and hand out views of it; the shard's touched pages then count until it
+    closes, and a tensor the model keeps must be copied out."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            yield f
+        try:
+            handle, owned = safe_open(str(path), framework="pt", device="cpu", backend="pread"), True
+        except TypeError:  # no backend= before safetensors 0.6
+            handle, owned = safe_open(str(path), framework="pt", device="cpu"), False
+        with handle as f:
+            yield f, owned
     except SafetensorError as e:
         raise LmlabError(f"{path}: damaged or not a safetensors file ({e})") from None
 
@@ -96,7 +110,7 @@ def _open_shard(path: Path) -> Iterator[object]:
 def _first_float_dtype(files: list[Path]) -> torch.dtype | None:
     """transformers' ``get_state_dict_dtype`` on the first file: its first floating tensor's dtype."""
     names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    with _open_shard(files[0]) as f:
+    with _open_shard(files[0]) as (f, _):
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             dtype = names.get(f.get_slice(key).get_dtype())
             if dtype is not None:
@@ -234,7 +248,9 @@ def _dtype_plan(model: nn.Module, dtype: torch.dtype):
 
 
 def _check_finite(model_dir: Path, name: str, t: torch.Tensor, kind: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    from lmlab.quant.kernels.cpu import all_finite  # float32: one pass, no (n,) bool temporary
+
+    if t.is_floating_point() and not all_finite(t.reshape(-1) if t.is_contiguous() else t):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise LmlabError(f"{model_dir}: {kind} {name} contains {bad}; refusing to quantize a damaged model")
 
@@ -321,7 +337,7 @@ def quantize_pretrained(
         return new.quantized_nbytes
 
     for path in files:
-        with _open_shard(path) as f:
+        with _open_shard(path) as (f, owned):
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 name = targets.resolve(key)
                 if name is None or name in targets.filled:
@@ -334,22 +350,25 @@ def quantize_pretrained(
                     )
                 if check_finite:
                     _check_finite(model_dir, name, raw, "weight" if name in param_names else "buffer")
-                t = targets.cast(name, raw)
+                dtype = targets.dtype_of(name, ref.dtype) if ref.is_floating_point() else ref.dtype
                 float_names = []
                 for alias in targets.aliases[name]:
                     module_name, attr = _split(alias)
                     if module_name in layers and attr in ("weight", "bias"):
                         got = pending.setdefault(module_name, {})
-                        got[attr] = t
+                        got[attr] = raw.to(dtype)
                         targets.filled.add(alias)
                         if needs[module_name] <= got.keys():
                             bytes_after += quantize_layer(module_name)
                     else:
                         float_names.append(alias)
                 if float_names:
-                    # a copy, so that the model does not keep the shard's mapping alive
-                    targets.put(float_names, t.clone() if t.data_ptr() == raw.data_ptr() else t)
-                del raw, t
+                    kept = raw.to(dtype)
+                    # a view of a mapped file is copied: the model must not keep the shard mapped
+                    targets.put(
+                        float_names, kept if owned or kept.data_ptr() != raw.data_ptr() else kept.clone()
+                    )
+                del raw
     missing = targets.missing()
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -413,8 +432,8 @@ def load_quantized_model(
     The skeleton is built on the meta device (:func:`empty_model`, floats in torch's default dtype,
     as ``load_quantized`` builds the model); each quantized layer is built just before its tensors
     are read, checked as ``load_quantized`` checks them, and given them by assignment; every other
-    tensor is put in place (tied weights re-tied). Tensors keep their memory-mapped storage, as
-    ``from_pretrained`` leaves them. A missing, unexpected, mistyped or mis-shaped tensor is a
+    tensor is put in place (tied weights re-tied), each read into memory of its own
+    (:func:`_open_shard`). A missing, unexpected, mistyped or mis-shaped tensor is a
     one-line :class:`LmlabError`. Returns the model in eval mode on ``device``.
     """
     from lmlab.quant.serialization import _check_float_tensors, _check_layer_tensors, _check_scales, _shell
@@ -483,7 +502,7 @@ def _open_all(stack: contextlib.ExitStack, files: list[Path]) -> tuple[dict, dic
     header: dict[str, tuple[str, list[int]]] = {}
     handles: dict[str, tuple[Path, object]] = {}
     for path in files:
-        f = stack.enter_context(_open_shard(path))
+        f, _ = stack.enter_context(_open_shard(path))
         for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             if k in handles:
                 raise LmlabError(f"{path}: tensor {k} is stored twice (also in {handles[k][0]})")
