@@ -8,7 +8,18 @@ decoder's the target tokens, except cross-attention's key and value projections,
 encoder output.  Embedding look-ups, norms and biases are left out; the output projection is in.
 Each family counts its own (:meth:`lmlab.models.families.base.Family.flops_per_step`); this module
 holds the shared parts and the device peaks.
+
+What this counts is every matrix product of one forward and backward pass and nothing else, which
+``tests/models/test_flops.py`` checks against ``torch.utils.flop_counter.FlopCounterMode`` on each
+family's tiny model: with the CPU attention kernel counted by torch's own SDPA formulas, the two
+differ by exactly the QKᵀ that SDPA's backward recomputes (half its forward count; hardware
+FLOPs that MFU leaves out, Chowdhery et al. 2022 App. B).  ``FlopCounterMode`` as it comes has
+no formula for the CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) and misses those
+layers' attention altogether, hence lmlab's 2–7 % above it there.  Attention is counted over the
+full key length even where it is causal (as PaLM, nanoGPT and ``FlopCounterMode`` do); softmax,
+norms, biases, the embedding gathers and the loss are not products and are not counted.
 """
+
 
 from __future__ import annotations
 
