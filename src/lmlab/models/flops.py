@@ -20,7 +20,6 @@ full key length even where it is causal (as PaLM, nanoGPT and ``FlopCounterMode`
 norms, biases, the embedding gathers and the loss are not products and are not counted.
 """
 
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
