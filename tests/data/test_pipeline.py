@@ -277,3 +277,83 @@ def test_the_cache_is_an_argument_and_the_cli_reads_the_environment(tmp_path, mo
     assert env_cache_dir() == tmp_path / "xdg" / "lmlab"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert env_cache_dir() is None
+
+
+# -- any Hugging Face tokenizer (issue 14) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_older_lmlab_tokenizer_without_the_eos_template_gives_the_same_shards(
+    prepared, small_corpus, tmp_path
+):
+    """lmlab's tokenizers now append </s> themselves (like T5's); prepare must not double it, and one
+    saved before (no post-processor) must still give byte-identical shards."""
+    spec = json.loads((prepared.out_dir / "tokenizer.json").read_text())
+    assert spec["post_processor"]["type"] == "TemplateProcessing"
+    spec["post_processor"] = None
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.json").write_text(json.dumps(spec))
+    res = prepare([small_corpus], tmp_path / "out", tokenizer=old, val_fraction=0.1, progress=False)
+    for split in ("train", "val"):
+        assert res.meta[split]["sha256"] == prepared.meta[split]["sha256"]
+    assert res.meta["tokenizer"]["vocab_sha256"] == prepared.meta["tokenizer"]["vocab_sha256"]
+    assert res.meta["tokenizer"]["document_end"] == "eos appended"
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    from hf_tokenizer_helpers import gpt2_like, t5_like
+
+    root = tmp_path_factory.mktemp("hf")
+    return {"t5": t5_like(root / "t5"), "gpt2": gpt2_like(root / "gpt2")}
+
+
+def _docs(ids: np.ndarray, end: int) -> list[list[int]]:
+    return [d.tolist() for d in split_docs(ids, end)]
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2"])
+def test_prepare_frames_documents_with_the_tokenizers_own_specials(hf_dirs, tmp_path, kind):
+    from tokenizers import Tokenizer
+
+    corpus = write_corpus(tmp_path / "c.txt", 60, seed=1)
+    d = hf_dirs[kind]
+    res = prepare([corpus], tmp_path / "out", tokenizer=d, val_fraction=0.0, progress=False)
+    meta = res.meta
+    out = tmp_path / "out"
+    assert meta["tokenizer"]["layout"] == "huggingface" and meta["tokenizer"]["trained"] is False
+    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin",
+                                               "meta.json"}  # fmt: skip
+    raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+    ids = np.asarray(load_tokens(out))
+    docs = list(iter_documents(corpus))
+    eos = meta["special_ids"]["eos"]
+    if kind == "t5":  # its post-processor ends each document with </s>: nothing appended
+        assert meta["tokenizer"]["document_end"] == "the tokenizer's own special tokens" and eos == 1
+        want = [raw.encode(t).ids for t in docs]
+    else:  # GPT-2's adds nothing: <|endoftext|> is appended, and there is no pad
+        assert meta["tokenizer"]["document_end"] == "eos appended" and meta["special_ids"]["pad"] is None
+        want = [raw.encode(t).ids + [eos] for t in docs]
+    assert _docs(ids, eos) == want
+    # The saved files load back as the same tokenizer, which the objectives read.
+    back = load_tokenizer(out)
+    from lmlab.data.tokenizer import vocab_sha256
+
+    assert vocab_sha256(back) == vocab_sha256(load_tokenizer(d)) == meta["tokenizer"]["vocab_sha256"]
+
+
+def test_a_tokenizer_without_eos_or_framing_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    corpus = write_corpus(tmp_path / "c.txt", 20, seed=2)
+    words = sorted({w for t in iter_documents(corpus) for w in t.split()})
+    t = Tokenizer(
+        models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]")
+    )
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "tok").mkdir()
+    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    with pytest.raises(LmlabError, match="no end-of-sequence token and adds no special tokens") as e:
+        prepare([corpus], tmp_path / "out", tokenizer=tmp_path / "tok", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -130,8 +130,10 @@ def test_saved_tokenizer_config_loads_under_transformers_4_and_5(texts, tmp_path
     assert cfg["tokenizer_class"] in TRANSFORMERS_4_CLASSES and cfg["padding_side"] == "left"
     # 4.x reads extra_special_tokens as a dict of named tokens: the sentinels go in the list both read.
     assert "extra_special_tokens" not in cfg and cfg["additional_special_tokens"] == list(SENTINELS)
+    assert cfg["model_input_names"] == ["input_ids", "attention_mask"]  # 4.x adds token_type_ids otherwise
     back = AutoTokenizer.from_pretrained(out)
     assert back.padding_side == "left" and back("a b").input_ids == tok("a b").input_ids
+    assert set(back("a b")) == {"input_ids", "attention_mask"}
     assert (back.pad_token_id, back.eos_token_id, back.mask_token_id) == (0, 1, 3)
     assert back.convert_tokens_to_ids("<extra_id_0>") == len(tok) - 1
 

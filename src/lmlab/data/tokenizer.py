@@ -315,6 +315,8 @@ def load_tokenizer(path: str | os.PathLike, padding_side: str | None = None) -> 
             mask_token=MASK,
             additional_special_tokens=list(SENTINELS),
             model_max_length=1 << 30,
+            # No token_type_ids (transformers 4.x's default adds them, and GPT-2's generate() refuses them).
+            model_input_names=["input_ids", "attention_mask"],
             **({"padding_side": padding_side} if padding_side else {}),
         )
     if p.is_dir() and any((p / n).is_file() for n in HF_TOKENIZER_FILES):
