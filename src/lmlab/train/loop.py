@@ -375,9 +375,12 @@ class _Run:
     def _progress_bar(self, start: int):
         if not (self.d.is_main and self.cfg.progress):
             return None
-        from tqdm.auto import tqdm
+        from lmlab.progress import progress_bar
 
-        bar = tqdm(total=self.s.total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+        # tqdm's bar on a terminal; a plain line every 30 s in a log file, CI or under nohup.
+        bar = progress_bar(
+            total=self.s.total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True
+        )
         self.log = lambda msg: bar.write(msg, file=sys.stderr)  # lines above the bar, not through it
         return bar
 
