@@ -8,6 +8,11 @@ Scale" (§3, vector-wise quantization and mixed-precision decomposition); Dettme
     report = quantize_(model, NF4Config(double_quant=True))   # in place, returns a memory report
     save_quantized(model, "out/")                              # safetensors, bitsandbytes' keys
     model = load_quantized("out/")                              # no re-quantization
+    model = load_quantized("bnb_dir/")   # also what transformers + bitsandbytes save_pretrained wrote
+    dequantize_(model)                   # back to float layers (transformers' model.dequantize())
+
+``save_quantized`` writes transformers' ``quantization_config`` into ``config.json``, so
+``AutoModelForCausalLM.from_pretrained("out/")`` loads NF4 / FP4 / int8 outputs with bitsandbytes.
 
 Layout: ``formats`` (the registry of 4-bit formats and block sizes, read by everything below),
 ``codebooks`` (NF4 / FP4 / int4 tables, quantile and dynamic maps, the kernels' lookup tables),
@@ -17,7 +22,7 @@ reference), ``ops`` (the ``torch.library`` op contract: ``lmlab::quantize_4bit``
 kernels registered under the ops: ``cpu``, ``native`` (compiled C), ``cuda``), ``functional``
 (the public verbs, ``impl="auto"|"reference"|"fast"``), ``state`` (``Quantized4bit`` and its
 state dict), ``modules`` (``Linear4bit``, ``Linear8bit``), ``api`` (configs, ``quantize_``),
-``serialization``, ``cli``.
+``serialization``, ``hf`` (``quantization_config`` <-> lmlab configs), ``cli``.
 The names below are imported on first use, so that ``lmlab --help`` and ``lmlab.quant.cli`` do
 not pay for importing torch.
 """
@@ -36,6 +41,8 @@ _EXPORTS = {
     "NF4Config": "lmlab.quant.api",
     "QuantReport": "lmlab.quant.api",
     "quantize_": "lmlab.quant.api",
+    "dequantize_": "lmlab.quant.api",
+    "bnb_kwargs": "lmlab.quant.hf",
     "Quantized4bit": "lmlab.quant.state",
     "dequantize_4bit": "lmlab.quant.functional",
     "quantize_4bit": "lmlab.quant.functional",
@@ -60,7 +67,9 @@ __all__ = [
     "NF4Config",
     "QuantReport",
     "Quantized4bit",
+    "bnb_kwargs",
     "codebook",
+    "dequantize_",
     "dequantize_4bit",
     "dynamic_map",
     "int8_matmul",
@@ -80,10 +89,12 @@ if TYPE_CHECKING:
         Int8Config,
         NF4Config,
         QuantReport,
+        dequantize_,
         quantize_,
     )
     from lmlab.quant.codebooks import codebook, dynamic_map, quantile_codebook
     from lmlab.quant.functional import dequantize_4bit, int8_matmul, quantize_4bit
+    from lmlab.quant.hf import bnb_kwargs
     from lmlab.quant.int8 import int8_vectorwise
     from lmlab.quant.modules import Linear4bit, Linear8bit
     from lmlab.quant.serialization import load_quantized, save_quantized

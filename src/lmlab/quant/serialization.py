@@ -99,7 +99,8 @@ def save_quantized(
 
     ``directory`` must be new or empty, or (with ``overwrite=True``) an earlier quantized model;
     anything else is refused, never replaced. ``extra_files`` (e.g. tokenizer files) are copied in
-    as they are. A ``manifest.json`` with the SHA-256 and size of every file is written last and
+    as they are; a directory among them (a sentence-transformers model's ``1_Pooling/``) is copied
+    whole, following symbolic links, and a link loop or a broken link in it is refused in one line. A ``manifest.json`` with the SHA-256 and size of every file is written last and
     checked by :func:`load_quantized`.
     """
     layers = quantized_layers(model)
@@ -116,16 +117,38 @@ def save_quantized(
         "model_class": type(model).__name__,
         "layers": {name: _layer_meta(m) for name, m in layers.items()},
     }
-    extra = [Path(f) for f in extra_files]
-    expected = _state_nbytes(model) + sum(f.stat().st_size for f in extra if f.is_file())
+    extra = [Path(f) for f in extra_files if Path(f).name not in (META_NAME, MANIFEST_NAME)]
+    plan = [item for f in extra for item in _copy_plan(f, Path(f.name))]
+    expected = _state_nbytes(model) + sum(src.stat().st_size for src, _ in plan)
     try:
-        _write(model, directory, meta, extra, expected)
+        _write(model, directory, meta, plan, expected)
     except OSError as e:  # a full disk is already an LmlabError (atomic_dir); this is the rest
         raise LmlabError(f"cannot write {directory}: {e.strerror or e} ({e.filename or directory})") from None
     return directory
 
 
-def _write(model: nn.Module, directory: Path, meta: dict, extra: list[Path], expected: int) -> None:
+def _copy_plan(src: Path, rel: Path, seen: frozenset[Path] = frozenset()) -> list[tuple[Path, Path]]:
+    """(file, its path relative to the output) for ``src`` and, if it is a directory, everything in
+    it; symbolic links are followed (a Hugging Face cache snapshot is made of them), a loop or a
+    dangling link is a one-line :class:`LmlabError`."""
+    if src.is_file():
+        return [(src, rel)]
+    if not src.is_dir():
+        raise LmlabError(
+            f"{src}: a broken symbolic link, a link loop or not a regular file; refusing to copy it"
+        )
+    real = src.resolve()
+    if real in seen:
+        raise LmlabError(f"{src}: a symbolic link loop (it leads back to {real}); refusing to copy it")
+    out: list[tuple[Path, Path]] = []
+    for entry in sorted(src.iterdir()):
+        out += _copy_plan(entry, rel / entry.name, seen | {real})
+    return out
+
+
+def _write(
+    model: nn.Module, directory: Path, meta: dict, plan: list[tuple[Path, Path]], expected: int
+) -> None:
     from safetensors.torch import _remove_duplicate_names, save_file
 
     state = model.state_dict()
@@ -138,21 +161,37 @@ def _write(model: nn.Module, directory: Path, meta: dict, extra: list[Path], exp
     state = {k: v.contiguous() for k, v in state.items()}
     with atomic_dir(directory, expected_bytes=expected) as tmp:
         hf_config = getattr(model, "config", None)
+        config_bytes = None
         if hf_config is not None and hasattr(hf_config, "save_pretrained"):
-            hf_config.save_pretrained(tmp)
-            _write_quantization_config(tmp / "config.json", model)
+            scratch = tmp / ".config"
+            hf_config.save_pretrained(scratch)
+            config_bytes = _with_quantization_config((scratch / "config.json").read_bytes(), model)
+            shutil.rmtree(scratch)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        for f in extra:
-            if f.is_file() and f.name not in (META_NAME, MANIFEST_NAME) and not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
+        for src, rel in plan:
+            if not (tmp / rel).exists() and not (config_bytes is not None and str(rel) == "config.json"):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)  # what lmlab writes itself wins
+                shutil.copy2(src, tmp / rel)
         meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
         files = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
-        files[META_NAME] = {"sha256": hashlib.sha256(meta_bytes).hexdigest(), "bytes": len(meta_bytes)}
+        written = (
+            {META_NAME: meta_bytes}
+            if config_bytes is None
+            else {"config.json": config_bytes, META_NAME: meta_bytes}
+        )
+        for name, data in written.items():
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        files = dict(sorted(files.items()))
+        # The manifest before config.json: config.json's quantization_config would make a directory
+        # killed here look like transformers' own; with the manifest already there it reads as an
+        # incomplete lmlab output (load_quantized refuses it).
         (tmp / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
+        if config_bytes is not None:
+            (tmp / "config.json").write_bytes(config_bytes)
         # lmlab_quant.json last: it marks a quantized directory, so a directory that has it is complete
         # (whatever kills the writer, the temporary directory lacks it until everything else is there).
         (tmp / META_NAME).write_bytes(meta_bytes)
@@ -181,17 +220,17 @@ def _layers_config(model: nn.Module) -> Config | None:
     )
 
 
-def _write_quantization_config(path: Path, model: nn.Module) -> None:
-    """Add transformers' ``quantization_config`` to the ``config.json`` at ``path`` (written by
-    ``save_pretrained``, whose layout -- sorted keys, indent 2 -- is kept)."""
+def _with_quantization_config(config_json: bytes, model: nn.Module) -> bytes:
+    """``config.json`` (as ``save_pretrained`` wrote it) with transformers' ``quantization_config``
+    added, in transformers' layout (sorted keys, indent 2)."""
     config = _layers_config(model)
     if config is None:  # layers of several settings: nothing transformers could rebuild
         qc = {"quant_method": LMLAB_METHOD, "method": "mixed", "load_with": "lmlab.quant.load_quantized"}
     else:
         qc = quantization_config_for(config, float_linear_names(model))
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(config_json.decode("utf-8"))
     data["quantization_config"] = qc
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _shell(meta: dict) -> nn.Module:
@@ -508,7 +547,7 @@ def _read_quantization_config(directory: Path) -> dict | None:
         return None
     if not isinstance(qc, dict):
         raise LmlabError(f"{path}: quantization_config must be a JSON object, got {type(qc).__name__}")
-    if qc.get("quant_method") == LMLAB_METHOD:
+    if qc.get("quant_method") == LMLAB_METHOD or (directory / MANIFEST_NAME).is_file():
         raise LmlabError(
             f"{directory}: written by lmlab quantize but {META_NAME} is missing; the directory is incomplete"
         )
@@ -652,12 +691,6 @@ def _load_transformers_dir(directory: Path, qc: dict, model: nn.Module | None, d
     except SafetensorError as e:
         raise LmlabError(f"{directory}: damaged or not a safetensors file ({e})") from None
     expected = model.state_dict()
-    for key in [k for k in state if k.endswith(".weight_format")]:
-        # bitsandbytes' Linear8bitLt layout tag: 0 is "row", the only one it writes for inference
-        if key not in expected:
-            if state[key].numel() != 1 or int(state[key].reshape(-1)[0]) != 0:
-                raise LmlabError(f"{directory}: tensor {key} is not bitsandbytes' row format (0)")
-            del state[key]
     aliases = {
         a for group in _remove_duplicate_names(expected, preferred_names=list(state)).values() for a in group
     }
