@@ -235,3 +235,37 @@ def test_load_quantized_model_refuses_a_stray_tensor(checkpoints, tmp_path):
     layers = _read_meta(tmp_path / "q")["layers"]
     with pytest.raises(LmlabError, match="unexpected tensor transformer.extra"):
         load_quantized_model(read_hf_config(tmp_path / "q"), [tmp_path / "w.safetensors"], layers)
+
+
+@pytest.mark.slow
+@pytest.mark.peer
+def test_load_quantized_model_reads_a_transformers_bitsandbytes_dir_as_load_quantized(checkpoints, tmp_path):
+    # int8: its weight_format tags are the one difference to lmlab's own layout (4-bit is the same)
+    import contextlib
+    import logging
+
+    pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from lmlab.models.presets import read_hf_config
+    from lmlab.quant.hf import read_bnb_config
+    from lmlab.quant.serialization import (
+        _bnb_layers,
+        _open_headers,
+        _read_quantization_config,
+        _weight_files,
+    )
+
+    q = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    peer = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoints["llama"], quantization_config=q, device_map="cpu"
+    )
+    peer.save_pretrained(tmp_path / "bnb")
+    settings = read_bnb_config(_read_quantization_config(tmp_path / "bnb"), "config.json")
+    files = _weight_files(tmp_path / "bnb")
+    with contextlib.ExitStack() as stack:
+        header, handles = _open_headers(stack, files)
+        layers = _bnb_layers(tmp_path / "bnb", settings, header, lambda k: handles[k][1].get_tensor(k))
+    streamed = load_quantized_model(
+        read_hf_config(tmp_path / "bnb"), files, layers, described_by="its quant state"
+    )
+    _assert_same_model(load_quantized(tmp_path / "bnb"), streamed)
