@@ -181,7 +181,8 @@ class _LoraQuantLinear(nn.Module, LoraLayer):
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
         self.merged_adapters.clear()
-        self.base_layer = self.__dict__.pop("_quantized_base")
+        device = self.base_layer.weight.device  # the model may have moved since the merge
+        self.base_layer = self.__dict__.pop("_quantized_base").to(device)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
