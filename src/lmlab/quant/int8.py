@@ -71,15 +71,18 @@ def row_absmax(x2d: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x2d.amax(dim=-1), x2d.amin(dim=-1).neg()).abs_()
 
 
-def row_codes(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_codes(xf: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 codes of :func:`int8_vectorwise` as integer-valued float32, and the row scales.
 
-    ``xf``: ``(..., K)`` float32 (not modified). The codes are exact integers in [-127, 127]: a
-    float32 GEMM can take them without a conversion (:mod:`lmlab.quant.kernels.int8_cpu`).
+    ``xf``: ``(..., K)`` float32 (not modified); ``scale``: its :func:`row_absmax` if the caller has
+    it. The codes are exact integers in [-127, 127]: a float32 GEMM can take them without a
+    conversion (:mod:`lmlab.quant.kernels.int8_cpu`). No clamp is needed: ``|x| <= scale`` and
+    ``127 / scale`` rounded up by at most 2**-24 keep ``|x * (127 / scale)|`` below 127.5.
     """
-    scale = row_absmax(xf)
+    if scale is None:
+        scale = row_absmax(xf)
     factor = torch.where(scale == 0, torch.zeros_like(scale), INT8_SCALE / scale)
-    codes = torch.mul(xf, factor.unsqueeze(-1)).round_().clamp_(-127, 127)
+    codes = torch.mul(xf, factor.unsqueeze(-1)).round_()
     tiny = torch.isinf(factor)  # 0 < scale < 127 / FLT_MAX: 127 / scale overflows float32
     if bool(tiny.any()):
         rows = xf[tiny]
@@ -130,11 +133,18 @@ def int_mm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).to(torch.int32)
 
 
-def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices ``(C,) int64`` of the columns of ``x2d (M, K)`` holding any ``|x| >= threshold``."""
+def outlier_columns(x2d: torch.Tensor, threshold: float, row_max: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``(C,) int64`` of the columns of ``x2d (M, K)`` holding any ``|x| >= threshold``.
+
+    ``row_max``: :func:`row_absmax` of ``x2d`` if the caller has it (below the threshold everywhere:
+    no column to look for). A NaN makes no column an outlier (it poisons its row's output anyway).
+    """
     if threshold <= 0:
         return torch.empty(0, dtype=torch.long, device=x2d.device)
-    return (x2d.abs() >= threshold).any(dim=0).nonzero().view(-1)
+    if row_max is not None and bool((row_max < threshold).all()):
+        return torch.empty(0, dtype=torch.long, device=x2d.device)
+    # max |x| >= t  <=>  max x >= t or min x <= -t: two column reductions, no |x| materialised
+    return ((x2d.amax(dim=0) >= threshold) | (x2d.amin(dim=0) <= -threshold)).nonzero().view(-1)
 
 
 def check_int8_matmul_args(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:

@@ -46,6 +46,7 @@ from lmlab.quant.int8 import (
     dequantize_product_,
     int_mm_reference,
     outlier_columns,
+    row_absmax,
     row_codes,
 )
 
@@ -69,10 +70,16 @@ def method() -> str:
     return _auto_method() if METHOD == "auto" else METHOD
 
 
-def _fits_float32(a: torch.Tensor) -> bool:
-    """Whether one float32 GEMM of ``a (M, K)`` (integer-valued) with int8 rows is exact."""
-    if a.shape[1] <= EXACT_K or a.shape[0] == 0:
+def _fits_float32(a: torch.Tensor, n: int) -> bool:
+    """Whether one float32 GEMM of ``a (M, K)`` (integer-valued) with ``n`` int8 rows is exact.
+
+    Past ``K = 1024`` the L1 bound costs a pass over ``a``; it is only asked where that pass is
+    cheaper than the blocked route's int32 epilogues (two passes over ``(M, n)`` per block)."""
+    k = a.shape[1]
+    if k <= EXACT_K or a.shape[0] == 0:
         return True
+    if k >= 2 * n * -(-k // EXACT_K):
+        return False
     return bool(a.abs().sum(dim=1).max() * 128.0 <= EXACT_SUM)
 
 
@@ -88,7 +95,7 @@ def _blocked_int32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def exact_product_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a (M, K) @ b (N, K).T`` for integer-valued float32 ``a`` (|a| <= 128) and int8 ``b``, as
     float32 equal to ``int32_product.float()`` (exact below 2**24, rounded to nearest above)."""
-    if _fits_float32(a):
+    if _fits_float32(a, b.shape[0]):
         return a @ b.float().t()  # (M, N)
     return _blocked_int32(a, b).float()
 
@@ -101,16 +108,19 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if how == "float64":
         return int_mm_reference(a, b)
     af = a.float()
-    return (af @ b.float().t()).to(torch.int32) if _fits_float32(af) else _blocked_int32(af, b)
+    return (af @ b.float().t()).to(torch.int32) if _fits_float32(af, b.shape[0]) else _blocked_int32(af, b)
 
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float) -> torch.Tensor:
     """CPU kernel of ``lmlab::int8_linear``: ``x (..., K) -> (..., N)`` in ``x.dtype``."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K); not modified below
-    cols = outlier_columns(x2d, threshold)
-    regular = x2d.index_fill(1, cols, 0.0) if cols.numel() else x2d
-    codes, x_scale = row_codes(regular)  # (M, K) integer-valued float32, (M,)
+    scale = row_absmax(x2d)  # (M,): also tells that most inputs hold no outlier at all
+    cols = outlier_columns(x2d, threshold, row_max=scale)
+    if cols.numel():
+        codes, x_scale = row_codes(x2d.index_fill(1, cols, 0.0))
+    else:
+        codes, x_scale = row_codes(x2d, scale)  # (M, K) integer-valued float32, (M,)
     if method() == "float32":
         acc = exact_product_float32(codes, w_q)
     else:
