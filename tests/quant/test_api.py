@@ -173,3 +173,50 @@ def test_plain_module_save_and_load(tmp_path):
         load_quantized(tmp_path)
     with pytest.raises(LmlabError, match="no quantized layers"):
         save_quantized(nn.Linear(2, 2), tmp_path / "x")
+
+
+# -- dequantize_ and skip-module matching (issue 14) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,pattern,hit",
+    [
+        ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_attn", True),  # full name
+        ("transformer.h.0.attn.c_attn", "transformer.h.0", True),  # sub-tree prefix
+        ("transformer.h.0.attn.c_attn", "attn.c_attn", True),  # dotted suffix
+        ("transformer.h.0.attn.c_attn", "c_attn", True),
+        ("transformer.h.10.attn.c_attn", "transformer.h.1", False),  # module boundaries only
+        ("transformer.h.0.attn.xc_attn", "c_attn", False),
+        ("transformer.h.0.attn.c_attn", "h.0", False),  # a prefix starts at the root, as in transformers
+    ],
+)
+def test_matches_module(name, pattern, hit):
+    from lmlab.quant.api import matches_module
+
+    assert matches_module(name, pattern) is hit
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("config", [NF4Config(double_quant=True), Int8Config()], ids=["nf4", "int8"])
+def test_dequantize_gives_the_float_architecture_back(kind, config):
+    import transformers
+
+    from lmlab.quant import dequantize_
+    from lmlab.quant.api import quantized_layers
+
+    model = tiny_models()[kind].eval()
+    float_types = {n: type(m) for n, m in model.named_modules()}
+    quantize_(model, config)
+    want = {n: m.dequantized_weight() for n, m in quantized_layers(model).items()}
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    model.config.quantization_config = {"quant_method": "bitsandbytes"}
+    assert dequantize_(model) is model
+    assert not quantized_layers(model) and not hasattr(model.config, "quantization_config")
+    assert {n: type(m) for n, m in model.named_modules()} == float_types  # GPT-2 gets Conv1D back
+    for n, w in want.items():
+        layer = model.get_submodule(n)
+        got = layer.weight.t() if isinstance(layer, transformers.pytorch_utils.Conv1D) else layer.weight
+        assert torch.equal(got, w) and layer.weight.requires_grad
+    model(ids)  # runs as the float model it now is
+    with pytest.raises(LmlabError, match="no lmlab quantized layers"):
+        dequantize_(model)

@@ -320,3 +320,41 @@ def test_double_quant_keeps_zero_blocks_next_to_subnormal_scales():
     w[2, 0] = 2 * w[1, 0]
     q = quantize_4bit(w, "nf4", 64, double_quant=True)
     assert torch.isfinite(dequantize_4bit(q)).all()
+
+
+# -- issue 14: config.json's quantization_config, incomplete writes, copied folders -----------------
+
+
+def _saved_nf4(tmp_path, **kw):
+    from lmlab.quant import NF4Config, quantize_, save_quantized
+
+    model = tiny_gpt2()
+    quantize_(model, NF4Config())
+    return model, save_quantized(model, tmp_path / "q", **kw)
+
+
+def test_a_write_killed_before_lmlab_quant_json_is_refused_not_read_as_transformers(tmp_path):
+    """config.json carries bitsandbytes' quantization_config, which alone would read as a transformers
+    directory; the manifest is written before it, so a directory without lmlab_quant.json is incomplete."""
+    _, out = _saved_nf4(tmp_path)
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    )
+    (out / "lmlab_quant.json").unlink()
+    with pytest.raises(LmlabError, match="lmlab_quant.json is missing; the directory is incomplete"):
+        load_quantized(out)
+
+
+def test_extra_directories_are_copied_and_broken_links_refused(tmp_path):
+    extra = tmp_path / "1_Pooling"
+    (extra / "deeper").mkdir(parents=True)
+    (extra / "deeper" / "x.json").write_text("{}\n")
+    (tmp_path / "README.md").write_text("# model\n")
+    _, out = _saved_nf4(tmp_path, extra_files=[extra, tmp_path / "README.md"])
+    assert (out / "1_Pooling" / "deeper" / "x.json").read_text() == "{}\n"
+    assert (out / "README.md").read_text() == "# model\n"
+    load_quantized(out)  # the manifest lists top-level files; the folder does not disturb it
+    (extra / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(LmlabError, match="broken symbolic link"):
+        _saved_nf4(tmp_path / "again", extra_files=[extra])
+    assert not (tmp_path / "again" / "q").exists()
