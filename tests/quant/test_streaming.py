@@ -58,15 +58,24 @@ def _llama():
     return transformers.LlamaForCausalLM(config)
 
 
+def _t5():
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(config)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """gpt2: one file, tied head; llama: 6+ shards; llama16: float16 (config.json dtype float16)."""
+    """gpt2: one file, tied head; llama: 6+ shards; llama16: float16 (config.json dtype float16);
+    t5_16: float16 with transformers' _keep_in_fp32_modules (``wo`` loads in float32), tied head."""
     root = tmp_path_factory.mktemp("streaming")
     torch.manual_seed(0)
     _gpt2().save_pretrained(root / "gpt2")
     llama = _llama()
     llama.save_pretrained(root / "llama", max_shard_size="60KB")
     llama.half().save_pretrained(root / "llama16")
+    _t5().half().save_pretrained(root / "t5_16")
     return {p.name: p for p in root.iterdir()}
 
 
@@ -91,8 +100,11 @@ def _assert_same_model(a, b) -> None:
     assert tied == (b.get_output_embeddings().weight is b.get_input_embeddings().weight)
     assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
     assert not b.training
+    kw = {"input_ids": IDS}
+    if a.config.is_encoder_decoder:
+        kw["decoder_input_ids"] = IDS[:, :4]
     with torch.no_grad():
-        assert torch.equal(a(IDS).logits, b(IDS).logits)
+        assert torch.equal(a(**kw).logits, b(**kw).logits)
 
 
 CASES = [
@@ -130,6 +142,19 @@ def test_a_filter_and_a_tied_quantized_head_follow_quantize_(checkpoints):
     ref = _from_pretrained(checkpoints["gpt2"])
     ref_report = quantize_(ref, NF4Config(), keep)
     model, report = quantize_pretrained(checkpoints["gpt2"], NF4Config(), keep)
+    assert report == ref_report and "lm_head" in report.layers
+    _assert_same_model(ref, model)
+
+
+def test_keep_in_fp32_modules_and_an_all_layers_filter_on_t5_float16(checkpoints):
+    # wo is loaded in float32 by from_pretrained; with this filter it is quantized from float32
+    def everything(module, name):
+        return True
+
+    ref = _from_pretrained(checkpoints["t5_16"])
+    assert ref.decoder.block[0].layer[2].DenseReluDense.wo.weight.dtype == torch.float32
+    ref_report = quantize_(ref, NF4Config(), everything)
+    model, report = quantize_pretrained(checkpoints["t5_16"], NF4Config(), everything)
     assert report == ref_report and "lm_head" in report.layers
     _assert_same_model(ref, model)
 

@@ -275,15 +275,20 @@ def _plan(model: nn.Module, config: Config, filter_fn: FilterFn | None) -> tuple
     return chosen, dry
 
 
-def _float_nbytes(model: nn.Module) -> int:
-    """:func:`lmlab.quant.api.model_nbytes` of the float model, from its skeleton (meta tensors have
-    no storage to tell tied ones apart by; shared tensor objects are the same test)."""
+def _float_nbytes(model: nn.Module, dtype_of) -> int:
+    """:func:`lmlab.quant.api.model_nbytes` of the float model ``from_pretrained`` would build, from
+    its skeleton: each tensor in the dtype it is loaded in (``dtype_of``), tied ones once (meta
+    tensors have no storage to tell them apart by; shared tensor objects are the same test)."""
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    named = list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    )
+    for name, t in named:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            dtype = dtype_of(name, t.dtype) if t.is_floating_point() else t.dtype
+            total += t.numel() * dtype.itemsize
     return total
 
 
@@ -316,11 +321,12 @@ def quantize_pretrained(
     builder = api._builder(config)
     chosen, dry = _plan(model, config, filter_fn)
     layers = {name: model.get_submodule(name) for name in chosen}
-    float_bytes = _float_nbytes(model)
-    params = sum(linear_weight(m).numel() for m in layers.values())
-    bytes_before = sum(linear_weight(m).numel() * linear_weight(m).element_size() for m in layers.values())
-
     targets = _Targets(model, dtype)
+    float_bytes = _float_nbytes(model, targets.dtype_of)
+    params = sum(linear_weight(m).numel() for m in layers.values())
+    bytes_before = sum(
+        m.weight.numel() * targets.dtype_of(f"{n}.weight", m.weight.dtype).itemsize for n, m in layers.items()
+    )
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     needs = {n: {a for a in ("weight", "bias") if getattr(m, a, None) is not None} for n, m in layers.items()}
     pending: dict[str, dict[str, torch.Tensor]] = {}
