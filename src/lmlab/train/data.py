@@ -12,6 +12,16 @@ Which rows form step ``s``'s global batch is a function of ``(seed, s)`` alone:
 * source ``i`` serves its rows in a fresh permutation per epoch, seeded by ``(seed, i, epoch)``;
   the ``k``-th row it serves is the ``k mod n``-th entry of epoch ``k // n``.
 
+Why not ``datasets.interleave_datasets(probabilities=..., stopping_strategy="all_exhausted")``,
+which draws the same law (``bench/mixing.py``, 3 sources, mT5 rates, 400 steps of 256; realised
+shares match the rates within sampling noise for both): lmlab's plan chose rows at 315k rows/s
+against 14.9k for the map-style interleave and 2.7k for the iterable one (21× and 116×, 2 busy
+cores); it reaches any step from ``(seed, step)`` alone (37 ms for step 300), so a checkpoint
+needs no data state.  The map-style interleave is seekable too, but builds its whole index table
+first (1.6–2.5 s here, growing with the run) and serves a source's second pass in the same order
+as its first; the iterable one resumes only from a ``state_dict()`` saved with the checkpoint
+(identical rows then) or by replaying the stream (26 s to step 300).
+
 The step's global batch is transformed by the objective in blocks of ``NOISE_BLOCK`` consecutive
 examples (examples ``b·K … b·K+K−1``), one call and one ``torch.Generator`` seeded from
 ``(seed, s, b)`` per block.  A micro-batch transforms the blocks that overlap it and keeps its own
