@@ -294,3 +294,15 @@ def test_load_quantized_model_reads_a_transformers_bitsandbytes_dir_as_load_quan
         read_hf_config(tmp_path / "bnb"), files, layers, described_by="its quant state"
     )
     _assert_same_model(load_quantized(tmp_path / "bnb"), streamed)
+
+
+def test_inspect_sees_the_skeleton_before_any_tensor_is_read(checkpoints):
+    from lmlab.quant.api import unmatched_skip_modules
+
+    def refuse_typos(skeleton):
+        assert all(p.is_meta for p in skeleton.parameters())
+        if unmatched := unmatched_skip_modules(skeleton, ["attn.c_atn"]):
+            raise LmlabError(f"--skip-modules: no linear layer matches {', '.join(unmatched)}")
+
+    with pytest.raises(LmlabError, match="c_atn"):
+        quantize_pretrained(checkpoints["gpt2"], NF4Config(), inspect=refuse_typos)

@@ -39,7 +39,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -299,13 +299,16 @@ def quantize_pretrained(
     *,
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
+    inspect: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, QuantReport]:
     """``quantize_(cls.from_pretrained(model_dir), config, filter_fn)`` without ever holding the float model.
 
     ``model_dir``: a ``save_pretrained`` directory with safetensors weights (one file or shards).
     ``dtype``: the float dtype to load in (default: ``from_pretrained``'s rule, see the module
     docstring). ``check_finite``: refuse a NaN or Inf in any weight, in one line (as ``lmlab
-    quantize`` does). A weight the checkpoint lacks, or of the wrong shape, is a one-line
+    quantize`` does). ``inspect(skeleton)`` is called with the float model on the meta device before
+    any tensor is read, to refuse early what needs only the architecture (``--skip-modules`` that
+    match no layer: :func:`lmlab.quant.api.unmatched_skip_modules`). A weight the checkpoint lacks, or of the wrong shape, is a one-line
     :class:`LmlabError`, never a random fill. Returns ``(model in eval mode, report)``, both equal to
     what the non-streaming path gives.
     """
@@ -318,6 +321,8 @@ def quantize_pretrained(
     dtype = dtype or default_dtype(hf_config, files)
     hf_config.dtype = dtype  # what from_pretrained records
     model = empty_model(hf_config, dtype)
+    if inspect is not None:
+        inspect(model)
     builder = api._builder(config)
     chosen, dry = _plan(model, config, filter_fn)
     layers = {name: model.get_submodule(name) for name in chosen}
