@@ -12,6 +12,10 @@ in a fresh Python process that reports its own peak resident memory (``VmHWM`` o
 * ``lmlab full`` (unless ``--no-full``) -- the non-streaming path: ``from_pretrained`` then
   ``quantize_`` (what ``lmlab quantize`` did before streaming).
 
+``--load-rows`` adds: the streaming quantize followed by ``save_quantized``, then loading that NF4
+directory with ``load_quantized`` (which builds a randomly initialised float model first) and with
+:func:`lmlab.quant.streaming.load_quantized_streaming` (a meta skeleton, tensors assigned).
+
 Each process also reports its RSS after importing torch and transformers (the fixed cost every row
 pays) and a SHA-256 of every quantized layer's packed codes, so the table says whether lmlab's and
 bitsandbytes' NF4 codes agree. No cgroup is used (this machine's memory cgroup belongs to the
@@ -20,7 +24,7 @@ sandbox, not to the benchmark); ``--limit-gb`` additionally runs the streaming r
 is a stricter limit than resident memory) to show it completes below the float size.
 
     .venv/bin/python bench/quant_memory.py [--layers 8] [--hidden 4096] [--intermediate 11008]
-        [--vocab 32000] [--dir DIR] [--keep] [--no-bnb] [--no-full] [--limit-gb 6]
+        [--vocab 32000] [--dir DIR] [--keep] [--no-bnb] [--no-full] [--load-rows] [--limit-gb 5]
 
 The defaults make a 7.5 GB float32 checkpoint (8 layers of Llama-7B's shape); check ``df`` first.
 """
@@ -55,7 +59,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-bnb", action="store_true", help="skip transformers + bitsandbytes")
     p.add_argument("--no-full", action="store_true", help="skip the non-streaming lmlab row")
     p.add_argument("--limit-gb", type=float, default=None, help="also run lmlab streaming under RLIMIT_AS")
-    p.add_argument("--child", choices=("lmlab", "bnb", "full"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--load-rows",
+        action="store_true",
+        help="also save lmlab's NF4 model and time loading it: load_quantized vs load_quantized_streaming",
+    )
+    p.add_argument(
+        "--child", choices=("lmlab", "bnb", "full", "save", "load", "load-streaming"), help=argparse.SUPPRESS
+    )
     return p.parse_args(argv)
 
 
@@ -174,8 +185,20 @@ def child(kind: str, directory: Path) -> dict:
         import bitsandbytes  # noqa: F401  (imported before the baseline, like lmlab's modules)
     base = _rss_now()
     t0 = time.perf_counter()
-    if kind == "lmlab":
+    if kind in ("lmlab", "save"):
         model, _ = quantize_pretrained(directory, NF4Config())
+        if kind == "save":
+            from lmlab.quant import save_quantized
+
+            save_quantized(model, directory / "nf4", NF4Config())
+    elif kind == "load":
+        from lmlab.quant import load_quantized
+
+        model = load_quantized(directory / "nf4")
+    elif kind == "load-streaming":
+        from lmlab.quant.streaming import load_quantized_streaming
+
+        model = load_quantized_streaming(directory / "nf4")
     elif kind == "full":
         from lmlab.models.families import model_class
         from lmlab.models.presets import load_pretrained, read_hf_config
@@ -207,7 +230,7 @@ def child(kind: str, directory: Path) -> dict:
 def _warm(directory: Path) -> None:
     """Read the checkpoint once so that every row starts from the same page cache (the first would
     otherwise pay the disk)."""
-    for f in sorted(directory.glob("*.safetensors")):
+    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("nf4/*.safetensors")):
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
@@ -278,6 +301,10 @@ def run(args: argparse.Namespace) -> list[str]:
             results["transformers+bnb 4-bit"] = run_child("bnb", directory)
         if not args.no_full:
             results["lmlab full (from_pretrained)"] = run_child("full", directory)
+        if args.load_rows:
+            results["lmlab streaming + save"] = run_child("save", directory)
+            results["load_quantized (today)"] = run_child("load", directory)
+            results["load_quantized_streaming"] = run_child("load-streaming", directory)
         if args.limit_gb is not None:
             results[f"lmlab streaming, AS<{args.limit_gb:g}GB"] = run_child("lmlab", directory, args.limit_gb)
         return header + rows(results, float_bytes)
