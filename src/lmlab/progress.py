@@ -2,8 +2,9 @@
 
 In a log file, CI or under ``nohup`` a tqdm bar is hundreds of carriage-return updates on one
 line; :func:`progress_bar` gives there a bar that prints a whole line (tqdm's own status text)
-every ``interval`` seconds and once at the end.  On a terminal it is ``tqdm.auto.tqdm`` unchanged.
-The pre-training loop and ``lmlab prepare`` both use it::
+every ``interval`` seconds and once at the end (nothing for work done within one interval).  On
+a terminal it is ``tqdm.auto.tqdm`` unchanged.  The pre-training loop and ``lmlab prepare`` both
+use it::
 
     bar = progress_bar(total=1000, desc="pretrain", unit="step")
 
@@ -66,13 +67,14 @@ def _line_class() -> type:
 
     class LineProgress(tqdm):
         """tqdm whose every display is one whole line (no ``\\r``, no cursor moves), at most one per
-        ``interval`` seconds (tqdm's ``mininterval``), one at the end; nothing at the start."""
+        ``interval`` seconds (tqdm's ``mininterval``) and the final state at the end; nothing at the
+        start, and nothing at all from a bar closed within its first interval."""
 
         def __init__(self, *args: Any, interval: float = DEFAULT_INTERVAL, **kw: Any) -> None:
             kw.setdefault("ncols", 100)
             kw.setdefault("ascii", True)  # "#" for the bar: a log is read with less and grep
             kw.update(mininterval=interval, maxinterval=max(interval, 10.0), miniters=1)
-            self._printed = ""
+            self._printed, self._printed_n = "", -1
             self._opened = False  # the first display (at construction) is skipped
             self._cleared = False
             super().__init__(*args, **kw)
@@ -88,7 +90,7 @@ def _line_class() -> type:
             if line != self._printed:
                 self.fp.write(line.rstrip() + "\n")
                 self.fp.flush()
-                self._printed = line
+                self._printed, self._printed_n = line, self.n
             return True
 
         def clear(self, nolock: bool = False) -> None:
@@ -98,10 +100,12 @@ def _line_class() -> type:
         def close(self) -> None:
             if self.disable:
                 return
-            # The final state, once: tqdm's close would redraw it and end the line with "\n".
+            # The final state, once, for a bar that printed before: one that ended within its first
+            # interval prints nothing at all (a short step, a failure, leaves stderr to the message).
             self._ema_dt = lambda: None  # the overall rate, as tqdm's close shows it
             self._cleared = False
-            self.display()
+            if self._printed and self.n != self._printed_n:  # not the same count twice
+                self.display()
             self.leave = False
             self.last_print_t = self.start_t - 1 - self.delay  # nothing left to clear
             super().close()

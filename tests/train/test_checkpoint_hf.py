@@ -66,15 +66,18 @@ def test_step_dir_loads_with_from_pretrained(data_dir, tmp_path, objective, mode
 
 
 @pytest.mark.slow
-def test_damaged_config_is_detected_and_an_old_checkpoint_still_resumes(data_dir, tmp_path, capsys):
+def test_damaged_config_is_detected_and_an_old_checkpoint_still_resumes(
+    data_dir, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
+    monkeypatch.setenv("LMLAB_PROGRESS_INTERVAL", "0")  # a line for every step
     full = pretrain(tiny(data_dir, run, steps=3, save_every=1, eval_every=3, keep=5, progress=True))
-    # stderr is captured, not a terminal: the progress bar is whole lines (lmlab.progress), the
-    # final state only (none falls due within 30 s), and never a carriage return.
+    # stderr is captured, not a terminal: the progress bar is whole lines (lmlab.progress), one a
+    # step at interval 0, and never a carriage return.
     err = capsys.readouterr().err
     assert "\r" not in err
     bar = [line for line in err.splitlines() if line.startswith("pretrain:")]
-    assert len(bar) == 1 and "3/3" in bar[0], err
+    assert len(bar) == 3 and "3/3" in bar[-1], err
     ckpts = run / "checkpoints"
     from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
