@@ -28,6 +28,13 @@ registering ``_int_mm`` on CPU; not measured here) and ``"float32"`` everywhere 
 ``_int_mm`` without VNNI is a scalar loop; float32 is the fastest exact method at every shape there.
 ``METHOD`` is the switch (tests flip it to hold every method to the reference).
 
+Since the exact product *is* a float32 GEMM of the same size there, the float32 layer is the ceiling
+on such a CPU: ``bench/quant_cpu.py --skip-4bit --threads 1`` (machine shared, load ~7, best of 9)
+gave all-MiniLM-L6-v2 on 32 x 17 tokens float32 266 ms, lmlab 287 ms (threshold 6) / 271 ms
+(threshold 0), bitsandbytes' ``Linear8bitLt`` 545 / 449 ms. Beating float32 needs an int8 GEMM
+(VNNI's ``_int_mm``, or a hand-written kernel); at M = 1 the per-call conversion of the int8 weight
+to float32 dominates and the layer is ~3x slower than float32 (bitsandbytes' is too).
+
 ``int8_linear`` fuses the layer: the activation codes stay float32 (:func:`lmlab.quant.int8.row_codes`,
 the same values as the int8 codes), go straight into the float32 GEMM, and the product is scaled in
 place; the outlier columns are those of the reference. Its output is bit-identical to
