@@ -1,7 +1,8 @@
 """Corpus → tokenizer → token shards (``lmlab prepare``) and the readers training uses.
 
 See :mod:`lmlab.data.shards` for the on-disk format and :mod:`lmlab.data.tokenizer` for the
-vocabulary layout (T5's: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``<mask>``=3, sentinels on top).
+vocabulary layout of lmlab's own tokenizers (T5's: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``<mask>``=3,
+sentinels on top); any Hugging Face tokenizer can be reused with its own (:func:`load_tokenizer`).
 """
 
 from lmlab.data.pipeline import PrepareResult, default_data_dir, ensure_default_data, prepare

@@ -18,7 +18,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary incl. specials (8192)")
     p.add_argument(
-        "--tokenizer", metavar="PATH", help="reuse this tokenizer.json (or a directory holding one)"
+        "--tokenizer",
+        metavar="PATH",
+        help="reuse a tokenizer: lmlab's tokenizer.json, a prepared or model directory, or any Hugging Face "
+        "tokenizer directory (BERT, T5, GPT-2 ...: its own special tokens, e.g. to continue pre-training that model)",
     )
     p.add_argument(
         "--tokenizer-type", choices=["unigram", "bpe"], default="unigram", help="unigram (T5) or bpe"
