@@ -41,9 +41,9 @@ else:
     if mode == "hf-loop":
         ids = []
         for d in docs:
-            ids.extend(tok(d).input_ids + [tok.eos_token_id])
+            ids.extend(tok(d).input_ids)  # the tokenizer appends </s> itself, as T5's does
     else:
-        ids = [i for row in tok(docs).input_ids for i in row + [tok.eos_token_id]]
+        ids = [i for row in tok(docs).input_ids for i in row]
     arr = np.asarray(ids, dtype=np.uint16)
     arr.tofile(out + "/hf.bin")
     n = arr.size

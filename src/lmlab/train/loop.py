@@ -255,7 +255,7 @@ class _Run:
                 else:
                     self.s.base.save_pretrained(tmp)
                 self.s.tokenizer.save_pretrained(tmp)
-                # The run's own tokenizer.json, byte for byte, so load_tokenizer(final) sees lmlab's layout.
+                # The run's own tokenizer.json (lmlab's or a Hugging Face model's), byte for byte.
                 shutil.copyfile(self.run_dir / "tokenizer.json", tmp / "tokenizer.json")
                 # The run's settings that --init and evaluate() default to; the HF config.json stays pure.
                 state.write_model_settings(tmp, {"seq_len": self.s.seq_len, "objective": self.cfg.objective})
