@@ -134,7 +134,7 @@ def test_save_and_load_without_requantizing(models, name, config, tmp_path, monk
 
     monkeypatch.setattr(bw, "quantize_4bit", no_quantizing)
     monkeypatch.setattr(mods, "quantize_4bit", no_quantizing)
-    monkeypatch.setattr(mods, "int8_vectorwise", no_quantizing)
+    monkeypatch.setattr(mods, "quantize_int8_weight", no_quantizing)
     monkeypatch.setattr(torch, "load", no_pickle)
     loaded = load_quantized(out_dir)
     assert not loaded.training
