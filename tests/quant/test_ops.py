@@ -11,7 +11,7 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.quant import Linear4bit, Linear8bit, blockwise, dequantize_4bit, int8_matmul, ops, quantize_4bit
 from lmlab.quant.functional import decoded_absmax
-from lmlab.quant.int8 import int8_linear_reference, int8_vectorwise, int_mm_reference
+from lmlab.quant.int8 import int8_linear_reference, int8_vectorwise, int_mm_reference, row_codes
 from lmlab.quant.kernels import cpu, int8_cpu
 
 lmlab_ops = torch.ops.lmlab
@@ -259,3 +259,55 @@ def test_cpu_int8_method_switch_is_checked(monkeypatch):
     monkeypatch.setattr(int8_cpu, "METHOD", "float16")
     with pytest.raises(ValueError, match="METHOD must be one of"):
         int8_cpu.method()
+
+
+def _native_int8():
+    if not int8_cpu.native_available():
+        pytest.skip("lmlab.quant.kernels._cpu8bit is not built (no C compiler at install)")
+
+
+@pytest.mark.parametrize("k", [1, 7, 40, 1500])
+def test_native_int8_row_codes_equal_the_torch_ones(k):
+    _native_int8()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, k, generator=g)
+    x[0] = 0.0  # an all-zero row: scale 0, codes 0
+    x[1] = -x[1].abs()  # -0.0 codes in the product
+    x[2] = x[2].to(torch.bfloat16).float()  # bfloat16 inputs hit x * (127 / scale) = n + 0.5 - ulp
+    x[3, 0] = 1e-30  # a tiny row: 127 / scale is still finite
+    x[3, 1:] = 0.0
+    codes, scale, l1 = int8_cpu._native_codes(x)
+    want_codes, want_scale = row_codes(x)
+    assert torch.equal(bits(codes), bits(want_codes)) and torch.equal(scale, want_scale)
+    assert torch.equal(l1, want_codes.abs().sum(dim=1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-39])
+def test_native_int8_row_codes_leave_odd_rows_to_torch(bad):
+    _native_int8()
+    x = torch.randn(4, 33)
+    x[2] = 0.0
+    x[2, 5] = bad  # NaN / inf absmax, or 127 / absmax overflowing float32
+    assert int8_cpu._native_codes(x) is None
+    w_q, w_scale = int8_vectorwise(torch.randn(5, 33))
+    got = int8_cpu.int8_linear(x, w_q, w_scale, 0.0)
+    assert torch.equal(bits(got), bits(int8_linear_reference(x, w_q, w_scale, 0.0)))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_int8_passes_are_bit_identical_with_and_without_threads(threads, monkeypatch):
+    _native_int8()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 384, generator=g)  # 300 * 384 > 2**15: the rows are split over threads
+    x[:, 3] *= 20
+    w_q, w_scale = int8_vectorwise(torch.randn(200, 384, generator=g))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = int8_cpu.int8_linear(x, w_q, w_scale, 6.0)
+        monkeypatch.setattr(int8_cpu, "NATIVE", False)
+        torch_path = int8_cpu.int8_linear(x, w_q, w_scale, 6.0)
+    finally:
+        torch.set_num_threads(old)
+    want = int8_linear_reference(x, w_q, w_scale, 6.0)
+    assert torch.equal(bits(got), bits(want)) and torch.equal(bits(torch_path), bits(want))

@@ -44,7 +44,9 @@ and every other step is the same function.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.util
 
 import torch
 
@@ -77,6 +79,61 @@ def method() -> str:
     return _auto_method() if METHOD == "auto" else METHOD
 
 
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled passes (``_cpu8bit.c``), loaded on first use; None where they were not built."""
+    spec = importlib.util.find_spec("lmlab.quant.kernels._cpu8bit")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, i32]
+    lib.lmlab_int8_row_codes.restype = i32
+    lib.lmlab_int8_rescale.argtypes = [p, i64, i64, p, p, i32]
+    lib.lmlab_int8_rescale.restype = i32
+    return lib
+
+
+NATIVE = True  # tests switch the compiled passes off to hold the torch path too
+
+
+def native_available() -> bool:
+    """Whether the compiled passes load (built from ``_cpu8bit.c`` where a C compiler exists)."""
+    return _library() is not None
+
+
+def _native_codes(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`lmlab.quant.int8.row_codes` of contiguous float32 ``x2d (M, K)`` in one pass, with the
+    row L1 norms of the codes; None (nothing written) where the compiled passes are missing or a row
+    needs the torch path (an absmax that is NaN, inf or below ``127 / FLT_MAX``)."""
+    lib = _library() if NATIVE else None
+    if lib is None or x2d.dtype != torch.float32 or not x2d.is_contiguous() or x2d.device.type != "cpu":
+        return None
+    m, k = x2d.shape
+    codes = torch.empty_like(x2d)
+    scale = x2d.new_empty(m)
+    l1 = x2d.new_empty(m)
+    args = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), torch.get_num_threads())
+    if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *args):
+        return None
+    return codes, scale, l1
+
+
+def _rescale_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`lmlab.quant.int8.dequantize_product_` (the same two float32 multiplies per element, in
+    the same order), in one pass where the compiled passes exist."""
+    lib = _library() if NATIVE else None
+    if lib is None or not (acc.is_contiguous() and acc.dtype == torch.float32 and x_scale.is_contiguous()):
+        return dequantize_product_(acc, x_scale, w_scale)
+    wsk = (w_scale.float().unsqueeze(0) * (1.0 / (127.0 * 127.0))).contiguous()
+    m, n = acc.shape
+    lib.lmlab_int8_rescale(acc.data_ptr(), m, n, x_scale.data_ptr(), wsk.data_ptr(), torch.get_num_threads())
+    return acc
+
+
 def _fits_float32(a: torch.Tensor, n: int) -> bool:
     """Whether one float32 GEMM of ``a (M, K)`` (integer-valued) with ``n`` int8 rows is exact.
 
@@ -99,10 +156,15 @@ def _blocked_int32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def exact_product_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def exact_product_float32(a: torch.Tensor, b: torch.Tensor, l1: torch.Tensor | None = None) -> torch.Tensor:
     """``a (M, K) @ b (N, K).T`` for integer-valued float32 ``a`` (|a| <= 128) and int8 ``b``, as
-    float32 equal to ``int32_product.float()`` (exact below 2**24, rounded to nearest above)."""
-    if _fits_float32(a, b.shape[0]):
+    float32 equal to ``int32_product.float()`` (exact below 2**24, rounded to nearest above).
+    ``l1``: the row L1 norms of ``a`` where the caller has them (then no pass over ``a`` is needed)."""
+    if a.shape[1] > EXACT_K and l1 is not None and a.shape[0]:
+        fits = bool(l1.max() * 128.0 <= EXACT_SUM)
+    else:
+        fits = _fits_float32(a, b.shape[0])
+    if fits:
         return a @ b.float().t()  # (M, N)
     return _blocked_int32(a, b).float()
 
@@ -121,16 +183,24 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float) -> torch.Tensor:
     """CPU kernel of ``lmlab::int8_linear``: ``x (..., K) -> (..., N)`` in ``x.dtype``."""
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1]).float()  # (M, K); not modified below
-    scale = row_absmax(x2d)  # (M,): also tells that most inputs hold no outlier at all
+    x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K); not modified below
+    l1 = None
+    native = _native_codes(x2d)  # codes, scales and row L1 norms in one pass, or None
+    if native is not None:
+        codes, x_scale, l1 = native
+        scale = x_scale
+    else:
+        scale = row_absmax(x2d)  # (M,): also tells that most inputs hold no outlier at all
     cols = outlier_columns(x2d, threshold, row_max=scale)
     if cols.numel():
-        codes, x_scale = row_codes(x2d.index_fill(1, cols, 0.0))
-    else:
+        regular = x2d.index_fill(1, cols, 0.0)
+        native = _native_codes(regular)
+        codes, x_scale, l1 = native if native is not None else (*row_codes(regular), None)
+    elif native is None:
         codes, x_scale = row_codes(x2d, scale)  # (M, K) integer-valued float32, (M,)
     if method() == "float32":
-        acc = exact_product_float32(codes, w_q)
+        acc = exact_product_float32(codes, w_q, l1)
     else:
         acc = int8_mm(codes.to(torch.int8), w_q).float()
-    out = add_outlier_product(dequantize_product_(acc, x_scale, w_scale), x2d, cols, w_q, w_scale)
+    out = add_outlier_product(_rescale_(acc, x_scale, w_scale), x2d, cols, w_q, w_scale)
     return out.to(x.dtype).reshape(*lead, w_q.shape[0])
