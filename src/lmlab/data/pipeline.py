@@ -270,8 +270,8 @@ def prepare(
 
     ``out_dir`` must be new or empty, or (with ``overwrite``, the CLI's ``--overwrite``) a
     prepared directory, which is replaced only once the new one is complete.
-    ``progress=None`` shows progress bars only on a terminal.  ``cache``: where the default
-    corpus is extracted (:func:`lmlab.data.corpus.cache_dir`; the CLI passes ``$LMLAB_CACHE``).
+    ``progress=None`` shows progress bars on a terminal and a plain line every 30 s elsewhere.
+    ``cache``: where the default corpus is extracted (:func:`lmlab.data.corpus.cache_dir`; the CLI passes ``$LMLAB_CACHE``).
     """
     t0 = time.perf_counter()
     _check_settings(val_fraction, tokenizer_train_bytes, doc_sep)
@@ -345,7 +345,7 @@ def _prepare_into(
     default: bool,
 ) -> dict[str, Any]:
     """Both passes, writing everything into the temporary directory ``tmp``; returns meta.json."""
-    from tqdm.auto import tqdm
+    from lmlab.progress import progress_bar as tqdm
 
     disable = None if progress is None else not progress
     trained = reused is None
