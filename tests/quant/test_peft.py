@@ -79,13 +79,6 @@ def randomize_adapters_(model: nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def _flags_wired() -> bool:
-    # quantize_ marks the model the way transformers marks a bitsandbytes model (the lead wires it)
-    m = nn.Sequential(nn.Linear(64, 64))
-    quantize_(m, NF4Config())
-    return bool(getattr(m, "is_loaded_in_4bit", False))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "qconfig", "lora_cls"), CASES)
 def test_qlora_trains_saves_and_reloads(tmp_path, arch, qconfig, lora_cls):
@@ -139,10 +132,7 @@ def test_merge_and_unload_dequantizes_and_merges(arch, qconfig, lora_cls):
     base = logits(quantized(arch, qconfig))
     assert not torch.allclose(base, adapted, atol=1e-2)  # the adapters do something
     quant_cls = Linear4bit if lora_cls is LoraLinear4bit else Linear8bit
-    conv1d = arch == "gpt2"
-    for m in model.modules():
-        if isinstance(m, quant_cls):
-            m.conv1d = conv1d  # what quantize_ records (see _conv1d_wired below)
+    conv1d = arch == "gpt2"  # quantize_ recorded it, so the merge gives a Conv1D back
     merged = model.merge_and_unload()
     assert not any(isinstance(m, (lora_cls, quant_cls)) for m in merged.modules())
     float_cls = T.pytorch_utils.Conv1D if conv1d else nn.Linear
@@ -194,9 +184,11 @@ def test_prepare_model_for_kbit_training_freezes_and_casts_to_fp32():
     assert a.dtype == torch.float32  # peft's autocast_adapter_dtype, as for bitsandbytes
 
 
-@pytest.mark.xfail(
-    not _flags_wired(), reason="quantize_ does not set is_loaded_in_4bit/8bit yet", strict=True
-)
+def test_quantize_marks_the_model_as_transformers_marks_a_bitsandbytes_model():
+    assert quantized("llama", NF4Config()).is_loaded_in_4bit is True
+    assert quantized("llama", Int8Config()).is_loaded_in_8bit is True
+
+
 def test_prepare_model_for_kbit_training_enables_gradient_checkpointing():
     model = prepare_model_for_kbit_training(quantized("llama", NF4Config()), use_gradient_checkpointing=True)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
@@ -204,13 +196,6 @@ def test_prepare_model_for_kbit_training_enables_gradient_checkpointing():
     assert emb.requires_grad  # enable_input_require_grads, so reentrant checkpoints reach the adapters
 
 
-def _conv1d_wired() -> bool:
-    # quantize_ records that a layer was a GPT-2 Conv1D, so that a merge gives a Conv1D back
-    layer = Linear4bit.from_linear(T.pytorch_utils.Conv1D(8, 64))
-    return getattr(layer, "conv1d", None) is True
-
-
-@pytest.mark.xfail(not _conv1d_wired(), reason="Linear4bit/8bit do not record conv1d yet", strict=True)
 def test_quantized_layers_remember_conv1d():
     assert Linear8bit.from_linear(T.pytorch_utils.Conv1D(8, 64)).conv1d is True
     assert Linear4bit.from_linear(nn.Linear(64, 8)).conv1d is False
@@ -218,11 +203,6 @@ def test_quantized_layers_remember_conv1d():
     assert model.transformer.h[0].attn.c_attn.conv1d is True
 
 
-@pytest.mark.xfail(
-    not issubclass(Linear4bit, nn.Linear),
-    reason="peft's all-linear matches nn.Linear subclasses",
-    strict=True,
-)
 @pytest.mark.parametrize("qconfig", [NF4Config(), Int8Config()], ids=["nf4", "int8"])
 def test_all_linear_adapts_the_quantized_layers_not_the_head(qconfig):
     config = register_lora_layers(LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))

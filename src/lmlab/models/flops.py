@@ -41,7 +41,12 @@ def linear_weights(model: nn.Module) -> list[tuple[str, int]]:
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear | Conv1D):
-            out.append((name, mod.weight.numel()))
+            out.append(
+                (
+                    name,
+                    mod.in_features * mod.out_features if isinstance(mod, nn.Linear) else mod.weight.numel(),
+                )
+            )
     return out
 
 

@@ -341,6 +341,12 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
         params += w.numel()
         bytes_before += w.numel() * w.element_size()
         bytes_after += new.quantized_nbytes
+    if (
+        targets
+    ):  # what transformers sets on a bitsandbytes model; peft's prepare_model_for_kbit_training reads it
+        setattr(
+            model, "is_loaded_in_4bit" if isinstance(config, FourBitConfig) else "is_loaded_in_8bit", True
+        )
     return QuantReport(
         method=config.method,
         layers=tuple(n for n, _ in targets),

@@ -60,7 +60,7 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return None if bias is None else bias.detach()
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(nn.Linear):
     """``y = x @ dequantize(W).T + b`` with ``W`` stored blockwise in 4 bits.
 
     The weight is decoded to ``compute_dtype`` (default: the input's dtype) on every call; the
@@ -83,7 +83,10 @@ class Linear4bit(nn.Module):
         device: torch.device | str | None = None,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
+        # An nn.Linear to the libraries that look for one (peft's "all-linear", as bitsandbytes'
+        # layers are), but not nn.Linear's __init__: the weight is a quantized buffer.
+        nn.Module.__init__(self)
+        self.conv1d = False  # from_linear records a GPT-2 Conv1D, so merging/dequantizing can give it back
         check_quant_type(quant_type, "Linear4bit")
         check_block_size(block_size, "Linear4bit")
         if compute_dtype is not None:
@@ -184,6 +187,7 @@ class Linear4bit(nn.Module):
         )
         q = quantize_4bit(w.contiguous(), quant_type, block_size, double_quant, name=name, impl=impl)
         layer._set_state(q)
+        layer.conv1d = is_conv1d(linear)
         if bias is not None:
             layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
         return layer
@@ -267,7 +271,7 @@ class Linear4bit(nn.Module):
                 missing_keys.append(f"{prefix}weight.quant_state")
 
 
-class Linear8bit(nn.Module):
+class Linear8bit(nn.Linear):
     """LLM.int8() linear layer: ``weight`` ``(out, in) int8`` and ``SCB`` ``(out,) float32`` buffers.
 
     ``threshold`` (6.0 as in the paper) picks the outlier input columns computed in floating point;
@@ -296,7 +300,10 @@ class Linear8bit(nn.Module):
         device: torch.device | str | None = None,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
+        # An nn.Linear to the libraries that look for one (peft's "all-linear", as bitsandbytes'
+        # layers are), but not nn.Linear's __init__: the weight is a quantized buffer.
+        nn.Module.__init__(self)
+        self.conv1d = False  # from_linear records a GPT-2 Conv1D, so merging/dequantizing can give it back
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise LmlabError(f"Linear8bit: threshold must be a number, got {threshold!r}")
         if not threshold >= 0 or math.isinf(threshold):
@@ -332,6 +339,7 @@ class Linear8bit(nn.Module):
         q, scale = quantize_int8_weight(w)
         layer.weight.copy_(q)
         layer.SCB.copy_(scale)
+        layer.conv1d = is_conv1d(linear)
         if bias is not None:
             layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
         return layer
