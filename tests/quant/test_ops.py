@@ -227,7 +227,7 @@ def _int8_operands():
     yield extreme, torch.full((3, 2049), 127, dtype=torch.int8)  # 2049 * 127**2 > 2**24, odd
 
 
-@pytest.mark.parametrize("method", ["auto", "float32", "int_mm", "float64"])
+@pytest.mark.parametrize("method", ["auto", "native", "float32", "int_mm", "float64"])
 def test_every_cpu_int8_method_is_exact(method, monkeypatch):
     monkeypatch.setattr(int8_cpu, "METHOD", method)
     for a, b in _int8_operands():
@@ -238,7 +238,7 @@ def test_every_cpu_int8_method_is_exact(method, monkeypatch):
         assert torch.equal(bits(got), bits(want.float()))
 
 
-@pytest.mark.parametrize("method", ["float32", "int_mm"])
+@pytest.mark.parametrize("method", ["native", "float32", "int_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_int8_linear_is_bit_identical_to_the_reference(method, dtype, monkeypatch):
     monkeypatch.setattr(int8_cpu, "METHOD", method)
@@ -311,3 +311,18 @@ def test_native_int8_passes_are_bit_identical_with_and_without_threads(threads, 
         torch.set_num_threads(old)
     want = int8_linear_reference(x, w_q, w_scale, 6.0)
     assert torch.equal(bits(got), bits(want)) and torch.equal(bits(torch_path), bits(want))
+
+
+def test_native_int8_gemm_tiles_and_tails(monkeypatch):
+    """Every tile shape of the compiled int16 x int8 GEMM (4 x 2 full tiles, row / column / K tails),
+    rescaled and raw int32, against the reference."""
+    _native_int8()
+    monkeypatch.setattr(int8_cpu, "METHOD", "native")
+    g = torch.Generator().manual_seed(9)
+    for m, n, k in ((1, 1, 1), (4, 2, 16), (7, 5, 33), (9, 3, 47), (5, 201, 400)):
+        x = torch.randn(m, k, generator=g)
+        w_q, w_scale = int8_vectorwise(torch.randn(n, k, generator=g))
+        got = int8_cpu.int8_linear(x, w_q, w_scale, 0.0)
+        assert torch.equal(bits(got), bits(int8_linear_reference(x, w_q, w_scale, 0.0))), (m, n, k)
+        a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        assert torch.equal(int8_cpu.int8_mm(a, w_q), _int64_product(a, w_q)), (m, n, k)

@@ -37,9 +37,13 @@
 typedef struct {
     const float *x;
     float *codes, *scale, *l1;
+    int16_t *codes16;
+    const int16_t *a16;
+    const int8_t *w8;
     const float *sx, *wsk;
     float *acc;
-    int64_t k, n, row0, row1;
+    int32_t *acc32; /* lmlab_int8_gemm without scales: the int32 product itself */
+    int64_t k, n, m, row0, row1;
     int bad;
 } job_t;
 
@@ -137,6 +141,8 @@ static void *codes_rows(void *arg) {
         j->l1[r] = codes_scalar(x, j->k, factor, c);
 #endif
         j->scale[r] = m;
+        if (j->codes16)
+            for (int64_t i = 0; i < j->k; i++) j->codes16[r * j->k + i] = (int16_t)c[i]; /* exact: |c| <= 127 */
     }
     return NULL;
 }
@@ -185,14 +191,193 @@ static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, 
 }
 
 int lmlab_int8_row_codes(const float *x, int64_t m, int64_t k, float *codes, float *scale, float *l1,
-                         int threads) {
-    job_t proto = {.x = x, .codes = codes, .scale = scale, .l1 = l1, .k = k};
+                         int16_t *codes16, int threads) {
+    job_t proto = {.x = x, .codes = codes, .scale = scale, .l1 = l1, .codes16 = codes16, .k = k};
     return run_rows(codes_rows, proto, m, k, threads);
 }
 
 int lmlab_int8_rescale(float *acc, int64_t m, int64_t n, const float *sx, const float *wsk, int threads) {
     job_t proto = {.acc = acc, .sx = sx, .wsk = wsk, .n = n};
     return run_rows(rescale_rows, proto, m, n, threads);
+}
+
+
+/* ---- the int8 product itself: int16 codes x int8 weights, int32 sums (vpmaddwd), exact for K < 2**17 ----
+ * out[i, j] = ((float)sum_k a[i, k] * w[j, k] * sx[i]) * wsk[j]: the exact int32 product converted (round to
+ * nearest, as int32.float()), then dequantize_product_'s two multiplies; so the layer output is bit-identical
+ * to the float32 GEMM route's.  A tile of MR activation rows x NR weight rows keeps MR * NR accumulators in
+ * registers; the activation rows of a row block stay in L2 while every weight row streams past them. */
+#if X86
+#ifndef MR
+#define MR 4
+#endif
+#ifndef NR
+#define NR 2
+#endif
+#ifndef ROW_BLOCK
+#define ROW_BLOCK 64
+#endif
+
+AVX2 static inline int32_t hsum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((always_inline)) AVX2 static inline void tile(const int16_t *a, const int8_t *w, int64_t k, int mr,
+                                                             int nr, int32_t out[MR][NR]) {
+    __m256i acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_si256();
+    int64_t p = 0;
+    for (; p + 16 <= k; p += 16) {
+        __m256i wv[NR];
+        for (int j = 0; j < nr; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j * k + p)));
+        for (int i = 0; i < mr; i++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(a + i * k + p));
+            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, wv[j]));
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            int32_t s = hsum(acc[i][j]);
+            for (int64_t q = p; q < k; q++) s += (int32_t)a[i * k + q] * (int32_t)w[j * k + q];
+            out[i][j] = s;
+        }
+}
+
+
+#if MR == 4 && NR == 2
+/* The full 4 x 2 tile: the eight int32 sums reduced together (hadd tree), converted and rescaled as a vector. */
+AVX2 static inline void tile_full(const int16_t *a, const int8_t *w, int64_t k, const float *sx, const float *wsk,
+                                  float *out, int64_t n) {
+    __m256i v[8];
+    for (int i = 0; i < 8; i++) v[i] = _mm256_setzero_si256();
+    int64_t p = 0;
+    for (; p + 16 <= k; p += 16) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k + p)));
+        for (int i = 0; i < 4; i++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(a + i * k + p));
+            v[2 * i] = _mm256_add_epi32(v[2 * i], _mm256_madd_epi16(av, w0));
+            v[2 * i + 1] = _mm256_add_epi32(v[2 * i + 1], _mm256_madd_epi16(av, w1));
+        }
+    }
+    const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+    int32_t t[8];
+    _mm256_storeu_si256((__m256i *)t, sums);
+    for (int64_t q = p; q < k; q++) /* K tail, not a multiple of 16 */
+        for (int i = 0; i < 4; i++) {
+            t[2 * i] += (int32_t)a[i * k + q] * (int32_t)w[q];
+            t[2 * i + 1] += (int32_t)a[i * k + q] * (int32_t)w[k + q];
+        }
+    sums = _mm256_loadu_si256((const __m256i *)t);
+    const __m256 sxv = _mm256_setr_ps(sx[0], sx[0], sx[1], sx[1], sx[2], sx[2], sx[3], sx[3]);
+    const __m256 wv = _mm256_setr_ps(wsk[0], wsk[1], wsk[0], wsk[1], wsk[0], wsk[1], wsk[0], wsk[1]);
+    float f[8];
+    _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), sxv), wv));
+    for (int i = 0; i < 4; i++) {
+        out[i * n] = f[2 * i];
+        out[i * n + 1] = f[2 * i + 1];
+    }
+}
+#endif
+
+AVX2 static void gemm_part(const job_t *jb) {
+    const int64_t k = jb->k, n = jb->n;
+    int32_t t[MR][NR];
+    for (int64_t r0 = 0; r0 < jb->m; r0 += ROW_BLOCK) {
+        const int64_t r1 = r0 + ROW_BLOCK < jb->m ? r0 + ROW_BLOCK : jb->m;
+        for (int64_t c = jb->row0; c < jb->row1;) {
+            const int nr = jb->row1 - c >= NR ? NR : 1;
+            for (int64_t r = r0; r < r1; r += MR) {
+                const int mr = r1 - r >= MR ? MR : (int)(r1 - r);
+                const int16_t *a = jb->a16 + r * k;
+                const int8_t *w = jb->w8 + c * k;
+                /* constant tile shapes, so that the compiler unrolls the register tile */
+#if MR == 4 && NR == 2
+                if (mr == MR && nr == NR && !jb->acc32) {
+                    tile_full(a, w, k, jb->sx + r, jb->wsk + c, jb->acc + r * n + c, n);
+                    continue;
+                }
+#endif
+                if (mr == MR && nr == NR)
+                    tile(a, w, k, MR, NR, t);
+                else if (mr == MR)
+                    tile(a, w, k, MR, 1, t);
+                else if (nr == NR)
+                    for (int i = 0; i < mr; i++) {
+                        int32_t u[MR][NR];
+                        tile(a + i * k, w, k, 1, NR, u);
+                        for (int j = 0; j < NR; j++) t[i][j] = u[0][j];
+                    }
+                else
+                    for (int i = 0; i < mr; i++) {
+                        int32_t u[MR][NR];
+                        tile(a + i * k, w, k, 1, 1, u);
+                        t[i][0] = u[0][0];
+                    }
+                for (int i = 0; i < mr; i++)
+                    for (int j = 0; j < nr; j++) {
+                        if (jb->acc32)
+                            jb->acc32[(r + i) * n + c + j] = t[i][j];
+                        else
+                            jb->acc[(r + i) * n + c + j] = ((float)t[i][j] * jb->sx[r + i]) * jb->wsk[c + j];
+                    }
+            }
+            c += nr;
+        }
+    }
+}
+
+static void *gemm_cols(void *arg) {
+    gemm_part(arg);
+    return NULL;
+}
+#endif
+
+/* out (M, N) float32 = the rescaled exact product of a16 (M, K) int16 (|a| <= 128) and w8 (N, K) int8, or,
+ * where sx is NULL, out (M, N) int32 = the product itself; returns 1 (nothing written) where it cannot run:
+ * no AVX2, or K past the int32 bound (K * 128 * 128 < 2**31). Weight rows are split over threads. */
+int lmlab_int8_gemm(const int16_t *a16, const int8_t *w8, int64_t m, int64_t n, int64_t k, const float *sx,
+                    const float *wsk, void *out, int threads) {
+#if X86
+    if (!have_avx2() || k >= (1 << 17)) return 1;
+    job_t proto = {.a16 = a16, .w8 = w8, .sx = sx, .wsk = wsk, .m = m, .n = n, .k = k};
+    if (sx)
+        proto.acc = out;
+    else
+        proto.acc32 = out;
+    /* run_rows splits its "rows" (here the weight rows) in parts of at least MIN_PER_THREAD products each */
+    int64_t parts = (m * n * k) / (MIN_PER_THREAD * 64);
+    if (parts > threads) parts = threads;
+    if (parts > n / NR) parts = n / NR;
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    if (parts < 1) parts = 1;
+    job_t jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t p = 0; p < parts; p++) {
+        jobs[p] = proto;
+        jobs[p].row0 = (n / NR) * p / parts * NR; /* even starts: NR-wide tiles */
+        jobs[p].row1 = p + 1 == parts ? n : (n / NR) * (p + 1) / parts * NR;
+    }
+    for (int64_t p = 1; p < parts; p++) started[p] = pthread_create(&tid[p], NULL, gemm_cols, &jobs[p]) == 0;
+    gemm_part(&jobs[0]);
+    for (int64_t p = 1; p < parts; p++) {
+        if (started[p])
+            pthread_join(tid[p], NULL);
+        else
+            gemm_part(&jobs[p]);
+    }
+    return 0;
+#else
+    (void)a16, (void)w8, (void)m, (void)n, (void)k, (void)sx, (void)wsk, (void)out, (void)threads;
+    return 1;
+#endif
 }
 
 static struct PyModuleDef module = {

@@ -59,7 +59,7 @@ from lmlab.quant.int8 import (
     row_codes,
 )
 
-METHODS = ("auto", "float32", "int_mm", "float64")
+METHODS = ("auto", "native", "float32", "int_mm", "float64")
 METHOD = "auto"
 
 EXACT_K = 1024  # K * 128 * 128 <= 2**24: a float32 dot product of int8 values is exact
@@ -69,7 +69,9 @@ EXACT_SUM = float(2**24)
 @functools.cache
 def _auto_method() -> str:
     # Asked on the first call, never at import.
-    return "int_mm" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "float32"
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return "int_mm"
+    return "native" if native_available() else "float32"
 
 
 def method() -> str:
@@ -90,14 +92,20 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, i32]
+    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, p, i32]
     lib.lmlab_int8_row_codes.restype = i32
     lib.lmlab_int8_rescale.argtypes = [p, i64, i64, p, p, i32]
     lib.lmlab_int8_rescale.restype = i32
+    lib.lmlab_int8_gemm.argtypes = [p, p, i64, i64, i64, p, p, p, i32]
+    lib.lmlab_int8_gemm.restype = i32
     return lib
 
 
 NATIVE = True  # tests switch the compiled passes off to hold the torch path too
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), 64))
 
 
 def native_available() -> bool:
@@ -105,7 +113,7 @@ def native_available() -> bool:
     return _library() is not None
 
 
-def _native_codes(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _native_codes(x2d: torch.Tensor, int16: bool = False) -> tuple[torch.Tensor, ...] | None:
     """:func:`lmlab.quant.int8.row_codes` of contiguous float32 ``x2d (M, K)`` in one pass, with the
     row L1 norms of the codes; None (nothing written) where the compiled passes are missing or a row
     needs the torch path (an absmax that is NaN, inf or below ``127 / FLT_MAX``)."""
@@ -116,10 +124,12 @@ def _native_codes(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     codes = torch.empty_like(x2d)
     scale = x2d.new_empty(m)
     l1 = x2d.new_empty(m)
-    args = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), torch.get_num_threads())
+    codes16 = torch.empty(x2d.shape, dtype=torch.int16) if int16 else None
+    ptr16 = codes16.data_ptr() if int16 else None
+    args = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), ptr16, _threads())
     if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *args):
         return None
-    return codes, scale, l1
+    return (codes, scale, l1, codes16) if int16 else (codes, scale, l1)
 
 
 def _rescale_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -130,8 +140,23 @@ def _rescale_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -
         return dequantize_product_(acc, x_scale, w_scale)
     wsk = (w_scale.float().unsqueeze(0) * (1.0 / (127.0 * 127.0))).contiguous()
     m, n = acc.shape
-    lib.lmlab_int8_rescale(acc.data_ptr(), m, n, x_scale.data_ptr(), wsk.data_ptr(), torch.get_num_threads())
+    lib.lmlab_int8_rescale(acc.data_ptr(), m, n, x_scale.data_ptr(), wsk.data_ptr(), _threads())
     return acc
+
+
+def _native_gemm(codes16: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor):
+    """The rescaled exact product (``dequantize_product_(int32_product.float(), ...)``) by the compiled
+    int16 x int8 GEMM, or None where it cannot run."""
+    lib = _library()
+    m, k = codes16.shape
+    n = w_q.shape[0]
+    w_q = w_q.contiguous()
+    wsk = (w_scale.float().unsqueeze(0) * (1.0 / (127.0 * 127.0))).contiguous()
+    out = torch.empty(m, n)
+    ptrs = (x_scale.data_ptr(), wsk.data_ptr(), out.data_ptr(), _threads())
+    if lib.lmlab_int8_gemm(codes16.data_ptr(), w_q.data_ptr(), m, n, k, *ptrs):
+        return None
+    return out
 
 
 def _fits_float32(a: torch.Tensor, n: int) -> bool:
@@ -169,6 +194,21 @@ def exact_product_float32(a: torch.Tensor, b: torch.Tensor, l1: torch.Tensor | N
     return _blocked_int32(a, b).float()
 
 
+def _int8_mm_native(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    lib = _library()
+    if lib is None:
+        return None
+    a16 = a.to(torch.int16).contiguous()
+    b = b.contiguous()
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
+    m, k = a16.shape
+    if lib.lmlab_int8_gemm(
+        a16.data_ptr(), b.data_ptr(), m, b.shape[0], k, None, None, out.data_ptr(), _threads()
+    ):
+        return None
+    return out
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """CPU kernel of ``lmlab::int8_mm``: ``a (M, K) int8 @ b (N, K).T -> (M, N) int32``, exact."""
     how = method()
@@ -176,6 +216,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch._int_mm(a, b.t())
     if how == "float64":
         return int_mm_reference(a, b)
+    if how == "native" and (out := _int8_mm_native(a, b)) is not None:
+        return out
     af = a.float()
     return (af @ b.float().t()).to(torch.int32) if _fits_float32(af, b.shape[0]) else _blocked_int32(af, b)
 
@@ -184,23 +226,27 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, thres
     """CPU kernel of ``lmlab::int8_linear``: ``x (..., K) -> (..., N)`` in ``x.dtype``."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K); not modified below
-    l1 = None
-    native = _native_codes(x2d)  # codes, scales and row L1 norms in one pass, or None
-    if native is not None:
-        codes, x_scale, l1 = native
-        scale = x_scale
-    else:
-        scale = row_absmax(x2d)  # (M,): also tells that most inputs hold no outlier at all
+    how = method()
+    int16 = how == "native"
+    native = _native_codes(x2d, int16)  # codes, scales, row L1 norms (and int16 codes) in one pass
+    # The row absmax also tells that most inputs hold no outlier at all.
+    scale = native[1] if native is not None else row_absmax(x2d)
     cols = outlier_columns(x2d, threshold, row_max=scale)
     if cols.numel():
         regular = x2d.index_fill(1, cols, 0.0)
-        native = _native_codes(regular)
-        codes, x_scale, l1 = native if native is not None else (*row_codes(regular), None)
-    elif native is None:
-        codes, x_scale = row_codes(x2d, scale)  # (M, K) integer-valued float32, (M,)
-    if method() == "float32":
-        acc = exact_product_float32(codes, w_q, l1)
+        native = _native_codes(regular, int16)
+    if native is None:
+        codes, x_scale = row_codes(regular) if cols.numel() else row_codes(x2d, scale)
+        l1 = codes16 = None
     else:
-        acc = int8_mm(codes.to(torch.int8), w_q).float()
-    out = add_outlier_product(_rescale_(acc, x_scale, w_scale), x2d, cols, w_q, w_scale)
+        codes, x_scale, l1, *rest = native
+        codes16 = rest[0] if rest else None
+    out = _native_gemm(codes16, w_q, x_scale, w_scale) if codes16 is not None else None
+    if out is None:
+        if how in ("native", "float32"):
+            acc = exact_product_float32(codes, w_q, l1)
+        else:
+            acc = int8_mm(codes.to(torch.int8), w_q).float()
+        out = _rescale_(acc, x_scale, w_scale)
+    out = add_outlier_product(out, x2d, cols, w_q, w_scale)
     return out.to(x.dtype).reshape(*lead, w_q.shape[0])
