@@ -45,6 +45,7 @@ typedef struct {
     int32_t *acc32; /* lmlab_int8_gemm without scales: the int32 product itself */
     int64_t k, n, m, row0, row1;
     int bad;
+    float top; /* max of the part's row absmax */
 } job_t;
 
 /* max |x| of a row and whether it holds a NaN or inf. */
@@ -141,6 +142,7 @@ static void *codes_rows(void *arg) {
         j->l1[r] = codes_scalar(x, j->k, factor, c);
 #endif
         j->scale[r] = m;
+        if (m > j->top) j->top = m;
         if (j->codes16)
             for (int64_t i = 0; i < j->k; i++) j->codes16[r * j->k + i] = (int16_t)c[i]; /* exact: |c| <= 127 */
     }
@@ -162,7 +164,7 @@ static void *rescale_rows(void *arg) {
 }
 
 /* Runs fn over rows [0, m) in up to `threads` contiguous parts; returns the OR of the parts' bad flags. */
-static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, int threads) {
+static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, int threads, float *top) {
     int64_t parts = (m * width) / MIN_PER_THREAD;
     if (parts > threads) parts = threads;
     if (parts > m) parts = m;
@@ -176,6 +178,7 @@ static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, 
         jobs[p].row0 = m * p / parts;
         jobs[p].row1 = m * (p + 1) / parts;
         jobs[p].bad = 0;
+        jobs[p].top = 0.0f;
     }
     for (int64_t p = 1; p < parts; p++) started[p] = pthread_create(&tid[p], NULL, fn, &jobs[p]) == 0;
     fn(&jobs[0]);
@@ -186,19 +189,23 @@ static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, 
             fn(&jobs[p]); /* no thread to be had: this one does the part */
     }
     int bad = 0;
-    for (int64_t p = 0; p < parts; p++) bad |= jobs[p].bad;
+    for (int64_t p = 0; p < parts; p++) {
+        bad |= jobs[p].bad;
+        if (jobs[p].top > proto.top) proto.top = jobs[p].top;
+    }
+    if (top) *top = proto.top;
     return bad;
 }
 
 int lmlab_int8_row_codes(const float *x, int64_t m, int64_t k, float *codes, float *scale, float *l1,
-                         int16_t *codes16, int threads) {
+                         int16_t *codes16, float *top, int threads) {
     job_t proto = {.x = x, .codes = codes, .scale = scale, .l1 = l1, .codes16 = codes16, .k = k};
-    return run_rows(codes_rows, proto, m, k, threads);
+    return run_rows(codes_rows, proto, m, k, threads, top);
 }
 
 int lmlab_int8_rescale(float *acc, int64_t m, int64_t n, const float *sx, const float *wsk, int threads) {
     job_t proto = {.acc = acc, .sx = sx, .wsk = wsk, .n = n};
-    return run_rows(rescale_rows, proto, m, n, threads);
+    return run_rows(rescale_rows, proto, m, n, threads, NULL);
 }
 
 

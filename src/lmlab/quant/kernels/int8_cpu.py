@@ -92,7 +92,7 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, p, i32]
+    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, p, p, i32]
     lib.lmlab_int8_row_codes.restype = i32
     lib.lmlab_int8_rescale.argtypes = [p, i64, i64, p, p, i32]
     lib.lmlab_int8_rescale.restype = i32
@@ -101,6 +101,7 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+_NO_COLUMNS = torch.empty(0, dtype=torch.long)
 NATIVE = True  # tests switch the compiled passes off to hold the torch path too
 
 
@@ -113,10 +114,12 @@ def native_available() -> bool:
     return _library() is not None
 
 
-def _native_codes(x2d: torch.Tensor, int16: bool = False) -> tuple[torch.Tensor, ...] | None:
+def _native_codes(x2d: torch.Tensor, int16: bool = False) -> tuple | None:
     """:func:`lmlab.quant.int8.row_codes` of contiguous float32 ``x2d (M, K)`` in one pass, with the
-    row L1 norms of the codes; None (nothing written) where the compiled passes are missing or a row
-    needs the torch path (an absmax that is NaN, inf or below ``127 / FLT_MAX``)."""
+    row L1 norms of the codes, the codes as int16 too where ``int16``, and the largest row absmax
+    (a Python float): ``(codes, scale, l1, codes16 or None, top)``. None (nothing written) where the
+    compiled passes are missing or a row needs the torch path (an absmax that is NaN, inf or below
+    ``127 / FLT_MAX``)."""
     lib = _library() if NATIVE else None
     if lib is None or x2d.dtype != torch.float32 or not x2d.is_contiguous() or x2d.device.type != "cpu":
         return None
@@ -125,11 +128,11 @@ def _native_codes(x2d: torch.Tensor, int16: bool = False) -> tuple[torch.Tensor,
     scale = x2d.new_empty(m)
     l1 = x2d.new_empty(m)
     codes16 = torch.empty(x2d.shape, dtype=torch.int16) if int16 else None
-    ptr16 = codes16.data_ptr() if int16 else None
-    args = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), ptr16, _threads())
-    if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *args):
+    top = ctypes.c_float(0.0)
+    ptrs = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), codes16.data_ptr() if int16 else None)
+    if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *ptrs, ctypes.byref(top), _threads()):
         return None
-    return (codes, scale, l1, codes16) if int16 else (codes, scale, l1)
+    return codes, scale, l1, codes16, top.value
 
 
 def _rescale_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -229,9 +232,13 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, thres
     how = method()
     int16 = how == "native"
     native = _native_codes(x2d, int16)  # codes, scales, row L1 norms (and int16 codes) in one pass
-    # The row absmax also tells that most inputs hold no outlier at all.
-    scale = native[1] if native is not None else row_absmax(x2d)
-    cols = outlier_columns(x2d, threshold, row_max=scale)
+    if native is None:
+        scale = row_absmax(x2d)  # (M,): also tells that most inputs hold no outlier at all
+        cols = outlier_columns(x2d, threshold, row_max=scale)
+    elif 0 < threshold <= native[4]:  # some |x| reaches the threshold: look for its columns
+        cols = outlier_columns(x2d, threshold)
+    else:
+        cols = _NO_COLUMNS
     if cols.numel():
         regular = x2d.index_fill(1, cols, 0.0)
         native = _native_codes(regular, int16)
@@ -239,8 +246,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, thres
         codes, x_scale = row_codes(regular) if cols.numel() else row_codes(x2d, scale)
         l1 = codes16 = None
     else:
-        codes, x_scale, l1, *rest = native
-        codes16 = rest[0] if rest else None
+        codes, x_scale, l1, codes16, _ = native
     out = _native_gemm(codes16, w_q, x_scale, w_scale) if codes16 is not None else None
     if out is None:
         if how in ("native", "float32"):
