@@ -327,3 +327,21 @@ def test_native_int8_gemm_tiles_and_tails(monkeypatch):
         assert torch.equal(bits(got), bits(int8_linear_reference(x, w_q, w_scale, 0.0))), (m, n, k)
         a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
         assert torch.equal(int8_cpu.int8_mm(a, w_q), _int64_product(a, w_q)), (m, n, k)
+
+
+@pytest.mark.parametrize("method", ["native", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int8_linear_bias_is_the_modules_sum(method, dtype, monkeypatch):
+    """The kernel's bias (fused into the GEMM's store for float32 without outliers) gives the bits of
+    ``reference + bias``, as Linear8bit adds it."""
+    monkeypatch.setattr(int8_cpu, "METHOD", method)
+    g = torch.Generator().manual_seed(10)
+    w_q, w_scale = int8_vectorwise(torch.randn(13, 50, generator=g))
+    bias = torch.randn(13, generator=g)
+    for threshold in (0.0, 6.0):
+        x = torch.randn(7, 50, generator=g)
+        x[:, 4] *= 20
+        x = x.to(dtype)
+        got = int8_cpu.int8_linear(x, w_q, w_scale, threshold, bias)
+        want = int8_linear_reference(x, w_q, w_scale, threshold) + bias.to(dtype)
+        assert got.dtype == dtype and torch.equal(bits(got), bits(want)), threshold

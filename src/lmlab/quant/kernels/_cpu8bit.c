@@ -40,7 +40,7 @@ typedef struct {
     int16_t *codes16;
     const int16_t *a16;
     const int8_t *w8;
-    const float *sx, *wsk;
+    const float *sx, *wsk, *bias;
     float *acc;
     int32_t *acc32; /* lmlab_int8_gemm without scales: the int32 product itself */
     int64_t k, n, m, row0, row1;
@@ -258,7 +258,7 @@ __attribute__((always_inline)) AVX2 static inline void tile(const int16_t *a, co
 #if MR == 4 && NR == 2
 /* The full 4 x 2 tile: the eight int32 sums reduced together (hadd tree), converted and rescaled as a vector. */
 AVX2 static inline void tile_full(const int16_t *a, const int8_t *w, int64_t k, const float *sx, const float *wsk,
-                                  float *out, int64_t n) {
+                                  const float *bias, float *out, int64_t n) {
     __m256i v[8];
     for (int i = 0; i < 8; i++) v[i] = _mm256_setzero_si256();
     int64_t p = 0;
@@ -284,8 +284,10 @@ AVX2 static inline void tile_full(const int16_t *a, const int8_t *w, int64_t k, 
     sums = _mm256_loadu_si256((const __m256i *)t);
     const __m256 sxv = _mm256_setr_ps(sx[0], sx[0], sx[1], sx[1], sx[2], sx[2], sx[3], sx[3]);
     const __m256 wv = _mm256_setr_ps(wsk[0], wsk[1], wsk[0], wsk[1], wsk[0], wsk[1], wsk[0], wsk[1]);
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), sxv), wv);
+    if (bias) y = _mm256_add_ps(y, _mm256_setr_ps(bias[0], bias[1], bias[0], bias[1], bias[0], bias[1], bias[0], bias[1]));
     float f[8];
-    _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), sxv), wv));
+    _mm256_storeu_ps(f, y);
     for (int i = 0; i < 4; i++) {
         out[i * n] = f[2 * i];
         out[i * n + 1] = f[2 * i + 1];
@@ -307,7 +309,7 @@ AVX2 static void gemm_part(const job_t *jb) {
                 /* constant tile shapes, so that the compiler unrolls the register tile */
 #if MR == 4 && NR == 2
                 if (mr == MR && nr == NR && !jb->acc32) {
-                    tile_full(a, w, k, jb->sx + r, jb->wsk + c, jb->acc + r * n + c, n);
+                    tile_full(a, w, k, jb->sx + r, jb->wsk + c, jb->bias ? jb->bias + c : NULL, jb->acc + r * n + c, n);
                     continue;
                 }
 #endif
@@ -331,8 +333,11 @@ AVX2 static void gemm_part(const job_t *jb) {
                     for (int j = 0; j < nr; j++) {
                         if (jb->acc32)
                             jb->acc32[(r + i) * n + c + j] = t[i][j];
-                        else
-                            jb->acc[(r + i) * n + c + j] = ((float)t[i][j] * jb->sx[r + i]) * jb->wsk[c + j];
+                        else {
+                            float y = ((float)t[i][j] * jb->sx[r + i]) * jb->wsk[c + j];
+                            if (jb->bias) y += jb->bias[c + j];
+                            jb->acc[(r + i) * n + c + j] = y;
+                        }
                     }
             }
             c += nr;
@@ -346,14 +351,15 @@ static void *gemm_cols(void *arg) {
 }
 #endif
 
-/* out (M, N) float32 = the rescaled exact product of a16 (M, K) int16 (|a| <= 128) and w8 (N, K) int8, or,
+/* out (M, N) float32 = the rescaled exact product of a16 (M, K) int16 (|a| <= 128) and w8 (N, K) int8, plus
+ * bias[j] where bias is not NULL (one float32 add after the two multiplies, as `out + bias` rounds), or,
  * where sx is NULL, out (M, N) int32 = the product itself; returns 1 (nothing written) where it cannot run:
  * no AVX2, or K past the int32 bound (K * 128 * 128 < 2**31). Weight rows are split over threads. */
 int lmlab_int8_gemm(const int16_t *a16, const int8_t *w8, int64_t m, int64_t n, int64_t k, const float *sx,
-                    const float *wsk, void *out, int threads) {
+                    const float *wsk, const float *bias, void *out, int threads) {
 #if X86
     if (!have_avx2() || k >= (1 << 17)) return 1;
-    job_t proto = {.a16 = a16, .w8 = w8, .sx = sx, .wsk = wsk, .m = m, .n = n, .k = k};
+    job_t proto = {.a16 = a16, .w8 = w8, .sx = sx, .wsk = wsk, .bias = bias, .m = m, .n = n, .k = k};
     if (sx)
         proto.acc = out;
     else
@@ -382,7 +388,7 @@ int lmlab_int8_gemm(const int16_t *a16, const int8_t *w8, int64_t m, int64_t n, 
     }
     return 0;
 #else
-    (void)a16, (void)w8, (void)m, (void)n, (void)k, (void)sx, (void)wsk, (void)out, (void)threads;
+    (void)a16, (void)w8, (void)m, (void)n, (void)k, (void)sx, (void)wsk, (void)bias, (void)out, (void)threads;
     return 1;
 #endif
 }

@@ -1,45 +1,58 @@
 """The CPU kernels of ``lmlab::int8_mm`` and ``lmlab::int8_linear`` (registered in :mod:`lmlab.quant.ops`).
 
-The int8 x int8 product must be exact (int32 accumulation, LLM.int8() §3.1). Three exact methods:
+The int8 x int8 product must be exact (int32 accumulation, LLM.int8() §3.1). Four exact methods:
 
+* ``"native"`` -- the compiled int16 x int8 GEMM of ``_cpu8bit.c`` (AVX2 ``vpmaddwd``: 16 products
+  summed pairwise into int32 lanes per instruction, the way oneDNN / FBGEMM build int8 GEMMs on CPUs
+  without VNNI; 4 x 2 register tiles, 64 activation rows kept in L2 while the int8 weight rows stream
+  past, weight rows split over pthreads). Its sums are int32, exact for ``K < 2**17`` with no bound
+  on the activations, and the int8 weight is read as int8: no float32 copy of it is ever made. The
+  dequantization (``int32.float() * sx[i] * (SCB[j] / 127**2)``, the reference's two float32
+  multiplies in its order) happens in the tile's store.
 * ``"float32"`` -- a float32 GEMM (MKL / oneDNN) of the codes. Every product of two int8 values is
   an integer of at most 128 * 128 = 2**14, and every partial sum a GEMM forms, in whatever order or
   blocking, is bounded by ``sum_k |a_k| * 128``; while that is at most 2**24 every partial sum is an
   integer float32 represents, so no rounding happens anywhere. That holds for any ``K <= 1024``, and
-  for longer rows whose L1 norm ``sum_k |a_k|`` is at most 2**17 (one pass over the activations
-  tells); otherwise ``K`` is cut into blocks of 1024 whose exact partial products are summed as
-  int32. (The codes are also exact in bfloat16 and TF32, so a reduced-precision float32 matmul
-  setting keeps it exact.)
+  for longer rows whose L1 norm ``sum_k |a_k|`` is at most 2**17 (the compiled codes pass returns it
+  at no cost; otherwise one pass over the activations tells); otherwise ``K`` is cut into blocks of
+  1024 whose exact partial products are summed as int32. (The codes are also exact in bfloat16 and
+  TF32, so a reduced-precision float32 matmul setting keeps it exact.)
 * ``"int_mm"`` -- ``torch._int_mm`` (exact int32, oneDNN's int8 GEMM where the CPU has VNNI);
 * ``"float64"`` -- :func:`lmlab.quant.int8.int_mm_reference`, the op's default body.
 
 ``"auto"`` picks ``"int_mm"`` on CPUs torch runs with AVX-512 (bitsandbytes 0.50's criterion for
-registering ``_int_mm`` on CPU; not measured here) and ``"float32"`` everywhere else. Measured on the
-2-core AVX2 AMD EPYC this was written on (no AVX-512, no VNNI; one thread, best of 9, ms)::
+registering ``_int_mm`` on CPU; not measured here), ``"native"`` where ``_cpu8bit`` is built, and
+``"float32"`` everywhere else; ``"native"`` itself falls back to ``"float32"`` on a CPU without AVX2
+or past ``K = 2**17``. ``METHOD`` is the switch (tests flip it to hold every method to the
+reference); ``NATIVE = False`` turns the compiled passes off altogether (the torch route).
 
-    M x K x N           float64  float32  _int_mm  (float32 F.linear)
-    544 x 384 x 384        7.2      2.35    93.5     2.43
-    544 x 384 x 1536      20.8     11.7      -      10.8
-    544 x 1536 x 384      21.7     12.0      -       9.9
-    17 x 384 x 1536        2.3      0.88    11.2     0.83
-    3 x 384 x 1536         1.06     0.49     1.81    0.52
-    1 x 1536 x 384         0.60     0.40     0.57    0.19
+Measured on the 2-core AVX2 AMD EPYC (Zen 3: no AVX-512, no VNNI) this was written on, shared with
+other jobs; one thread, best of 31 interleaved runs, ms; the product only (activation codes given),
+beside float32 ``F.linear`` on the float weight::
 
-``_int_mm`` without VNNI is a scalar loop; float32 is the fastest exact method at every shape there.
-``METHOD`` is the switch (tests flip it to hold every method to the reference).
+    M x K x N           native   float32 route *  (float32 F.linear)
+    544 x 384 x 1536      6.77       9.18             8.37
+    544 x 1536 x 384      6.16       9.52             8.32
+    544 x 384 x 384       1.70       2.43             2.07
+    17 x 384 x 1536       0.236      0.551            0.387
+    3 x 384 x 1536        0.096      0.335            0.196
+    1 x 1536 x 384        0.042      0.224            0.064
 
-Since the exact product *is* a float32 GEMM of the same size there, the float32 layer is the ceiling
-on such a CPU: ``bench/quant_cpu.py --skip-4bit --threads 1`` (machine shared, load ~7, best of 9)
-gave all-MiniLM-L6-v2 on 32 x 17 tokens float32 266 ms, lmlab 287 ms (threshold 6) / 271 ms
-(threshold 0), bitsandbytes' ``Linear8bitLt`` 545 / 449 ms. Beating float32 needs an int8 GEMM
-(VNNI's ``_int_mm``, or a hand-written kernel); at M = 1 the per-call conversion of the int8 weight
-to float32 dominates and the layer is ~3x slower than float32 (bitsandbytes' is too).
+(* the whole ``int8_linear`` on the float32 route, codes and rescale included.) ``_int_mm``
+without VNNI is a scalar loop (93 ms at 544 x 384 x 384). The float32 route cannot beat the
+float32 layer on such a CPU (it *is* a float32 GEMM of the same size, plus the weight's
+conversion); the int16 route does: the weight is 4x smaller to stream and ``vpmaddwd`` does
+twice the products of an FMA per instruction.
 
-``int8_linear`` fuses the layer: the activation codes stay float32 (:func:`lmlab.quant.int8.row_codes`,
-the same values as the int8 codes), go straight into the float32 GEMM, and the product is scaled in
-place; the outlier columns are those of the reference. Its output is bit-identical to
-:func:`lmlab.quant.int8.int8_linear_reference`'s, because the integer product is exact on both routes
-and every other step is the same function.
+``int8_linear`` fuses the layer: one compiled pass per activation row gives its absmax, its codes
+(as integer-valued float32 and as int16, the same values as :func:`lmlab.quant.int8.row_codes`,
+whose ``127 / scale`` torch evaluates as ``reciprocal(scale) * 127``; kept), their L1 norm and the
+largest absmax (below the threshold: no outlier search at all); the outlier columns are those of
+the reference. Its output is bit-identical to :func:`lmlab.quant.int8.int8_linear_reference`'s,
+because the integer product is exact on every route and every other step rounds the same way.
+Rows whose absmax is NaN, inf or tiny (``127 / absmax`` overflows) take the torch route. The
+compiled library is built by ``pip install -e .`` where a C compiler exists and loaded through
+ctypes (which releases the GIL) on first use; without it every step is the torch one.
 """
 
 from __future__ import annotations
@@ -96,7 +109,7 @@ def _library() -> ctypes.CDLL | None:
     lib.lmlab_int8_row_codes.restype = i32
     lib.lmlab_int8_rescale.argtypes = [p, i64, i64, p, p, i32]
     lib.lmlab_int8_rescale.restype = i32
-    lib.lmlab_int8_gemm.argtypes = [p, p, i64, i64, i64, p, p, p, i32]
+    lib.lmlab_int8_gemm.argtypes = [p, p, i64, i64, i64, p, p, p, p, i32]
     lib.lmlab_int8_gemm.restype = i32
     return lib
 
@@ -147,16 +160,23 @@ def _rescale_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -
     return acc
 
 
-def _native_gemm(codes16: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor):
-    """The rescaled exact product (``dequantize_product_(int32_product.float(), ...)``) by the compiled
-    int16 x int8 GEMM, or None where it cannot run."""
+def _native_gemm(
+    codes16: torch.Tensor,
+    w_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The rescaled exact product (``dequantize_product_(int32_product.float(), ...)``, plus the
+    float32 ``bias`` where given) by the compiled int16 x int8 GEMM, or None where it cannot run."""
     lib = _library()
     m, k = codes16.shape
     n = w_q.shape[0]
     w_q = w_q.contiguous()
     wsk = (w_scale.float().unsqueeze(0) * (1.0 / (127.0 * 127.0))).contiguous()
     out = torch.empty(m, n)
-    ptrs = (x_scale.data_ptr(), wsk.data_ptr(), out.data_ptr(), _threads())
+    b = bias.data_ptr() if bias is not None else None
+    ptrs = (x_scale.data_ptr(), wsk.data_ptr(), b, out.data_ptr(), _threads())
     if lib.lmlab_int8_gemm(codes16.data_ptr(), w_q.data_ptr(), m, n, k, *ptrs):
         return None
     return out
@@ -206,7 +226,7 @@ def _int8_mm_native(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
     m, k = a16.shape
     if lib.lmlab_int8_gemm(
-        a16.data_ptr(), b.data_ptr(), m, b.shape[0], k, None, None, out.data_ptr(), _threads()
+        a16.data_ptr(), b.data_ptr(), m, b.shape[0], k, None, None, None, out.data_ptr(), _threads()
     ):
         return None
     return out
@@ -225,8 +245,18 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (af @ b.float().t()).to(torch.int32) if _fits_float32(af, b.shape[0]) else _blocked_int32(af, b)
 
 
-def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float) -> torch.Tensor:
-    """CPU kernel of ``lmlab::int8_linear``: ``x (..., K) -> (..., N)`` in ``x.dtype``."""
+def int8_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    threshold: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CPU kernel of ``lmlab::int8_linear``: ``x (..., K) -> (..., N)`` in ``x.dtype``.
+
+    ``bias`` ``(N,)``: the result is bit-identical to ``int8_linear_reference(...) + bias.to(x.dtype)``
+    (the module's sum); for a float32 ``x`` without outlier columns the add happens in the GEMM's store.
+    """
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K); not modified below
     how = method()
@@ -247,12 +277,18 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, thres
         l1 = codes16 = None
     else:
         codes, x_scale, l1, codes16, _ = native
-    out = _native_gemm(codes16, w_q, x_scale, w_scale) if codes16 is not None else None
+    fuse = bias is not None and x.dtype == torch.float32 and not cols.numel()
+    b32 = bias.to(torch.float32).contiguous() if fuse else None
+    out = _native_gemm(codes16, w_q, x_scale, w_scale, b32) if codes16 is not None else None
+    if out is not None and fuse:
+        bias = None  # added
     if out is None:
         if how in ("native", "float32"):
             acc = exact_product_float32(codes, w_q, l1)
         else:
             acc = int8_mm(codes.to(torch.int8), w_q).float()
         out = _rescale_(acc, x_scale, w_scale)
-    out = add_outlier_product(out, x2d, cols, w_q, w_scale)
-    return out.to(x.dtype).reshape(*lead, w_q.shape[0])
+    out = add_outlier_product(out, x2d, cols, w_q, w_scale).to(x.dtype)
+    if bias is not None:
+        out = out.add_(bias.to(out.dtype))  # out is this call's own tensor
+    return out.reshape(*lead, w_q.shape[0])
