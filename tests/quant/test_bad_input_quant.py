@@ -219,8 +219,8 @@ CASES = [
     ("model-dir-missing", model_missing, ["nowhere", "no such directory"]),
     ("model-dir-no-config", model_no_config, ["config.json"]),
     ("model-dir-is-a-run", model_dir_is_run, ["training run", "final/"]),
-    ("weight-missing", damaged(edit_weights=_drop(C_ATTN)), ["lacks", C_ATTN, "random"]),
-    ("embedding-missing", damaged(edit_weights=_drop("transformer.wte.weight")), ["lacks", "wte"]),
+    ("weight-missing", damaged(edit_weights=_drop(C_ATTN)), ["lack", C_ATTN, "random"]),
+    ("embedding-missing", damaged(edit_weights=_drop("transformer.wte.weight")), ["lack", "wte"]),
     (
         "nan-in-embedding",
         damaged(edit_weights=lambda t: _set(t, "transformer.wte.weight", float("nan"), (3, 4))),

@@ -55,6 +55,7 @@ _EXPORTS = {
     "Linear8bit": "lmlab.quant.modules",
     "load_quantized": "lmlab.quant.serialization",
     "save_quantized": "lmlab.quant.serialization",
+    "quantize_pretrained": "lmlab.quant.streaming",
 }
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "quantile_codebook",
     "quantize_",
     "quantize_4bit",
+    "quantize_pretrained",
     "save_quantized",
 ]
 
@@ -99,6 +101,7 @@ if TYPE_CHECKING:
     from lmlab.quant.modules import Linear4bit, Linear8bit
     from lmlab.quant.serialization import load_quantized, save_quantized
     from lmlab.quant.state import Quantized4bit
+    from lmlab.quant.streaming import quantize_pretrained
 
 
 def __getattr__(name: str) -> Any:

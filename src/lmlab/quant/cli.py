@@ -214,15 +214,29 @@ def _extra_entries(model_dir: Path) -> list[Path]:
 
 def _load_and_quantize(model_dir: Path, config, filter_fn=None, *, from_quantized: bool = False, skip=None):
     """Load MODEL_DIR's float model (dequantizing a quantized one when ``from_quantized``) and
-    quantize it: ``(model, report)``. The one step that holds the whole model in memory.
+    quantize it: ``(model, report)``. A safetensors checkpoint streams in one tensor at a time
+    (:func:`lmlab.quant.streaming.quantize_pretrained`: peak memory about the quantized model plus
+    one tensor); pickled weights and quantized inputs are loaded whole first.
 
     ``skip``: the user's --skip-modules, each of which must match a linear layer."""
     from lmlab.quant.api import dequantize_, quantize_, unmatched_skip_modules
+
+    def check_skip(model) -> None:
+        unmatched = unmatched_skip_modules(model, skip or ())
+        if unmatched:
+            raise LmlabError(
+                f"--skip-modules: no linear layer of {type(model).__name__} matches {', '.join(unmatched)} "
+                "(give full names, dotted prefixes or suffixes, e.g. lm_head, attn.c_attn, encoder.layer.0)"
+            )
 
     if from_quantized and _quantized_input(model_dir) is not None:
         from lmlab.quant.serialization import load_quantized
 
         model = dequantize_(load_quantized(model_dir))
+    elif _has_safetensors(model_dir):
+        from lmlab.quant.streaming import quantize_pretrained
+
+        return quantize_pretrained(model_dir, config, filter_fn, inspect=check_skip)
     else:
         from lmlab.models.families import model_class
         from lmlab.models.presets import load_pretrained, read_hf_config
@@ -230,13 +244,14 @@ def _load_and_quantize(model_dir: Path, config, filter_fn=None, *, from_quantize
         model = load_pretrained(model_class(read_hf_config(model_dir)), model_dir)
     model.eval()
     _check_finite(model, model_dir)
-    unmatched = unmatched_skip_modules(model, skip or ())
-    if unmatched:
-        raise LmlabError(
-            f"--skip-modules: no linear layer of {type(model).__name__} matches {', '.join(unmatched)} "
-            "(give full names, dotted prefixes or suffixes, e.g. lm_head, attn.c_attn, encoder.layer.0)"
-        )
+    check_skip(model)
     return model, quantize_(model, config, filter_fn)
+
+
+def _has_safetensors(model_dir: Path) -> bool:
+    return (model_dir / "model.safetensors").is_file() or (
+        model_dir / "model.safetensors.index.json"
+    ).is_file()
 
 
 def _quantize_locked(args: argparse.Namespace, model_dir: Path) -> int:

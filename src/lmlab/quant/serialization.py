@@ -516,6 +516,13 @@ def load_quantized(
         )
     verify_manifest(directory)
     meta = _read_meta(directory)
+    if model is None and (directory / "config.json").is_file():
+        # No float model first: a meta-device skeleton, each layer filled as its tensors are read.
+        from lmlab.models.presets import read_hf_config
+        from lmlab.quant.streaming import load_quantized_model
+
+        model = load_quantized_model(read_hf_config(directory), [weights], meta["layers"], device=device)
+        return mark_quantized(model)
     model, shells = _build_quantized_shell(directory, meta["layers"], model)
     try:
         with safe_open(str(weights), "pt") as f:
@@ -531,7 +538,17 @@ def load_quantized(
         raise LmlabError(f"{weights}: does not match the model ({str(e).splitlines()[-1].strip()})") from None
     _check_scales(weights, shells)
     model.to(device)
-    return model.eval()
+    return mark_quantized(model.eval())
+
+
+def mark_quantized(model: nn.Module) -> nn.Module:
+    """Set ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` as transformers does on a bitsandbytes model
+    (and :func:`lmlab.quant.quantize_` on the models it quantizes): peft's
+    ``prepare_model_for_kbit_training`` reads them."""
+    for cls, flag in ((Linear4bit, "is_loaded_in_4bit"), (Linear8bit, "is_loaded_in_8bit")):
+        if any(isinstance(m, cls) for m in model.modules()):
+            setattr(model, flag, True)
+    return model
 
 
 # ------------------------------------------------------------------ transformers + bitsandbytes dirs
@@ -682,6 +699,9 @@ def _load_transformers_dir(directory: Path, qc: dict, model: nn.Module | None, d
             layers = _bnb_layers(directory, settings, header, get_tensor)
             for name, lm in layers.items():
                 _check_layer_meta(directory / "config.json", name, lm)
+            if model is None:
+                stack.close()
+                return _load_transformers_streaming(directory, qc, files, layers, device)
             model, shells = _build_quantized_shell(directory, layers, model)
             for name, lm in layers.items():
                 where = handles.get(f"{name}.weight", (files[0],))[0]
@@ -710,7 +730,22 @@ def _load_transformers_dir(directory: Path, qc: dict, model: nn.Module | None, d
         model.config.quantization_config = qc
     _check_scales(files[0], shells)
     model.to(device)
-    return model.eval()
+    return mark_quantized(model.eval())
+
+
+def _load_transformers_streaming(
+    directory: Path, qc: dict, files: list[Path], layers: dict, device
+) -> nn.Module:
+    """A transformers + bitsandbytes directory into a meta-device skeleton, layer by layer."""
+    from lmlab.models.presets import read_hf_config
+    from lmlab.quant.streaming import load_quantized_model
+
+    model = load_quantized_model(
+        read_hf_config(directory), files, layers, device=device, described_by="its quant state"
+    )
+    if getattr(model, "config", None) is not None and hasattr(model.config, "quantization_config"):
+        model.config.quantization_config = qc
+    return mark_quantized(model)
 
 
 def load_config(directory: str | os.PathLike) -> Config | None:
