@@ -32,7 +32,12 @@ printed. Goals: lmlab >= 1.5x bitsandbytes, and no slower than float32. The code
 byte for byte against bitsandbytes' in the same run.
 
     .venv/bin/python bench/quant_cpu.py [--load] [--threads N] [--repeats 15] [--size 4096] [--types nf4,fp4]
-                                        [--skip-4bit] [--skip-int8] [--int8-repeats 9]
+                                        [--skip-4bit] [--skip-int8] [--int8-repeats 9] [--memory [ARGS]]
+
+``--memory`` adds issue 14's memory table (bench/quant_memory.py, see its docstring): a Llama-shaped
+float32 checkpoint of several GB is generated shard by shard, then NF4-quantized in fresh processes by
+lmlab's streaming path, transformers + bitsandbytes ``load_in_4bit`` and lmlab's whole-model path,
+printing each one's peak RSS and time; it is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--skip-4bit", action="store_true", help="leave out the 4-bit rows")
     p.add_argument("--skip-int8", action="store_true", help="leave out the LLM.int8() rows")
     p.add_argument("--int8-repeats", type=int, default=9)
+    p.add_argument(
+        "--memory",
+        default=None,
+        metavar="ARGS",
+        nargs="?",
+        const="",
+        help="also run bench/quant_memory.py (peak RSS of quantizing a generated multi-GB Llama checkpoint, "
+        "lmlab streaming beside transformers + bitsandbytes); ARGS are passed to it, e.g. '--layers 4'",
+    )
     return p.parse_args()
 
 
@@ -383,6 +397,19 @@ def main_int8(F) -> bool:
 
 
 def main() -> int:
+    status = main_speed()
+    if ARGS.memory is not None:
+        import shlex
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import quant_memory
+
+        print("\nmemory: quantizing a checkpoint bigger than the quantized model (bench/quant_memory.py)")
+        status = quant_memory.main(shlex.split(ARGS.memory)) or status
+    return status
+
+
+def main_speed() -> int:
     if ARGS.threads is not None:
         torch.set_num_threads(ARGS.threads)
     F = _bitsandbytes()
