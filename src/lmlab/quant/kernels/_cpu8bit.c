@@ -20,6 +20,7 @@
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14) && \
@@ -45,7 +46,9 @@ typedef struct {
     int32_t *acc32; /* lmlab_int8_gemm without scales: the int32 product itself */
     int64_t k, n, m, row0, row1;
     int bad;
-    float top; /* max of the part's row absmax */
+    float top;                 /* max of the part's row absmax */
+    atomic_llong *next;        /* lmlab_int8_gemm: the next chunk of weight rows to take */
+    int64_t chunk, chunks;     /* weight rows per chunk (a multiple of NR), chunk count */
 } job_t;
 
 /* max |x| of a row and whether it holds a NaN or inf. */
@@ -345,8 +348,18 @@ AVX2 static void gemm_part(const job_t *jb) {
     }
 }
 
+/* Takes chunks of weight rows from the shared counter until none is left: a thread whose core another
+ * process holds delays only its current chunk. */
 static void *gemm_cols(void *arg) {
-    gemm_part(arg);
+    const job_t *proto = arg;
+    job_t j = *proto;
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(proto->next, 1, memory_order_relaxed);
+        if (c >= proto->chunks) break;
+        j.row0 = c * proto->chunk;
+        j.row1 = j.row0 + proto->chunk < proto->n ? j.row0 + proto->chunk : proto->n;
+        gemm_part(&j);
+    }
     return NULL;
 }
 #endif
@@ -364,28 +377,25 @@ int lmlab_int8_gemm(const int16_t *a16, const int8_t *w8, int64_t m, int64_t n, 
         proto.acc = out;
     else
         proto.acc32 = out;
-    /* run_rows splits its "rows" (here the weight rows) in parts of at least MIN_PER_THREAD products each */
+    /* threads only where each gets at least 2**21 products; chunks of weight rows, 8 per thread */
     int64_t parts = (m * n * k) / (MIN_PER_THREAD * 64);
     if (parts > threads) parts = threads;
     if (parts > n / NR) parts = n / NR;
     if (parts > MAX_THREADS) parts = MAX_THREADS;
     if (parts < 1) parts = 1;
-    job_t jobs[MAX_THREADS];
+    int64_t chunk = parts == 1 ? n : (n + 8 * parts - 1) / (8 * parts);
+    chunk = (chunk + NR - 1) / NR * NR;
+    if (chunk < NR) chunk = NR;
+    atomic_llong next = 0;
+    proto.next = &next;
+    proto.chunk = chunk;
+    proto.chunks = (n + chunk - 1) / chunk;
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int64_t p = 0; p < parts; p++) {
-        jobs[p] = proto;
-        jobs[p].row0 = (n / NR) * p / parts * NR; /* even starts: NR-wide tiles */
-        jobs[p].row1 = p + 1 == parts ? n : (n / NR) * (p + 1) / parts * NR;
-    }
-    for (int64_t p = 1; p < parts; p++) started[p] = pthread_create(&tid[p], NULL, gemm_cols, &jobs[p]) == 0;
-    gemm_part(&jobs[0]);
-    for (int64_t p = 1; p < parts; p++) {
-        if (started[p])
-            pthread_join(tid[p], NULL);
-        else
-            gemm_part(&jobs[p]);
-    }
+    for (int64_t p = 1; p < parts; p++) started[p] = pthread_create(&tid[p], NULL, gemm_cols, &proto) == 0;
+    gemm_cols(&proto); /* the calling thread takes chunks too, and all of them if no thread started */
+    for (int64_t p = 1; p < parts; p++)
+        if (started[p]) pthread_join(tid[p], NULL);
     return 0;
 #else
     (void)a16, (void)w8, (void)m, (void)n, (void)k, (void)sx, (void)wsk, (void)bias, (void)out, (void)threads;
