@@ -22,6 +22,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && (!defined(__clang__) || __clang_major__ >= 14) && \
     !defined(LMLAB_NO_X86)
@@ -47,17 +48,19 @@ typedef struct {
     int64_t k, n, m, row0, row1;
     int bad;
     float top;                 /* max of the part's row absmax */
+    float *colmax;             /* the part's column maxima of |x| (NULL: not wanted) */
     atomic_llong *next;        /* lmlab_int8_gemm: the next chunk of weight rows to take */
     int64_t chunk, chunks;     /* weight rows per chunk (a multiple of NR), chunk count */
 } job_t;
 
-/* max |x| of a row and whether it holds a NaN or inf. */
-static float absmax_scalar(const float *x, int64_t k, int *bad) {
+/* max |x| of a row and whether it holds a NaN or inf; colmax (if not NULL) takes the column maxima of |x|. */
+static float absmax_scalar(const float *x, int64_t k, int *bad, float *colmax) {
     float m = 0.0f;
     for (int64_t i = 0; i < k; i++) {
         const float a = fabsf(x[i]);
         if (!(a <= FLT_MAX)) *bad = 1;
         if (a > m) m = a;
+        if (colmax && a > colmax[i]) colmax[i] = a;
     }
     return m;
 }
@@ -82,7 +85,7 @@ static int have_avx2(void) {
     return cached;
 }
 
-AVX2 static float absmax_avx2(const float *x, int64_t k, int *bad) {
+AVX2 static float absmax_avx2(const float *x, int64_t k, int *bad, float *colmax) {
     const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(FLT_MAX);
     __m256 m = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     int64_t i = 0;
@@ -90,13 +93,14 @@ AVX2 static float absmax_avx2(const float *x, int64_t k, int *bad) {
         const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
         ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, big, _CMP_LE_OQ)); /* false for NaN and inf */
         m = _mm256_max_ps(m, a);
+        if (colmax) _mm256_storeu_ps(colmax + i, _mm256_max_ps(_mm256_loadu_ps(colmax + i), a));
     }
     float lanes[8];
     _mm256_storeu_ps(lanes, m);
     float r = 0.0f;
     for (int j = 0; j < 8; j++) r = lanes[j] > r ? lanes[j] : r;
     if (_mm256_movemask_ps(ok) != 0xff) *bad = 1;
-    const float tail = absmax_scalar(x + i, k - i, bad);
+    const float tail = absmax_scalar(x + i, k - i, bad, colmax ? colmax + i : NULL);
     return tail > r ? tail : r;
 }
 
@@ -129,9 +133,9 @@ static void *codes_rows(void *arg) {
         int bad = 0;
         float m;
 #if X86
-        m = avx2 ? absmax_avx2(x, j->k, &bad) : absmax_scalar(x, j->k, &bad);
+        m = avx2 ? absmax_avx2(x, j->k, &bad, j->colmax) : absmax_scalar(x, j->k, &bad, j->colmax);
 #else
-        m = absmax_scalar(x, j->k, &bad);
+        m = absmax_scalar(x, j->k, &bad, j->colmax);
 #endif
         /* torch evaluates 127 / scale as reciprocal(scale) * 127: two roundings, kept here */
         const float factor = m == 0.0f ? 0.0f : (1.0f / m) * 127.0f;
@@ -182,27 +186,37 @@ static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, 
         jobs[p].row1 = m * (p + 1) / parts;
         jobs[p].bad = 0;
         jobs[p].top = 0.0f;
+        if (proto.colmax && p > 0) {
+            jobs[p].colmax = calloc((size_t)width, sizeof(float));
+            if (!jobs[p].colmax) jobs[p].bad = 1; /* no memory: the caller takes the torch path */
+        }
     }
-    for (int64_t p = 1; p < parts; p++) started[p] = pthread_create(&tid[p], NULL, fn, &jobs[p]) == 0;
+    for (int64_t p = 1; p < parts; p++)
+        started[p] = !jobs[p].bad && pthread_create(&tid[p], NULL, fn, &jobs[p]) == 0;
     fn(&jobs[0]);
     for (int64_t p = 1; p < parts; p++) {
         if (started[p])
             pthread_join(tid[p], NULL);
-        else
+        else if (!jobs[p].bad)
             fn(&jobs[p]); /* no thread to be had: this one does the part */
     }
     int bad = 0;
     for (int64_t p = 0; p < parts; p++) {
         bad |= jobs[p].bad;
         if (jobs[p].top > proto.top) proto.top = jobs[p].top;
+        if (proto.colmax && p > 0 && jobs[p].colmax) {
+            for (int64_t i = 0; i < width; i++)
+                if (jobs[p].colmax[i] > proto.colmax[i]) proto.colmax[i] = jobs[p].colmax[i];
+            free(jobs[p].colmax);
+        }
     }
     if (top) *top = proto.top;
     return bad;
 }
 
 int lmlab_int8_row_codes(const float *x, int64_t m, int64_t k, float *codes, float *scale, float *l1,
-                         int16_t *codes16, float *top, int threads) {
-    job_t proto = {.x = x, .codes = codes, .scale = scale, .l1 = l1, .codes16 = codes16, .k = k};
+                         int16_t *codes16, float *top, float *colmax, int threads) {
+    job_t proto = {.x = x, .codes = codes, .scale = scale, .l1 = l1, .codes16 = codes16, .colmax = colmax, .k = k};
     return run_rows(codes_rows, proto, m, k, threads, top);
 }
 

@@ -105,7 +105,7 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, p, p, i32]
+    lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, p, p, p, i32]
     lib.lmlab_int8_row_codes.restype = i32
     lib.lmlab_int8_rescale.argtypes = [p, i64, i64, p, p, i32]
     lib.lmlab_int8_rescale.restype = i32
@@ -127,10 +127,11 @@ def native_available() -> bool:
     return _library() is not None
 
 
-def _native_codes(x2d: torch.Tensor, int16: bool = False) -> tuple | None:
+def _native_codes(x2d: torch.Tensor, int16: bool = False, columns: bool = False) -> tuple | None:
     """:func:`lmlab.quant.int8.row_codes` of contiguous float32 ``x2d (M, K)`` in one pass, with the
-    row L1 norms of the codes, the codes as int16 too where ``int16``, and the largest row absmax
-    (a Python float): ``(codes, scale, l1, codes16 or None, top)``. None (nothing written) where the
+    row L1 norms of the codes, the codes as int16 too where ``int16``, the largest row absmax (a
+    Python float) and, where ``columns``, every column's ``max |x|`` (``(K,)``, else None):
+    ``(codes, scale, l1, codes16 or None, top, colmax or None)``. None (nothing written) where the
     compiled passes are missing or a row needs the torch path (an absmax that is NaN, inf or below
     ``127 / FLT_MAX``)."""
     lib = _library() if NATIVE else None
@@ -141,11 +142,13 @@ def _native_codes(x2d: torch.Tensor, int16: bool = False) -> tuple | None:
     scale = x2d.new_empty(m)
     l1 = x2d.new_empty(m)
     codes16 = torch.empty(x2d.shape, dtype=torch.int16) if int16 else None
+    colmax = x2d.new_zeros(k) if columns else None
     top = ctypes.c_float(0.0)
     ptrs = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), codes16.data_ptr() if int16 else None)
-    if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *ptrs, ctypes.byref(top), _threads()):
+    ptrs += (ctypes.byref(top), colmax.data_ptr() if columns else None, _threads())
+    if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *ptrs):
         return None
-    return codes, scale, l1, codes16, top.value
+    return codes, scale, l1, codes16, top.value, colmax
 
 
 def _rescale_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -261,12 +264,13 @@ def int8_linear(
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K); not modified below
     how = method()
     int16 = how == "native"
-    native = _native_codes(x2d, int16)  # codes, scales, row L1 norms (and int16 codes) in one pass
+    # codes, scales, row L1 norms (and int16 codes, column max |x|) in one pass
+    native = _native_codes(x2d, int16, columns=threshold > 0)
     if native is None:
         scale = row_absmax(x2d)  # (M,): also tells that most inputs hold no outlier at all
         cols = outlier_columns(x2d, threshold, row_max=scale)
-    elif 0 < threshold <= native[4]:  # some |x| reaches the threshold: look for its columns
-        cols = outlier_columns(x2d, threshold)
+    elif 0 < threshold <= native[4]:  # some |x| reaches the threshold: outlier_columns' columns
+        cols = (native[5] >= threshold).nonzero().view(-1)
     else:
         cols = _NO_COLUMNS
     if cols.numel():
@@ -276,7 +280,7 @@ def int8_linear(
         codes, x_scale = row_codes(regular) if cols.numel() else row_codes(x2d, scale)
         l1 = codes16 = None
     else:
-        codes, x_scale, l1, codes16, _ = native
+        codes, x_scale, l1, codes16, *_ = native
     fuse = bias is not None and x.dtype == torch.float32 and not cols.numel()
     b32 = bias.to(torch.float32).contiguous() if fuse else None
     out = _native_gemm(codes16, w_q, x_scale, w_scale, b32) if codes16 is not None else None
