@@ -276,12 +276,14 @@ def test_native_int8_row_codes_equal_the_torch_ones(k):
     x[2] = x[2].to(torch.bfloat16).float()  # bfloat16 inputs hit x * (127 / scale) = n + 0.5 - ulp
     x[3, 0] = 1e-30  # a tiny row: 127 / scale is still finite
     x[3, 1:] = 0.0
-    codes, scale, l1, codes16, top, colmax = int8_cpu._native_codes(x, int16=True, columns=True)
+    codes, scale, l1, _, top, colmax = int8_cpu._native_codes(x, columns=True)
     want_codes, want_scale = row_codes(x)
     assert torch.equal(bits(codes), bits(want_codes)) and torch.equal(scale, want_scale)
     assert torch.equal(l1, want_codes.abs().sum(dim=1))
-    assert torch.equal(codes16, want_codes.to(torch.int16)) and top == float(want_scale.max())
-    assert torch.equal(colmax, x.abs().amax(dim=0))
+    assert top == float(want_scale.max()) and torch.equal(colmax, x.abs().amax(dim=0))
+    none, scale16, l1_16, codes16, *_ = int8_cpu._native_codes(x, int16=True)
+    assert none is None and torch.equal(codes16, want_codes.to(torch.int16))
+    assert torch.equal(scale16, want_scale) and torch.equal(l1_16, l1)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-39])

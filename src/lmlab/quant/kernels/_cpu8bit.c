@@ -122,6 +122,33 @@ AVX2 static float codes_avx2(const float *x, int64_t k, float factor, float *c) 
 }
 #endif
 
+#if X86
+/* The codes as int16 only (no float32 copy), same values: round(x * factor) converted exactly. */
+AVX2 static float codes16_avx2(const float *x, int64_t k, float factor, int16_t *c16) {
+    const __m256 f = _mm256_set1_ps(factor), sign = _mm256_set1_ps(-0.0f);
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), f),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i q = _mm256_cvtps_epi32(v);
+        _mm_storeu_si128((__m128i *)(c16 + i),
+                         _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+        s = _mm256_add_ps(s, _mm256_andnot_ps(sign, v));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, s);
+    float l1 = 0.0f;
+    for (int j = 0; j < 8; j++) l1 += lanes[j];
+    for (; i < k; i++) {
+        const float v = nearbyintf(x[i] * factor);
+        c16[i] = (int16_t)v;
+        l1 += fabsf(v);
+    }
+    return l1;
+}
+#endif
+
 static void *codes_rows(void *arg) {
     job_t *j = arg;
 #if X86
@@ -129,7 +156,7 @@ static void *codes_rows(void *arg) {
 #endif
     for (int64_t r = j->row0; r < j->row1 && !j->bad; r++) {
         const float *x = j->x + r * j->k;
-        float *c = j->codes + r * j->k;
+        float *c = j->codes ? j->codes + r * j->k : NULL; /* NULL: int16 codes only (AVX2) */
         int bad = 0;
         float m;
 #if X86
@@ -144,6 +171,12 @@ static void *codes_rows(void *arg) {
             break;
         }
 #if X86
+        if (!c && avx2) { /* int16 codes only */
+            j->l1[r] = codes16_avx2(x, j->k, factor, j->codes16 + r * j->k);
+            j->scale[r] = m;
+            if (m > j->top) j->top = m;
+            continue;
+        }
         j->l1[r] = avx2 ? codes_avx2(x, j->k, factor, c) : codes_scalar(x, j->k, factor, c);
 #else
         j->l1[r] = codes_scalar(x, j->k, factor, c);
@@ -216,6 +249,11 @@ static int run_rows(void *(*fn)(void *), job_t proto, int64_t m, int64_t width, 
 
 int lmlab_int8_row_codes(const float *x, int64_t m, int64_t k, float *codes, float *scale, float *l1,
                          int16_t *codes16, float *top, float *colmax, int threads) {
+#if X86
+    if (!codes && (!codes16 || !have_avx2())) return 1;
+#else
+    if (!codes) return 1;
+#endif
     job_t proto = {.x = x, .codes = codes, .scale = scale, .l1 = l1, .codes16 = codes16, .colmax = colmax, .k = k};
     return run_rows(codes_rows, proto, m, k, threads, top);
 }

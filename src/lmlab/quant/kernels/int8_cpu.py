@@ -115,6 +115,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 _NO_COLUMNS = torch.empty(0, dtype=torch.long)
+NATIVE_K = 2**17  # the int16 GEMM's int32 sums are exact below this K
 NATIVE = True  # tests switch the compiled passes off to hold the torch path too
 
 
@@ -131,20 +132,22 @@ def _native_codes(x2d: torch.Tensor, int16: bool = False, columns: bool = False)
     """:func:`lmlab.quant.int8.row_codes` of contiguous float32 ``x2d (M, K)`` in one pass, with the
     row L1 norms of the codes, the codes as int16 too where ``int16``, the largest row absmax (a
     Python float) and, where ``columns``, every column's ``max |x|`` (``(K,)``, else None):
-    ``(codes, scale, l1, codes16 or None, top, colmax or None)``. None (nothing written) where the
+    ``(codes, scale, l1, codes16 or None, top, colmax or None)``; with ``int16`` the float32 codes
+    are not written (``codes`` is None: the int16 GEMM needs only those). None (nothing written) where the
     compiled passes are missing or a row needs the torch path (an absmax that is NaN, inf or below
     ``127 / FLT_MAX``)."""
     lib = _library() if NATIVE else None
     if lib is None or x2d.dtype != torch.float32 or not x2d.is_contiguous() or x2d.device.type != "cpu":
         return None
     m, k = x2d.shape
-    codes = torch.empty_like(x2d)
+    codes = None if int16 else torch.empty_like(x2d)
     scale = x2d.new_empty(m)
     l1 = x2d.new_empty(m)
     codes16 = torch.empty(x2d.shape, dtype=torch.int16) if int16 else None
     colmax = x2d.new_zeros(k) if columns else None
     top = ctypes.c_float(0.0)
-    ptrs = (codes.data_ptr(), scale.data_ptr(), l1.data_ptr(), codes16.data_ptr() if int16 else None)
+    ptrs = (None if int16 else codes.data_ptr(), scale.data_ptr(), l1.data_ptr())
+    ptrs += (codes16.data_ptr() if int16 else None,)
     ptrs += (ctypes.byref(top), colmax.data_ptr() if columns else None, _threads())
     if lib.lmlab_int8_row_codes(x2d.data_ptr(), m, k, *ptrs):
         return None
@@ -263,7 +266,7 @@ def int8_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K); not modified below
     how = method()
-    int16 = how == "native"
+    int16 = how == "native" and x2d.shape[1] < NATIVE_K
     # codes, scales, row L1 norms (and int16 codes, column max |x|) in one pass
     native = _native_codes(x2d, int16, columns=threshold > 0)
     if native is None:
@@ -287,6 +290,8 @@ def int8_linear(
     if out is not None and fuse:
         bias = None  # added
     if out is None:
+        if codes is None:
+            codes = codes16.float()
         if how in ("native", "float32"):
             acc = exact_product_float32(codes, w_q, l1)
         else:
