@@ -1,18 +1,23 @@
-/* The passes around the float32 GEMM of lmlab's LLM.int8() CPU kernel (int8_cpu.py), one memory pass each.
+/* lmlab's LLM.int8() CPU kernel (int8_cpu.py): the int8 product as an int16 x int8 GEMM with exact int32 sums,
+ * and the passes around it, one memory pass each.
  *
- * lmlab_int8_row_codes: per row of x (M, K) float32, the absmax, the codes round(x * (127 / absmax)) as
- * integer-valued float32 (round half to even, as torch.round), the row scale and the L1 norm of the codes
- * (the exactness bound of the float32 GEMM past K = 1024, int8_cpu._fits_float32).  The row is read once
- * from memory: the second read (the codes) finds it in L1/L2.  The arithmetic is lmlab.quant.int8.row_codes':
- * factor = (1 / absmax) * 127 in float32 as torch evaluates
- * 127 / scale (0 for an all-zero row), one float32 multiply, one rounding; so the
+ * lmlab_int8_row_codes: per row of x (M, K) float32, the absmax, the codes round(x * (127 / absmax)) (round half
+ * to even, as torch.round) as integer-valued float32 and/or int16, the row scale, the L1 norm of the codes (the
+ * float32 GEMM's exactness bound past K = 1024, int8_cpu._fits_float32), the largest absmax and, on request,
+ * every column's max |x| (LLM.int8()'s outlier columns).  The row is read once from memory: the second read
+ * (the codes) finds it in L1/L2.  The arithmetic is lmlab.quant.int8.row_codes': factor = (1 / absmax) * 127 in
+ * float32 as torch evaluates 127 / scale (0 for an all-zero row), one float32 multiply, one rounding; so the
  * codes and scales are bit-identical to it.  A row whose absmax is not finite (NaN, inf) or whose factor
  * overflows (absmax < 127 / FLT_MAX) makes the call return 1 and the caller takes the torch path.
  *
- * lmlab_int8_rescale: acc (M, N) *= sx[i] then *= wsk[j], in place: dequantize_product_'s two float32
- * multiplies in the same order, one pass instead of two.
+ * lmlab_int8_gemm: out = the exact product of the int16 codes and the int8 weight (vpmaddwd: 16 products summed
+ * pairwise into int32 lanes per instruction, the construction of oneDNN's and FBGEMM's int8 GEMMs on CPUs without
+ * VNNI), dequantized (and the bias added) in the register tile's store.
  *
- * Rows are split over `threads` pthreads (ctypes releases the GIL); small inputs stay on the caller's thread.
+ * lmlab_int8_rescale: acc (M, N) *= sx[i] then *= wsk[j], in place: dequantize_product_'s two float32
+ * multiplies in the same order, one pass instead of two (the float32-GEMM route).
+ *
+ * Work is split over `threads` pthreads (ctypes releases the GIL); small inputs stay on the caller's thread.
  * No -ffast-math and no FMA contraction: every step must round as torch's does.
  */
 #include <Python.h>
