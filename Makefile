@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/linear.py
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/mixing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache runs
