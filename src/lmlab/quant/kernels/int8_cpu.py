@@ -5,7 +5,7 @@ The int8 x int8 product must be exact (int32 accumulation, LLM.int8() §3.1). Fo
 * ``"native"`` -- the compiled int16 x int8 GEMM of ``_cpu8bit.c`` (AVX2 ``vpmaddwd``: 16 products
   summed pairwise into int32 lanes per instruction, the way oneDNN / FBGEMM build int8 GEMMs on CPUs
   without VNNI; 4 x 2 register tiles, 64 activation rows kept in L2 while the int8 weight rows stream
-  past, weight rows split over pthreads). Its sums are int32, exact for ``K < 2**17`` with no bound
+  past, weight rows split over torch's OpenMP threads, or pthreads). Its sums are int32, exact for ``K < 2**17`` with no bound
   on the activations, and the int8 weight is read as int8: no float32 copy of it is ever made. The
   dequantization (``int32.float() * sx[i] * (SCB[j] / 127**2)``, the reference's two float32
   multiplies in its order) happens in the tile's store.
