@@ -306,6 +306,16 @@ def _default_filter(config: Config, heads: set[str], keep_float: tuple[str, ...]
     return keep
 
 
+def mark_quantized(model: nn.Module) -> nn.Module:
+    """Set ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` where the model holds lmlab's 4-bit / int8
+    layers, as transformers does on a bitsandbytes model: peft's ``prepare_model_for_kbit_training``
+    reads them. :func:`quantize_` and :func:`lmlab.quant.load_quantized` call it."""
+    for cls, flag in ((Linear4bit, "is_loaded_in_4bit"), (Linear8bit, "is_loaded_in_8bit")):
+        if any(isinstance(m, cls) for m in model.modules()):
+            setattr(model, flag, True)
+    return model
+
+
 def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = None) -> QuantReport:
     """Replace the linear layers of ``model`` by quantized ones, in place; returns a report.
 
@@ -341,12 +351,7 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
         params += w.numel()
         bytes_before += w.numel() * w.element_size()
         bytes_after += new.quantized_nbytes
-    if (
-        targets
-    ):  # what transformers sets on a bitsandbytes model; peft's prepare_model_for_kbit_training reads it
-        setattr(
-            model, "is_loaded_in_4bit" if isinstance(config, FourBitConfig) else "is_loaded_in_8bit", True
-        )
+    mark_quantized(model)
     return QuantReport(
         method=config.method,
         layers=tuple(n for n, _ in targets),

@@ -38,7 +38,14 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_dir, check_output_dir, read_json_object, sha256_file
-from lmlab.quant.api import Config, config_for, config_from_json, float_linear_names, quantized_layers
+from lmlab.quant.api import (
+    Config,
+    config_for,
+    config_from_json,
+    float_linear_names,
+    mark_quantized,
+    quantized_layers,
+)
 from lmlab.quant.formats import (
     FLOAT_DTYPE_NAMES,
     INT8_METHOD,
@@ -539,16 +546,6 @@ def load_quantized(
     _check_scales(weights, shells)
     model.to(device)
     return mark_quantized(model.eval())
-
-
-def mark_quantized(model: nn.Module) -> nn.Module:
-    """Set ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` as transformers does on a bitsandbytes model
-    (and :func:`lmlab.quant.quantize_` on the models it quantizes): peft's
-    ``prepare_model_for_kbit_training`` reads them."""
-    for cls, flag in ((Linear4bit, "is_loaded_in_4bit"), (Linear8bit, "is_loaded_in_8bit")):
-        if any(isinstance(m, cls) for m in model.modules()):
-            setattr(model, flag, True)
-    return model
 
 
 # ------------------------------------------------------------------ transformers + bitsandbytes dirs

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 
 import torch
 
@@ -97,12 +96,10 @@ def method() -> str:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled passes (``_cpu8bit.c``), loaded on first use; None where they were not built."""
-    spec = importlib.util.find_spec("lmlab.quant.kernels._cpu8bit")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    from lmlab.quant.kernels.native import load_extension
+
+    lib = load_extension("_cpu8bit")
+    if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lmlab_int8_row_codes.argtypes = [p, i64, i64, p, p, p, p, p, p, i32]

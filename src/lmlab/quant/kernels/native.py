@@ -39,14 +39,22 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec("lmlab.quant.kernels._cpu4bit")
+def load_extension(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel ``lmlab.quant.kernels.<name>`` (built by setup.py) through ctypes, which
+    releases the GIL around each call; None where it was not built or does not load."""
+    spec = importlib.util.find_spec(f"lmlab.quant.kernels.{name}")
     if spec is None or not spec.origin:
         return None
     try:
-        lib = ctypes.CDLL(spec.origin)
+        return ctypes.CDLL(spec.origin)
     except OSError:
+        return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load_extension("_cpu4bit")
+    if lib is None:
         return None
     _INT = ctypes.c_int
     lib.lmlab_quantize_4bit.argtypes = [_P, _INT, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT]
