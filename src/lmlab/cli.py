@@ -4,6 +4,8 @@
     lmlab corrupt   --objective span                 show a pre-training objective on a sentence
     lmlab pretrain  --data DIR --objective span ...  train T5 / BERT / GPT
     lmlab quantize  MODEL_DIR --method nf4 ...       LLM.int8() / NF4 / FP4 / int4 a saved model
+    lmlab eval      MODEL [--data DIR | --corpus ...] perplexity, bits per byte, KL to a base, memorization
+    lmlab generate  MODEL --prompt TEXT              sample from a causal or T5 model
     lmlab quickstart                                 the README's main job, end to end
 
 Each subcommand lives in the package of its concern as a module with two functions,
@@ -36,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corrupt": ("lmlab.objectives.cli", "show what a pre-training objective does to a sentence"),
     "pretrain": ("lmlab.train.cli", "pre-train a T5, BERT, GPT-2 or Llama model with any objective"),
     "quantize": ("lmlab.quant.cli", f"quantize a saved model ({', '.join(METHODS)})"),
+    "eval": ("lmlab.eval.cli", "perplexity, bits per byte, quantization damage and memorization of a model"),
+    "generate": ("lmlab.eval.generate", "sample text from a causal or T5 model, float or quantized"),
     "quickstart": ("lmlab.quickstart", "the main job on the embedded default corpus, end to end"),
 }
 

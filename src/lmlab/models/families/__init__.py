@@ -86,6 +86,18 @@ def model_class(config: Any) -> type:
         raise LmlabError(f"no transformers model class for config type {type(config).__name__}") from None
 
 
+def scoring_family(model_or_config: Any) -> Any:
+    """The family that says how to score and generate with a model: its lmlab family, else a
+    :class:`~lmlab.models.families.generic.GenericFamily` of its kind (any ``transformers``
+    language model: evaluation and generation take models lmlab does not train)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, "model_type", None) in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[config.model_type]
+    from lmlab.models.families.generic import GenericFamily, kind_of_config
+
+    return GenericFamily(kind_of_config(config), str(getattr(config, "model_type", "?")))
+
+
 def check_trained_class(model: Any) -> Family:
     """The family of ``model``, which must be the class lmlab trains and scores for that family
     (its language-modelling head); a one-line error for, e.g., a sequence classifier."""
@@ -110,4 +122,5 @@ __all__ = [
     "get_family",
     "model_class",
     "check_trained_class",
+    "scoring_family",
 ]

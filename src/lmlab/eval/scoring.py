@@ -1,0 +1,148 @@
+"""A model's next-token distributions at the scored positions of a batch: the core every metric reads.
+
+A batch is Hugging Face's vocabulary (``input_ids``, ``attention_mask``, ``labels`` with ``-100``
+where unscored, ``decoder_input_ids``); for decoder-only models position t predicts label t+1
+(the labels are shifted here, as ``transformers``' causal-LM loss shifts them).  Only the scored
+positions ever reach the output projection: a family whose body/head split applies
+(:meth:`~lmlab.models.families.base.Family.hidden_and_head`) runs its body once and projects the
+scored rows in chunks of at most ``chunk_rows`` × V logits; any other model (another
+``transformers`` architecture, a quantized output head) goes through its own forward and its
+logits are indexed.  :func:`token_nll` is ``F.cross_entropy(..., reduction="none")`` on those
+logits; :func:`iter_logits` hands out the fp32 logits themselves (for the KL divergence of
+:mod:`lmlab.eval.compare`).  ``impl="reference"`` is the plain path (the model's forward, whole
+logits) that the fast one is tested against.
+
+Which family scores a model is :func:`lmlab.models.families.scoring_family`'s answer, so a new
+family needs nothing here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.impl import check_impl
+from lmlab.models.families import DECODER, scoring_family
+from lmlab.models.families.base import fast_routing
+from lmlab.objectives.base import IGNORE_INDEX
+
+__all__ = ["Scored", "aligned_labels", "iter_logits", "scored", "start_id", "token_nll"]
+
+# Elements of one chunk of logits: 4 Mi (16 MiB of fp32) on CPUs, 64 Mi on GPUs.
+_CPU_CHUNK_ELEMENTS = 1 << 22
+_GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def start_id(model: torch.nn.Module) -> int:
+    """The decoder's start id of an encoder–decoder (``decoder_start_token_id``; T5's pad), else 0."""
+    return int(getattr(model.config, "decoder_start_token_id", None) or 0)
+
+
+def aligned_labels(kind: str, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` (B, T) aligned with the model's output positions: shifted left for a decoder-only
+    model (position t predicts label t+1), as they are for the others; −100 where unscored."""
+    if kind == DECODER:
+        return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return labels
+
+
+@dataclass
+class Scored:
+    """A batch's scored positions: ``targets`` (rows,) int64, and either ``hidden`` (rows, d) with the
+    ``head`` that projects it, or the ``logits`` (rows, V) of the model's own forward."""
+
+    targets: torch.Tensor
+    hidden: torch.Tensor | None = None
+    head: torch.nn.Module | None = None
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+@torch.no_grad()
+def scored(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, impl: str = "auto") -> Scored:
+    """The scored positions of ``batch`` under ``model``, in row-major (B, T) order."""
+    check_impl(impl, "scored")
+    fam = scoring_family(model)
+    kw = fam.forward_inputs(model, batch, start_id(model))
+    labels = aligned_labels(fam.kind, batch["labels"])
+    keep = labels != IGNORE_INDEX
+    targets = labels[keep]
+    if impl != "reference" and fam.splits(model):
+        h, head = fam.hidden_and_head(model, kw, keep, impl)
+        return Scored(targets, hidden=h, head=head)
+    with fast_routing(model, impl):
+        logits = model(**kw).logits
+    return Scored(targets, logits=logits[keep])
+
+
+def _chunk_rows(device: torch.device, vocab: int) -> int:
+    elements = _GPU_CHUNK_ELEMENTS if device.type != "cpu" else _CPU_CHUNK_ELEMENTS
+    return max(8, elements // max(vocab, 1))
+
+
+def iter_logits(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    chunk_rows: int | None = None,
+    impl: str = "auto",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, targets)`` of the scored positions in chunks of ``chunk_rows`` rows: logits
+    (m, V) fp32 (fp64 for an fp64 model), targets (m,) int64.  Chunks of two models on one batch
+    line up (the same rows, the same ``chunk_rows``)."""
+    s = scored(model, batch, impl=impl)
+    yield from iter_scored_logits(s, chunk_rows=chunk_rows)
+
+
+@torch.no_grad()
+def iter_scored_logits(
+    s: Scored, *, chunk_rows: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The chunks of :func:`iter_logits` from an already :func:`scored` batch."""
+    if s.logits is not None:
+        vocab, dev = s.logits.shape[-1], s.logits.device
+    else:
+        vocab, dev = s.head.weight.shape[0], s.hidden.device
+    m = int(chunk_rows or _chunk_rows(dev, vocab))
+    for lo in range(0, len(s), m):
+        if s.logits is not None:
+            z = s.logits[lo : lo + m]
+        else:
+            z = F.linear(s.hidden[lo : lo + m], s.head.weight, s.head.bias)
+        yield z.to(torch.promote_types(z.dtype, torch.float32)), s.targets[lo : lo + m]
+
+
+@torch.no_grad()
+def token_nll(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    chunk_rows: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Negative log-likelihood (nats) of each scored target, (rows,) float64, row-major over (B, T):
+    ``F.cross_entropy(logits, targets, reduction="none")`` without forming the unscored logits."""
+    parts = [
+        F.cross_entropy(z, y, reduction="none").double()
+        for z, y in iter_logits(model, batch, chunk_rows=chunk_rows, impl=impl)
+    ]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64, device=batch["labels"].device)
+    return torch.cat(parts)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def to_model(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """The batch's tensors on the model's device."""
+    dev = model_device(model)
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
