@@ -1,24 +1,63 @@
-"""Evaluation of trained, untrained and quantized models (``lmlab.eval``).
+"""Evaluation of trained, untrained, quantized and any Hugging Face models (``lmlab.eval``).
 
-:func:`evaluate` is a model's validation loss and perplexity under a pre-training objective
-(:mod:`lmlab.eval.loss`); the training loop validates with the same :class:`LossHead` and
-:func:`eval_pass`, so both measure the same thing on the same batches.  Importing this package is
-cheap; torch loads on first use of these names.
+The measuring instrument every later experiment stands on; each function returns a dataclass whose
+``to_dict()`` is what ``lmlab eval --json`` prints:
+
+* :func:`perplexity`: causal LMs, Hugging Face's sliding-window scheme; perplexity, bits per byte and
+  word perplexity with lm-evaluation-harness's definitions (:mod:`lmlab.eval.perplexity`);
+* :func:`denoising_loss`, :func:`pseudo_log_likelihood`: T5 / BERT, the NLL of a pre-training
+  objective's targets on fixed corruptions, and the MLM pseudo-log-likelihood (:mod:`lmlab.eval.denoising`);
+* :func:`compare`: quantization damage, llama.cpp's protocol (KL divergence, top-1 agreement, deltas)
+  (:mod:`lmlab.eval.compare`);
+* :func:`memorization`: Carlini et al.'s extractable rate and Pythia's partial score (:mod:`lmlab.eval.memorization`);
+* :func:`compression_bits_per_byte`: the gzip / bz2 / xz floor (:mod:`lmlab.eval.bytes`);
+* :func:`load_for_eval`, :func:`generate`: any model directory, and sampling (:mod:`lmlab.eval.load`,
+  :mod:`lmlab.eval.generate`);
+* :func:`evaluate`, :class:`LossHead`, :func:`eval_pass`: the validation loss the training loop reports
+  (:mod:`lmlab.eval.loss`).
+
+All of them score through :mod:`lmlab.eval.scoring`: only the scored positions reach the output
+projection.  Importing this package is cheap; torch loads on first use of these names.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
-if TYPE_CHECKING:
-    from lmlab.eval.loss import LossHead, eval_pass, evaluate
+_WHERE = {
+    "LossHead": "loss",
+    "eval_pass": "loss",
+    "evaluate": "loss",
+    "perplexity": "perplexity",
+    "PerplexityResult": "perplexity",
+    "window_plan": "perplexity",
+    "denoising_loss": "denoising",
+    "DenoisingResult": "denoising",
+    "pseudo_log_likelihood": "denoising",
+    "PLLResult": "denoising",
+    "compare": "compare",
+    "CompareResult": "compare",
+    "memorization": "memorization",
+    "MemorizationResult": "memorization",
+    "compression_bits_per_byte": "bytes",
+    "token_byte_lengths": "bytes",
+    "load_for_eval": "load",
+    "Loaded": "load",
+    "generate": "generate",
+    "load_eval_text": "text",
+    "EvalText": "text",
+    "token_nll": "scoring",
+}
 
-__all__ = ["LossHead", "eval_pass", "evaluate"]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from lmlab.eval import loss
-
-        return getattr(loss, name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"lmlab.eval.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'lmlab.eval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
