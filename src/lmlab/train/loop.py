@@ -14,7 +14,16 @@ continued pre-training from ``--init`` (Gururangan et al. 2020), mixing of sever
 This module is the loop itself (:func:`pretrain`, :func:`train_step`, signals, saves); the run's
 set-up is :mod:`lmlab.train.setup`, its directory and resume checks :mod:`lmlab.train.state`, its
 metrics :mod:`lmlab.train.metrics`, its precision :mod:`lmlab.train.precision`, and validation
-:mod:`lmlab.eval`.  Process tuning (TF32, glibc's malloc) is :mod:`lmlab.runtime`'s, applied only
+:mod:`lmlab.eval`.
+
+Validation reports the loss per scored target (``val_loss``, nats) and bits per byte (``val_bpb``):
+the loss summed over the targets / the UTF-8 bytes of the validation rows' corpus tokens / ln 2
+(:func:`lmlab.eval.bytes.token_byte_lengths`; lm-evaluation-harness's ``bits_per_byte``), so runs
+with different tokenizers compare.  The rows are fixed, so their bytes are counted once.  For the
+causal objective it is the text's bits per byte (the first token of each row, which nothing
+predicts, is in the bytes); for the denoising objectives (span, bert, ...) it is the bits of the
+corrupted targets per byte of the whole text, comparable between runs of the same objective and
+noise density.  Process tuning (TF32, glibc's malloc) is :mod:`lmlab.runtime`'s, applied only
 when asked (``tune_process=True``, as ``lmlab pretrain`` does).
 """
 
@@ -36,6 +45,7 @@ import torch
 
 from lmlab import runtime
 from lmlab.errors import LmlabError
+from lmlab.eval.bytes import bytes_of, token_byte_lengths
 from lmlab.eval.loss import eval_pass
 from lmlab.io import atomic_dir
 from lmlab.models import ENCODER_DECODER, flops_per_step, peak_flops, quiet_hf_progress
@@ -58,6 +68,7 @@ class PretrainResult:
     step: int
     train_loss: float | None
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    val_bpb: list[tuple[int, float]] = field(default_factory=list)  # (step, validation bits per byte)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) as logged
     tokens_per_s: float | None = None  # raw corpus tokens per second over the whole run (all ranks)
     mfu: float | None = None  # on GPUs with a known peak
@@ -264,19 +275,45 @@ class _Run:
         return final
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _evaluate(self) -> float | None:
+    def _val_keys(self) -> list:
+        return val_keys(self.s.val_sources.n_rows, self.cfg.batch_size, self.cfg.eval_batches,
+                        self.d.rank, self.d.world)  # fmt: skip
+
+    def _val_bytes(self) -> int | None:
+        """UTF-8 bytes of the text of every rank's validation rows (their corpus tokens, before the
+        objective); None without a validation split or when the tokenizer cannot say (logged)."""
+        src = self.s.val_sources
+        if src is None:
+            return None
+        n, why = 0, None
+        try:
+            table = token_byte_lengths(self.s.tokenizer)
+            for key in self._val_keys():
+                n += sum(bytes_of(src.read(source, row), table) for source, row, _ in key[2].tolist())
+        except LmlabError as e:
+            why = str(e)
+        # Every rank takes part, so the collective lines up even where one rank failed.
+        total = torch.tensor([float(n), 1.0 if why else 0.0], dtype=torch.float64, device=self.d.device)
+        ddp.all_reduce_sum(total, self.d)
+        if why is not None or total[1] > 0:
+            self.log(f"lmlab pretrain: no val_bpb for this run: {why or 'a rank could not count its bytes'}")
+            return None
+        return int(total[0]) or None
+
+    def _evaluate(self) -> tuple[float, float | None] | None:
+        """``(val_loss, val_bpb)`` over all ranks' validation rows; None without a validation split."""
         if self.s.val_sources is None:
             return None
-        keys = val_keys(self.s.val_sources.n_rows, self.cfg.batch_size, self.cfg.eval_batches,
-                        self.d.rank, self.d.world)  # fmt: skip
-        loader = make_loader(self.s.val_dataset, keys, 0, pin_memory=False)
+        loader = make_loader(self.s.val_dataset, self._val_keys(), 0, pin_memory=False)
         s, n = eval_pass(self.s.eval_head, loader, self.d.device, self.d, self.s.precision)
-        return s / max(n, 1)
+        bpb = s / self.val_bytes / math.log(2) if self.val_bytes else None
+        return s / max(n, 1), bpb
 
     def run(self) -> PretrainResult:
         cfg, d = self.cfg, self.d
         state.check_out(cfg, self.run_dir)
         self._build()
+        self.val_bytes = self._val_bytes()
         # Dropout's generator: seeded by the run's seed and the rank (so ranks draw different masks),
         # then replaced by the checkpoint's own state on a resume.
         a, b = np.random.SeedSequence([cfg.seed, 0x64726F70, d.rank]).generate_state(2, np.uint32)
@@ -355,11 +392,14 @@ class _Run:
             result.losses.append((step, loss_value))
         row = self._log_row(p, loss_value, grad_norm, lr, bar) if is_log else None
         if is_eval and s.val_sources is not None:
-            val = self._evaluate()
+            val, bpb = self._evaluate()
             result.evals.append((step, val))
             row = row or dict(step=step, loss=loss_value, lr=lr, tokens=p.tokens)
-            row["val_loss"] = val
-            self.log(f"lmlab pretrain: step {step}: val loss {val:.4f}")
+            row["val_loss"], row["val_bpb"] = val, bpb
+            if bpb is not None:
+                result.val_bpb.append((step, bpb))
+            self.log(f"lmlab pretrain: step {step}: val loss {val:.4f}"
+                     + (f", {bpb:.4f} bits per byte" if bpb is not None else ""))  # fmt: skip
         if row is not None:
             metrics.write(row)
         if is_save and step < s.total:

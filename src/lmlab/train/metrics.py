@@ -1,7 +1,13 @@
 """A run's metrics: ``metrics.csv`` (always) and TensorBoard (when installed), and reading them back.
 
 One row per logged step (:data:`METRIC_FIELDS`); a resume keeps the rows up to its checkpoint,
-repaired from what a crash or a second writer can leave (:func:`read_metrics_rows`).
+repaired from what a crash or a second writer can leave (:func:`read_metrics_rows`).  Columns are only
+ever added at the end: the rows of a run logged before a column existed are read by their header and
+get it empty.
+
+``val_loss`` is the validation loss per scored target token (nats); ``val_bpb`` the same loss summed
+over the targets, per UTF-8 byte of the validation rows' text, in bits (:mod:`lmlab.train.loop`), a
+figure runs with different tokenizers share.
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ from typing import Any
 from lmlab.io import atomic_open, disk_error, is_disk_full
 
 METRICS = "metrics.csv"
-METRIC_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed_s")
+METRIC_FIELDS = (
+    "step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed_s", "val_bpb",
+)  # fmt: skip
+# What earlier versions wrote, for a file whose header line was lost (matched by the number of fields).
+_EARLIER_FIELDS = (METRIC_FIELDS[:9],)
+# TensorBoard's name of each column it shows.
+TB_TAGS = {"loss": "train/loss", "val_loss": "val/loss", "val_bpb": "val/bpb", "lr": "train/lr",
+           "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu"}  # fmt: skip
 
 
 def read_metrics_rows(path: Path, upto: int | None) -> list[dict[str, str]]:
@@ -32,9 +45,11 @@ def read_metrics_rows(path: Path, upto: int | None) -> list[dict[str, str]]:
     if not lines:
         return []
     header = next(csv.reader([lines[0].replace("\x00", "")]), [])
+    layouts = [header]
     if "step" not in header:
-        header = list(METRIC_FIELDS)
+        layouts = [list(METRIC_FIELDS), *map(list, _EARLIER_FIELDS)]
         lines = ["", *lines]
+    by_width = {len(h): h for h in reversed(layouts)}
     rows, last = [], 0
     for line in lines[1:]:
         if "\x00" in line or not line.strip():
@@ -43,9 +58,10 @@ def read_metrics_rows(path: Path, upto: int | None) -> list[dict[str, str]]:
             fields = next(csv.reader([line]))
         except csv.Error:
             continue
-        if len(fields) != len(header):
+        names = by_width.get(len(fields))
+        if names is None:
             continue
-        row = dict(zip(header, fields, strict=True))
+        row = dict(zip(names, fields, strict=True))
         try:
             step = int(row["step"])
         except ValueError:
@@ -100,9 +116,9 @@ class Metrics:
                 raise disk_error(self.path) from None
             raise
         if self.tb is not None:
-            for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            for k, tag in TB_TAGS.items():
                 if row.get(k) is not None:
-                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", row[k], row["step"])
+                    self.tb.add_scalar(tag, row[k], row["step"])
 
     def close(self) -> None:
         if self.enabled:
