@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmlab.errors import LmlabError
-from lmlab.eval.perplexity import Window, default_max_length, perplexity, window_batches, window_plan
+from lmlab.eval.perplexity import (
+    Window,
+    default_max_length,
+    perplexity,
+    window_batches,
+    window_plan,
+    windowed_text,
+)
 from lmlab.eval.text import causal_stream, encode_documents, load_eval_text, text_stats
 
 L = 32  # the window of the model tests (the tiny models have 1024 / 2048 positions)
@@ -151,6 +158,8 @@ def test_perplexity_matches_the_guide_loop(family, tiny_model, eval_tokenizer, d
         assert r.nll_sum == pytest.approx(nll, rel=1e-4)
         assert r.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
         assert r.windows == len(window_plan(n, L, stride)) and (r.max_length, r.stride) == (L, stride)
+        w = windowed_text(model, eval_tokenizer, stream, max_length=L, stride=stride)
+        assert w.plan == window_plan(n, L, stride) and (w.ids == stream).all() and w.pad_id == 0
     r = perplexity(model, eval_tokenizer, stream, max_length=L, stride=L, batch_size=3)
     nll, count = _rolling_nll(model, stream, L)
     assert r.tokens == count == n - 1 and r.nll_sum == pytest.approx(nll, rel=1e-4)
@@ -182,7 +191,9 @@ def test_uniform_model_gives_ln_v_per_token(tiny_model, eval_tokenizer):
         model.get_output_embeddings().weight.zero_()
     v = model.config.vocab_size
     text = "Call me Ishmael. Some years ago, never mind how long."
-    r = perplexity(model, eval_tokenizer, text, max_length=8, stride=5)
+    model.train()  # scored in eval mode, and given back as it was
+    r = perplexity(model, eval_tokenizer, text, max_length=8, stride=5, progress=True)
+    assert model.training
     n_tokens = len(eval_tokenizer(text).input_ids)  # with its </s>; the start token is context only
     n_bytes, n_words = len(text.encode()), len(text.split())
     assert r.tokens == n_tokens and (r.bytes, r.words, r.documents) == (n_bytes, n_words, 1)

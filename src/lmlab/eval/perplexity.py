@@ -42,10 +42,12 @@ from lmlab.objectives.base import IGNORE_INDEX
 __all__ = [
     "PerplexityResult",
     "Window",
+    "WindowedText",
     "default_max_length",
     "perplexity",
     "window_batches",
     "window_plan",
+    "windowed_text",
 ]
 
 #: The longest default window (a model with a larger position table is scored at this length).
@@ -234,6 +236,68 @@ def _check_ids(ids: np.ndarray, model: torch.nn.Module) -> None:
         )
 
 
+@dataclass(frozen=True)
+class WindowedText:
+    """A text cut into :func:`perplexity`'s windows for one model: ``ids`` (N,) int64 the stream
+    scored, ``plan`` its windows, ``pad_id`` what pads a short window, and the text's counts."""
+
+    ids: np.ndarray
+    plan: list[Window]
+    pad_id: int
+    max_length: int
+    stride: int
+    bytes: int
+    words: int
+    documents: int
+
+    def batches(self, batch_size: int, device: torch.device | str | None = None) -> Iterator[dict]:
+        """:func:`window_batches` of the stream, cut on ``device`` (default the CPU)."""
+        ids = torch.from_numpy(self.ids)
+        return window_batches(ids if device is None else ids.to(device), self.plan, batch_size, self.pad_id)
+
+
+def windowed_text(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts_or_ids: Any,
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    n_bytes: int | None = None,
+    n_words: int | None = None,
+) -> WindowedText:
+    """What :func:`perplexity` scores, with its checks (one-line errors for a model that is not a
+    causal LM, a window beyond its positions, a text shorter than a window, ids outside its vocabulary);
+    the arguments are :func:`perplexity`'s.  For scorers of the same windows (:mod:`lmlab.eval.compare`)."""
+    _check_model(model)
+    limit = _max_positions(model)
+    length = int(max_length) if max_length is not None else default_max_length(model)
+    if limit is not None and length > limit:
+        raise LmlabError(f"max_length {length} exceeds the model's {limit} positions")
+    s = int(stride) if stride is not None else max(1, length // 2)
+    ids, nb, nw, docs = _stream(tokenizer, texts_or_ids)
+    if ids.size < length:
+        raise LmlabError(
+            f"the text has {ids.size} tokens, fewer than one window of {length}; "
+            "lower --max-length or give more text"
+        )
+    plan = window_plan(ids.size, length, s)
+    _check_ids(ids, model)
+    rows = model.get_input_embeddings().num_embeddings
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = int(pad) if pad is not None and 0 <= pad < rows else 0
+    return WindowedText(
+        ids=ids,
+        plan=plan,
+        pad_id=pad,
+        max_length=length,
+        stride=s,
+        bytes=nb if n_bytes is None else int(n_bytes),
+        words=nw if n_words is None else int(n_words),
+        documents=docs,
+    )
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -257,51 +321,44 @@ def perplexity(
     (default ``max_length // 2``); ``batch_size`` windows per forward pass.  ``n_bytes`` / ``n_words``
     replace the counts of the text (bytes and words of its documents, decoded ones for ids).
     ``impl``: ``"reference"`` scores through the model's plain forward and whole logits.  The model's
-    device and dtype are used as they are.
+    device and dtype are used as they are; it is scored in eval mode (and left in the mode it was in).
+    ``progress``: a progress bar over the windows (:func:`lmlab.progress.progress_bar`).
     """
-    _check_model(model)
-    limit = _max_positions(model)
-    length = int(max_length) if max_length is not None else default_max_length(model)
-    if limit is not None and length > limit:
-        raise LmlabError(f"max_length {length} exceeds the model's {limit} positions")
-    s = int(stride) if stride is not None else max(1, length // 2)
-    ids, nb, nw, docs = _stream(tokenizer, texts_or_ids)
-    nb = nb if n_bytes is None else int(n_bytes)
-    nw = nw if n_words is None else int(n_words)
-    if ids.size < length:
-        raise LmlabError(
-            f"the text has {ids.size} tokens, fewer than one window of {length}; "
-            "lower --max-length or give more text"
-        )
-    plan = window_plan(ids.size, length, s)
-    _check_ids(ids, model)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = int(pad) if pad is not None and pad < model.get_input_embeddings().num_embeddings else 0
-    stream = torch.from_numpy(ids).to(model_device(model))
+    w = windowed_text(
+        model, tokenizer, texts_or_ids, max_length=max_length, stride=stride, n_bytes=n_bytes, n_words=n_words
+    )
+    stream = torch.from_numpy(w.ids).to(model_device(model))  # batches are cut on the model's device
 
     # Chan et al.'s pairwise merge of (count, mean, M2): one pass, no per-token list, no sync per batch.
     zero = torch.zeros((), dtype=torch.float64, device=stream.device)
     count, total_nll, mean, m2 = 0, zero, zero, zero
     from lmlab.progress import progress_bar
 
-    with progress_bar(total=len(plan), desc="perplexity", unit="window", disable=not progress) as bar:
-        for batch in window_batches(stream, plan, batch_size, pad):
-            nll = token_nll(model, batch, impl=impl)  # (rows,) float64
-            k = int(nll.shape[0])
-            if k == 0:
-                continue
-            sb = nll.sum()
-            mb = sb / k
-            total = count + k
-            delta = mb - mean
-            m2 = m2 + ((nll - mb) ** 2).sum() + delta**2 * (count * k / total)
-            mean = mean + delta * (k / total)
-            total_nll = total_nll + sb
-            count = total
-            bar.update(int(batch["input_ids"].shape[0]))
-    if count != ids.size - 1:  # every position but the first, by construction of the plan
-        raise RuntimeError(f"perplexity scored {count} tokens of {ids.size - 1}")
-    return _result(float(total_nll), float(m2), count, nb, nw, docs, length, s, len(plan))
+    was_training = model.training
+    model.eval()  # dropout off: a score, not a training step
+    try:
+        with progress_bar(total=len(w.plan), desc="perplexity", unit="window", disable=not progress) as bar:
+            for batch in window_batches(stream, w.plan, batch_size, w.pad_id):
+                nll = token_nll(model, batch, impl=impl)  # (rows,) float64
+                k = int(nll.shape[0])
+                if k == 0:
+                    continue
+                sb = nll.sum()
+                mb = sb / k
+                total = count + k
+                delta = mb - mean
+                m2 = m2 + ((nll - mb) ** 2).sum() + delta**2 * (count * k / total)
+                mean = mean + delta * (k / total)
+                total_nll = total_nll + sb
+                count = total
+                bar.update(int(batch["input_ids"].shape[0]))
+    finally:
+        model.train(was_training)
+    if count != w.ids.size - 1:  # every position but the first, by construction of the plan
+        raise RuntimeError(f"perplexity scored {count} tokens of {w.ids.size - 1}")
+    return _result(
+        float(total_nll), float(m2), count, w.bytes, w.words, w.documents, w.max_length, w.stride, len(w.plan)
+    )
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
