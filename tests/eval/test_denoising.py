@@ -22,6 +22,7 @@ from lmlab.eval.denoising import (
     pseudo_log_likelihood,
 )
 from lmlab.eval.loss import evaluate
+from lmlab.eval.text import documents_from_paths, encode_documents, load_eval_text
 from lmlab.objectives.base import IGNORE_INDEX
 
 
@@ -145,6 +146,23 @@ def test_default_objective_and_length(tiny_model, eval_tokenizer, val_ids, tmp_p
     assert (r.objective, r.seq_len, r.raw_tokens) == ("prefix", 24, 72)
 
 
+def test_text_documents_and_eval_text_score_as_their_ids(tiny_model, eval_tokenizer, eval_corpus):
+    docs = documents_from_paths([eval_corpus])[:6]
+    ids = encode_documents(eval_tokenizer, docs)
+    m, kw = tiny_model("bert"), dict(objective="bert", seq_len=32, max_rows=3)
+    want = denoising_loss(m, eval_tokenizer, ids, **kw)
+    assert denoising_loss(m, eval_tokenizer, docs, **kw) == want
+    assert denoising_loss(m, eval_tokenizer, load_eval_text(eval_tokenizer, texts=docs), **kw) == want
+    assert pseudo_log_likelihood(
+        m, eval_tokenizer, docs[0], max_length=16, max_rows=1
+    ) == pseudo_log_likelihood(
+        m, eval_tokenizer, encode_documents(eval_tokenizer, docs[:1]), max_length=16, max_rows=1
+    )
+    with pytest.raises(LmlabError, match="empty") as e:
+        denoising_loss(m, eval_tokenizer, "  \n ", **kw)
+    _one_line(e)
+
+
 def test_refusals_are_one_line(tiny_model, eval_tokenizer, val_ids):
     t5, bert = tiny_model("t5"), tiny_model("bert")
     cases = [
@@ -166,11 +184,13 @@ def test_refusals_are_one_line(tiny_model, eval_tokenizer, val_ids):
 # ------------------------------------------------------------------------------------------ pseudo-log-likelihood
 
 
-def _naive_pll(model, ids: np.ndarray, L: int, mask_id: int, specials: set[int]) -> tuple[float, int]:
-    """One forward of the plain model per masked position, log-softmax of its logits."""
-    total, n = 0.0, 0
+def _naive_pll(model, ids: np.ndarray, L: int, mask_id: int, specials: set[int]) -> list[tuple[float, int]]:
+    """Per row of ``L`` tokens, (PLL, positions scored): one forward of the plain model per masked
+    position, the log-softmax of its logits."""
+    out = []
     for s in range(0, len(ids), L):
         row = torch.from_numpy(ids[s : s + L].copy())
+        total, n = 0.0, 0
         for t in range(len(row)):
             if int(row[t]) in specials:
                 continue
@@ -179,24 +199,27 @@ def _naive_pll(model, ids: np.ndarray, L: int, mask_id: int, specials: set[int])
             logits = model(input_ids=x[None]).logits[0, t].double()
             total += float(logits.log_softmax(-1)[row[t]])
             n += 1
-    return total, n
+        out.append((total, n))
+    return out
 
 
 @torch.no_grad()
 def test_pll_equals_a_naive_loop(tiny_model, eval_tokenizer, val_ids):
     m = tiny_model("bert")
-    ids = val_ids[:45]  # rows of 16, 16 and 13 tokens, </s> among them
     specials = set(eval_tokenizer.all_special_ids)
+    eos = int(np.flatnonzero(val_ids == eval_tokenizer.eos_token_id)[0])
+    ids = val_ids[max(0, eos - 14) : max(0, eos - 14) + 28]  # rows of 12, 12 and 4 tokens, a </s> among them
     assert specials & set(ids.tolist())  # the test covers skipped positions
-    want, n = _naive_pll(m, ids, 16, eval_tokenizer.mask_token_id, specials)
-    got = pseudo_log_likelihood(m, eval_tokenizer, ids, max_length=16, batch_size=7)  # batches straddle rows
+    rows = _naive_pll(m, ids, 12, eval_tokenizer.mask_token_id, specials)
+    want, n = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    got = pseudo_log_likelihood(m, eval_tokenizer, ids, max_length=12, batch_size=5)  # batches straddle rows
     assert (got.tokens, got.rows) == (n, 3)
     assert got.pll == pytest.approx(want, abs=1e-5)
     assert got.mean_nll == pytest.approx(-want / n, abs=1e-7)
     assert got.pseudo_perplexity == pytest.approx(math.exp(-want / n), rel=1e-6)
-    one = pseudo_log_likelihood(m, eval_tokenizer, ids, max_length=16, batch_size=64, max_rows=2)
-    first, n2 = _naive_pll(m, ids[:32], 16, eval_tokenizer.mask_token_id, specials)
-    assert (one.tokens, one.rows) == (n2, 2) and one.pll == pytest.approx(first, abs=1e-5)
+    two = pseudo_log_likelihood(m, eval_tokenizer, ids, max_length=12, batch_size=64, max_rows=2)
+    assert (two.tokens, two.rows) == (rows[0][1] + rows[1][1], 2)
+    assert two.pll == pytest.approx(rows[0][0] + rows[1][0], abs=1e-5)
 
 
 def test_pll_batches_mask_one_position_per_copy():

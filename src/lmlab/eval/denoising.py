@@ -71,7 +71,7 @@ def _stream(tokenizer: Any, texts_or_ids: Any) -> np.ndarray:
     elif isinstance(x, str) or (isinstance(x, list | tuple) and x and all(isinstance(d, str) for d in x)):
         from lmlab.eval.text import load_eval_text
 
-        x = load_eval_text(tokenizer, texts=[x] if isinstance(x, str) else list(x)).ids
+        x = load_eval_text(tokenizer, texts=x).ids
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     ids = np.asarray(x)
