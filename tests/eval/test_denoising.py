@@ -172,6 +172,8 @@ def test_refusals_are_one_line(tiny_model, eval_tokenizer, val_ids):
         (dict(model=t5, ids=val_ids, objective="no-such"), "unknown objective"),
         (dict(model=t5, ids=np.array([5, 99999] * 40)), "outside the model's vocabulary"),
         (dict(model=t5, ids=val_ids, batch_size=0), "batch_size"),
+        (dict(model=t5, ids=val_ids, seq_len=0), "seq_len"),
+        (dict(model=t5, ids=val_ids, max_rows=0), "max_rows"),
         (dict(model=t5, ids=np.ones((4, 40), dtype=np.int64)), "one flat sequence"),
     ]
     for kw, match in cases:

@@ -302,6 +302,7 @@ def denoising_loss(
     device; the NLL of each target is reduced in float64.
     """
     kind = scoring_family(model).kind
+    _check_positive("seq_len", seq_len, allow_none=True)
     obj, name = _objective_for(
         objective if objective is not None else default_objective(model), tokenizer, kind
     )
