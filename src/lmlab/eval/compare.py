@@ -6,7 +6,7 @@ the very same tokens, the base model's next-token distribution p and the candida
 scored position, and
 
 * the Kullback–Leibler divergence KL(p‖q) = Σ_v p_v (log p_v − log q_v) per position: its mean with
-  the standard error, its median, 90/99/99.9th percentiles and maximum;
+  the standard error, its median, 90/95/99/99.9th percentiles and maximum;
 * the share of positions whose most likely token is the same under both ("same top p");
 * both models' perplexity (and bits per byte when the text's UTF-8 bytes are known): ΔPPL, the
   ratio PPL(q)/PPL(p) and ln of it with its standard error (paired over positions);
@@ -44,7 +44,7 @@ from lmlab.models.families import DECODER, scoring_family
 __all__ = ["CompareResult", "ModelScore", "check_same_tokenizer", "compare", "distribution_stats"]
 
 #: The KL percentiles reported, as (name, fraction).
-KL_QUANTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999))
+KL_QUANTILES = (("median", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
 #: The Δp percentiles reported (llama.cpp prints these among others).
 DELTA_P_QUANTILES = (("p1", 0.01), ("p5", 0.05), ("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
@@ -113,6 +113,7 @@ class CompareResult:
     kl_stderr: float | None
     kl_median: float
     kl_p90: float
+    kl_p95: float
     kl_p99: float
     kl_p999: float
     kl_max: float
@@ -163,51 +164,66 @@ def _stderr(values: np.ndarray) -> float | None:
 
 
 class _Tally:
-    """Running sums (fp64) and the per-position KL and Δp (fp32, on the CPU) for the percentiles."""
+    """Running fp64 sums (on the logits' device: no sync per chunk) and the per-position KL, Δp and
+    NLL difference (fp32, on the CPU) for the percentiles and standard errors."""
+
+    # The sums, in this order: NLL of the base, of the candidate, KL, Δp, Δp², same top token.
+    _SUMS = ("nll_base", "nll_cand", "kl", "dp", "dp2", "same_top")
 
     def __init__(self) -> None:
         self.kl: list[torch.Tensor] = []
         self.dp: list[torch.Tensor] = []
         self.d_nll: list[torch.Tensor] = []
-        self.n = 0
-        self.same_top = 0
-        self.sum_nll_base = 0.0
-        self.sum_nll_cand = 0.0
+        self.sums: torch.Tensor | None = None
 
     def add(self, s: dict[str, torch.Tensor]) -> None:
-        self.n += int(s["kl"].numel())
-        self.same_top += int(s["top1_agree"].sum())
         nb, nc = s["nll_base"].double(), s["nll_cand"].double()
-        self.sum_nll_base += float(nb.sum())
-        self.sum_nll_cand += float(nc.sum())
+        dp = s["p_cand"].double() - s["p_base"].double()
+        part = torch.stack(
+            [
+                nb.sum(),
+                nc.sum(),
+                s["kl"].double().sum(),
+                dp.sum(),
+                (dp * dp).sum(),
+                s["top1_agree"].sum().double(),
+            ]
+        )
+        self.sums = part if self.sums is None else self.sums + part.to(self.sums.device)
         self.kl.append(s["kl"].float().cpu())
-        self.dp.append((s["p_cand"] - s["p_base"]).float().cpu())
+        self.dp.append(dp.float().cpu())
         self.d_nll.append((nc - nb).float().cpu())
 
+    @property
+    def n(self) -> int:
+        return sum(int(k.numel()) for k in self.kl)
+
     def result(self, n_bytes: int | None) -> CompareResult:
-        if self.n == 0:
+        n = self.n
+        if n == 0 or self.sums is None:
             raise LmlabError("compare: no scored positions (the text is too short, or no batch has a label)")
+        sums = dict(zip(self._SUMS, self.sums.cpu().tolist(), strict=True))
         kl = torch.cat(self.kl).numpy().astype(np.float64)
         dp = torch.cat(self.dp).numpy().astype(np.float64)
         d_nll = torch.cat(self.d_nll).numpy().astype(np.float64)
-        n = self.n
         kq = dict(
             zip([k for k, _ in KL_QUANTILES], np.quantile(kl, [q for _, q in KL_QUANTILES]), strict=True)
         )
         dq = np.quantile(dp, [q for _, q in DELTA_P_QUANTILES])
-        top1 = self.same_top / n
+        top1 = sums["same_top"] / n
         scores = []
-        for s in (self.sum_nll_base, self.sum_nll_cand):
+        for s in (sums["nll_base"], sums["nll_cand"]):
             bpb = s / n_bytes / math.log(2) if n_bytes else None
             scores.append(ModelScore(mean_nll=s / n, perplexity=_exp(s / n), bits_per_byte=bpb))
         base, cand = scores
         ln_ratio = cand.mean_nll - base.mean_nll
         return CompareResult(
             positions=n,
-            kl_mean=float(kl.mean()),
+            kl_mean=sums["kl"] / n,
             kl_stderr=_stderr(kl),
             kl_median=float(kq["median"]),
             kl_p90=float(kq["p90"]),
+            kl_p95=float(kq["p95"]),
             kl_p99=float(kq["p99"]),
             kl_p999=float(kq["p999"]),
             kl_max=float(kl.max()),
@@ -222,8 +238,8 @@ class _Tally:
             delta_bits_per_byte=(
                 cand.bits_per_byte - base.bits_per_byte if n_bytes else None  # type: ignore[operator]
             ),
-            mean_delta_p=float(dp.mean()),
-            rms_delta_p=float(np.sqrt(np.mean(dp * dp))),
+            mean_delta_p=sums["dp"] / n,
+            rms_delta_p=math.sqrt(sums["dp2"] / n),
             delta_p_percentiles={k: float(v) for (k, _), v in zip(DELTA_P_QUANTILES, dq, strict=True)},
             n_bytes=int(n_bytes) if n_bytes else None,
         )
@@ -274,12 +290,19 @@ def _compare_batches(
     n_bytes: int | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    total: int | None = None,
+    progress: bool = False,
 ) -> CompareResult:
     """:func:`compare` on given batches (HF batch dicts, ``labels`` −100 where unscored), each
     scored by both models on their own devices."""
+    from lmlab.progress import progress_bar
+
     _check_pair(base, candidate)
     tally = _Tally()
-    with _eval_mode(base, candidate):
+    with (
+        _eval_mode(base, candidate),
+        progress_bar(total=total, desc="compare", unit="batch", disable=not progress) as bar,
+    ):
         for batch in batches:
             if isinstance(batch, tuple):  # objective_batches' (batch, raw rows)
                 batch = batch[0]
@@ -302,6 +325,7 @@ def _compare_batches(
                         "their vocabularies differ"
                     )
                 tally.add(distribution_stats(zb, zc.to(zb.device), yb))
+            bar.update(1)
     return tally.result(n_bytes)
 
 
@@ -338,21 +362,19 @@ def compare(
     Both models must be of one kind with one vocabulary; each stays on its own device.
     """
     kind = _check_pair(base, candidate)
+    if (texts_or_ids is None) == (batches is None):
+        raise LmlabError("compare: give either the text (texts_or_ids) or batches, not both")
     total = len(batches) if hasattr(batches, "__len__") else None
     if batches is None:
-        if texts_or_ids is None:
-            raise LmlabError("compare: give the text (texts_or_ids) or batches")
         if kind == DECODER:
             made = _window_batches(base, tokenizer, texts_or_ids, max_length, stride, batch_size)
         else:
             made = _objective_batches(base, tokenizer, texts_or_ids, kind, max_length, batch_size)
         batches, total, found = made
         n_bytes = n_bytes if n_bytes is not None else found
-    if progress:
-        from lmlab.progress import progress_bar
-
-        batches = progress_bar(batches, total=total, desc="compare", unit="batch")
-    return _compare_batches(base, candidate, batches, n_bytes=n_bytes, impl=impl)
+    return _compare_batches(
+        base, candidate, batches, n_bytes=n_bytes, impl=impl, total=total, progress=progress
+    )
 
 
 def _window_batches(
