@@ -38,30 +38,39 @@ def _corpus(tmp_path, docs=DOCS):
     return p
 
 
-@pytest.fixture(scope="session")
-def gpt2_style_tokenizer(tmp_path_factory):
-    """A byte-level BPE whose framing adds nothing and whose only special token is GPT-2's
-    ``<|endoftext|>`` (bos = eos = unk), saved as a Hugging Face tokenizer directory."""
+def _bpe(specials: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     t.train_from_iterator(DOCS * 4, trainer)
-    eot = "<|endoftext|>"
-    hf = PreTrainedTokenizerFast(tokenizer_object=t, bos_token=eot, eos_token=eot, unk_token=eot)
-    d = tmp_path_factory.mktemp("gpt2-style") / "tok"
-    hf.save_pretrained(d)
+    return t
+
+
+def _save(t, where, **special_tokens):
+    """``t`` as a Hugging Face tokenizer directory, and that directory loaded as lmlab loads one."""
+    from transformers import PreTrainedTokenizerFast
+
     from lmlab.data import load_tokenizer
 
-    return d, load_tokenizer(d)
+    PreTrainedTokenizerFast(tokenizer_object=t, **special_tokens).save_pretrained(where)
+    return where, load_tokenizer(where)
+
+
+@pytest.fixture(scope="session")
+def gpt2_style_tokenizer(tmp_path_factory):
+    """A byte-level BPE whose framing adds nothing and whose only special token is GPT-2's
+    ``<|endoftext|>`` (bos = eos = unk), saved as a Hugging Face tokenizer directory."""
+    eot = "<|endoftext|>"
+    d = tmp_path_factory.mktemp("gpt2-style") / "tok"
+    return _save(_bpe([eot]), d, bos_token=eot, eos_token=eot, unk_token=eot)
 
 
 def test_encode_documents_is_what_prepare_writes(tmp_path, eval_data, eval_tokenizer):
@@ -183,3 +192,36 @@ def test_load_eval_text_refuses_in_one_line(tmp_path, eval_data, eval_tokenizer,
     prepare([str(_corpus(tmp_path))], out, tokenizer=str(eval_data), val_fraction=0, progress=False)
     with pytest.raises(LmlabError, match="val split of .* is empty"):
         load_eval_text(eval_tokenizer, data_dir=out)
+
+
+@pytest.mark.parametrize(
+    "template, roles, start",
+    [
+        ("[CLS] $A [SEP]", {"cls_token": "[CLS]", "sep_token": "[SEP]"}, None),  # BERT: split after [SEP]
+        ("<s> $A", {"bos_token": "<s>", "eos_token": "</s>"}, "<s>"),  # BOS framing, EOS appended
+        ("<s> $A", {"bos_token": "<s>"}, "<s>"),  # BOS framing alone: split before <s>
+    ],
+)
+def test_other_framings_round_trip(tmp_path, template, roles, start):
+    """Documents framed by a post-processor (BERT's [CLS] ... [SEP], a BOS) are written as prepare
+    writes them and split back at their framing."""
+    from tokenizers import processors
+
+    specials = ["[CLS]", "[SEP]", "<s>", "</s>"]
+    t = _bpe(specials)
+    t.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(p, t.token_to_id(p)) for p in specials]
+    )
+    d, tok = _save(t, tmp_path / "tok", **roles)
+    out = tmp_path / "prep"
+    prepare([str(_corpus(tmp_path))], out, tokenizer=str(d), val_fraction=0, progress=False)
+    written = np.asarray(load_tokens(out, "train"), dtype=np.int64)
+    ids = encode_documents(tok, DOCS)
+    np.testing.assert_array_equal(ids, written)
+    assert decode_documents(tok, ids) == DOCS
+    if start is None:
+        with pytest.raises(LmlabError, match="neither a beginning- nor an end-of-sequence token"):
+            causal_stream(tok, ids)
+    else:  # the stream already starts with its BOS
+        np.testing.assert_array_equal(causal_stream(tok, ids), ids)
+        assert ids[0] == tok.convert_tokens_to_ids(start)
