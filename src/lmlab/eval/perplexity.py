@@ -20,8 +20,9 @@ which neighbouring tokens are not: read them as a lower bound.
 Windows are batched; the NLL comes from :func:`lmlab.eval.scoring.token_nll`, which runs the model's
 body once per batch and projects only the scored positions.  Run it as::
 
-    from lmlab.eval.perplexity import perplexity
-    perplexity(model, tokenizer, open("wiki.test.raw").read(), max_length=1024, stride=512).to_dict()
+    lmlab eval runs/gpt/final --corpus wiki.test.raw --max-length 1024 --stride 512
+
+or, from Python, ``perplexity(model, tokenizer, text, max_length=1024, stride=512).to_dict()``.
 """
 
 from __future__ import annotations
