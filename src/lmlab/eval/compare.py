@@ -22,7 +22,8 @@ by a seed), so both models see the same corruption.  Either way both models scor
 and their fp32 logits are walked in lockstep, one chunk of rows at a time
 (:func:`lmlab.eval.scoring.iter_scored_logits`): no (tokens, V) tensor is ever formed.
 
-Run: ``lmlab eval QUANTIZED_DIR --compare BASE_DIR --text wiki.test.raw``.
+Run: ``lmlab eval QUANTIZED_DIR --compare BASE_DIR --corpus wiki.test.raw`` (or in Python,
+``compare(base, quantized, tokenizer, open("wiki.test.raw").read(), max_length=1024, stride=512)``).
 """
 
 from __future__ import annotations
@@ -381,27 +382,12 @@ def _window_batches(
     model: torch.nn.Module, tokenizer: Any, texts_or_ids: Any, max_length: int | None, stride: int | None,
     batch_size: int,
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int, int]:  # fmt: skip
-    """:func:`lmlab.eval.perplexity.perplexity`'s window batches of the text (on the CPU), their
-    number, and the text's bytes."""
-    from lmlab.eval import perplexity as ppl
+    """:func:`lmlab.eval.perplexity.perplexity`'s window batches of the text (cut on the CPU), their
+    number, and the text's bytes (:func:`~lmlab.eval.perplexity.windowed_text` checks them)."""
+    from lmlab.eval.perplexity import windowed_text
 
-    length = int(max_length) if max_length is not None else ppl.default_max_length(model)
-    limit = ppl._max_positions(model)
-    if limit is not None and length > limit:
-        raise LmlabError(f"max_length {length} exceeds the model's {limit} positions")
-    s = int(stride) if stride is not None else max(1, length // 2)
-    ids, n_bytes, _words, _docs = ppl._stream(tokenizer, texts_or_ids)
-    if ids.size < length:
-        raise LmlabError(
-            f"the text has {ids.size} tokens, fewer than one window of {length}; lower --max-length or give more text"
-        )
-    ppl._check_ids(ids, model)
-    plan = ppl.window_plan(ids.size, length, s)
-    rows = model.get_input_embeddings().num_embeddings
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = int(pad) if pad is not None and pad < rows else 0
-    n_batches = -(-len(plan) // int(batch_size))
-    return ppl.window_batches(torch.from_numpy(ids), plan, batch_size, pad), n_batches, n_bytes
+    w = windowed_text(model, tokenizer, texts_or_ids, max_length=max_length, stride=stride)
+    return w.batches(batch_size), -(-len(w.plan) // int(batch_size)), w.bytes
 
 
 def _objective_batches(
