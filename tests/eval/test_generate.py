@@ -5,6 +5,7 @@ foreign (Qwen2) models, with its one-line errors."""
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 from pathlib import Path
 
@@ -248,6 +249,13 @@ def test_cli_nf4_quantized_model(saved_model, tmp_path, capsys):
     assert torch.equal(q.weight, qb.weight) and qb.weight_absmax.dtype == q.weight_absmax.dtype
     assert b.model.transformer.wte.weight.dtype == torch.bfloat16 and "NF4 + bfloat16" in b.description
     assert len(generate(b.model, b.tokenizer, PROMPT, max_new_tokens=2, temperature=0)) == 1
+    # without lmlab's own files it is a transformers + bitsandbytes directory (quantization_config)
+    bnb = tmp_path / "bnb"
+    shutil.copytree(out_dir, bnb, ignore=shutil.ignore_patterns("lmlab_quant.json", "manifest.json"))
+    c = load_for_eval(bnb)
+    assert c.quantized == "nf4" and generate(
+        c.model, c.tokenizer, PROMPT, max_new_tokens=4, temperature=0
+    ) == [expected]
 
 
 def test_cli_foreign_model_type(qwen2_dir, capsys):
@@ -290,7 +298,7 @@ def test_cli_refuses_a_masked_lm(saved_model, capsys):
 
 
 def test_subprocess_exit_status_and_one_line(saved_model):
-    # The real interpreter and entry point; the settings are checked before torch is imported.
+    # The real interpreter and entry point (the settings are checked before torch is imported).
     r = run_lmlab(["generate", str(saved_model("gpt2")), "--prompt", PROMPT, "--top-p", "2"])
     assert r.stdout == ""
     assert_one_line_error(r, "--top-p", "(0, 1]")
