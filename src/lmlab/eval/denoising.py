@@ -22,7 +22,7 @@ Perplexity is a causal LM's measure; a T5 or a BERT is scored here in two ways.
 Both score through :func:`lmlab.eval.scoring.token_nll`: unscored positions never reach the output
 projection (a BERT copy projects one row).
 
-    python -c "from lmlab.eval.denoising import denoising_loss; ..."   # or: lmlab eval --metric denoising
+    lmlab eval RUN/final --data DATA --max-rows 256 --pll     # a T5 or BERT run: both scores
 """
 
 from __future__ import annotations
