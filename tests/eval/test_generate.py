@@ -148,7 +148,7 @@ def test_greedy_is_the_argmax_chain(tiny_model, eval_tokenizer, qwen2_dir):
 
 def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(tiny_model, eval_tokenizer):
     gpt = tiny_model("gpt2")
-    kw = dict(max_new_tokens=5, temperature=1.0)
+    kw = dict(max_new_tokens=3, temperature=1.0)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     two = generate(gpt, eval_tokenizer, PROMPT, seed=0, num_samples=2, **kw)
@@ -157,9 +157,9 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(tiny_model, eval_to
     assert generate(gpt, eval_tokenizer, PROMPT, seed=0, **kw) == two[:1]  # samples in turn from one seed
     assert generate(gpt, eval_tokenizer, PROMPT, seed=1, **kw) != two[:1]
     # top-k 1 and a vanishing nucleus keep only the argmax, whatever the temperature
-    greedy = generate(gpt, eval_tokenizer, PROMPT, max_new_tokens=5, temperature=0)
-    assert generate(gpt, eval_tokenizer, PROMPT, max_new_tokens=5, temperature=5.0, top_k=1) == greedy
-    assert generate(gpt, eval_tokenizer, PROMPT, max_new_tokens=5, temperature=5.0, top_p=1e-9) == greedy
+    greedy = generate(gpt, eval_tokenizer, PROMPT, max_new_tokens=3, temperature=0)
+    assert generate(gpt, eval_tokenizer, PROMPT, max_new_tokens=3, temperature=5.0, top_k=1) == greedy
+    assert generate(gpt, eval_tokenizer, PROMPT, max_new_tokens=3, temperature=5.0, top_p=1e-9) == greedy
 
 
 # ------------------------------------------------------------------------------------ the CLI
