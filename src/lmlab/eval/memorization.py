@@ -59,6 +59,7 @@ SPLITS = ("train", "val")
 # Greedy search and nothing else, whatever the model's own generation_config.json says (BART's ships
 # num_beams=4, no_repeat_ngram_size=3, forced_bos/eos ids): generate() fills every setting left None
 # from the model's config, so each one that adds a logits processor or a stopping rule is given here.
+# With no eos id, min_length / min_new_tokens add nothing (their processor only forbids eos).
 _GREEDY: dict[str, Any] = dict(
     do_sample=False,
     num_beams=1,
@@ -67,7 +68,6 @@ _GREEDY: dict[str, Any] = dict(
     eos_token_id=None,
     forced_bos_token_id=None,
     forced_eos_token_id=None,
-    min_length=0,
     repetition_penalty=1.0,
     encoder_repetition_penalty=1.0,
     no_repeat_ngram_size=0,
