@@ -317,7 +317,7 @@ def _compare_batches(
             if rows is None:
                 # The same rows on both sides: the smaller of the two models' chunk sizes.
                 rows = min(_default_rows(sb), _default_rows(sc))
-            for (zb, yb), (zc, _) in zip(
+            for (zb, yb), (zc, yc) in zip(
                 iter_scored_logits(sb, chunk_rows=rows), iter_scored_logits(sc, chunk_rows=rows), strict=True
             ):
                 if zb.shape[-1] != zc.shape[-1]:
@@ -325,6 +325,8 @@ def _compare_batches(
                         f"compare: the base predicts {zb.shape[-1]} tokens and the candidate {zc.shape[-1]}; "
                         "their vocabularies differ"
                     )
+                if not torch.equal(yb, yc.to(yb.device)):
+                    raise LmlabError("compare: the two models score different targets on the same batch")
                 tally.add(distribution_stats(zb, zc.to(zb.device), yb))
             bar.update(1)
     return tally.result(n_bytes)
