@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_model_against_itself_is_exactly_zero(tiny_model, eval_tokenizer, gpt_id
     assert r.top1_agreement == 1.0 and r.delta_perplexity == 0.0 and r.perplexity_ratio == 1.0
     assert r.mean_delta_p == r.rms_delta_p == 0.0 and set(r.delta_p_percentiles.values()) == {0.0}
     assert r.base == r.candidate and r.delta_bits_per_byte == 0.0 and r.n_bytes > 0
-    d = r.to_dict()
+    d = json.loads(json.dumps(r.to_dict()))  # plain JSON
     assert d["base"]["perplexity"] == r.base.perplexity and d["delta_p_percentiles"]["p99"] == 0.0
 
 
