@@ -60,7 +60,7 @@ def distribution_stats(
     int64, the correct tokens.  Log-softmax runs in fp32 (fp64 when either input is fp64).
 
     Returns (m,) tensors: ``kl`` = KL(p‖q) in nats (p the base, q the candidate; exactly 0 for
-    identical logits; rounding can not make it negative: it is clamped at 0), ``top1_agree``
+    identical logits; fp rounding's tiny negatives, ~1e-9, are clamped to 0), ``top1_agree``
     (bool: argmax p == argmax q), ``p_base`` and ``p_cand`` (each model's probability of the
     target), ``nll_base`` and ``nll_cand`` (−log of them).
     """
