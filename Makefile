@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/objectives.py
+	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/quant_cpu.py
 	$(BIN)/python bench/linear.py
 	$(BIN)/python bench/loss.py

@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("lmlab.train.cli", "pre-train a T5, BERT, GPT-2 or Llama model with any objective"),
     "quantize": ("lmlab.quant.cli", f"quantize a saved model ({', '.join(METHODS)})"),
     "eval": ("lmlab.eval.cli", "perplexity, bits per byte, quantization damage and memorization of a model"),
-    "generate": ("lmlab.eval.generate", "sample text from a causal or T5 model, float or quantized"),
+    "generate": ("lmlab.eval.sampling", "sample text from a causal or T5 model, float or quantized"),
     "quickstart": ("lmlab.quickstart", "the main job on the embedded default corpus, end to end"),
 }
 

@@ -7,10 +7,13 @@
              same validation batches before and after
 3. quantize  the trained model to NF4 (QLoRA §3) and LLM.int8() (Dettmers et al. 2022 §3) and
              evaluate each on the same batches
-4. summary   one table: validation loss, perplexity of the span targets, weight memory
+4. summary   one table: validation loss, perplexity of the span targets, bits per byte of the text,
+             KL divergence and top-1 agreement of each quantized model against the float one
+             (llama.cpp's protocol), weight memory; and the gzip / bz2 / xz floor of the same text
 
 Every stage is a library call that a user can make on their own (``lmlab.data.prepare``,
-``lmlab.train.pretrain``, ``lmlab.eval.evaluate``, ``lmlab.quant.quantize_``).
+``lmlab.train.pretrain``, ``lmlab.eval.denoising_loss``, ``lmlab.eval.compare``,
+``lmlab.quant.quantize_``).
 """
 
 from __future__ import annotations
@@ -75,9 +78,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from lmlab import runtime
     from lmlab.cli import env_cache_dir
-    from lmlab.data import ensure_default_data, load_meta
+    from lmlab.data import ensure_default_data, load_meta, load_tokenizer
     from lmlab.errors import LmlabError
-    from lmlab.eval import evaluate
+    from lmlab.eval import compare, compression_bits_per_byte, denoising_loss, load_eval_text
+    from lmlab.eval.denoising import objective_batches
+    from lmlab.models import ENCODER_DECODER
     from lmlab.models.presets import build_model, load_model
     from lmlab.quant import Int8Config, NF4Config, quantize_
     from lmlab.quant.api import model_nbytes
@@ -126,14 +131,25 @@ def _run(args: argparse.Namespace) -> int:
     )
     initial = build_model(cfg.model, meta["vocab_size"], meta["special_ids"], seed=cfg.seed)
     n_params = sum(p.numel() for p in initial.parameters())
-    ev = dict(batch_size=32, seq_len=args.seq_len, max_batches=8, seed=1234)
+    # Every model is scored on the same validation rows and the same corruptions (seed 1234).
+    tok = load_tokenizer(data)
+    val = load_eval_text(tok, data_dir=data, split="val")
+    ev = dict(objective=cfg.objective, batch_size=32, seq_len=args.seq_len, max_rows=256, seed=1234)
+
+    def evaluate(model):
+        return denoising_loss(model, tok, val, **ev)
+
+    def damage(base, model):
+        kw = {k: v for k, v in ev.items() if k != "objective"}
+        batches = (b for b, _ in objective_batches(tok, val.ids, cfg.objective, ENCODER_DECODER, **kw))
+        return compare(base, model, tok, batches=batches)
 
     _say(
         f"[2/4] pretrain: {cfg.model} ({n_params / 1e6:.1f} M parameters), span corruption, {args.steps} steps"
     )
-    before = evaluate(initial, data, cfg.objective, **ev)
+    before = evaluate(initial)
     _say(
-        f"      before training: validation loss {before['loss']:.3f}, target perplexity {before['perplexity']:,.1f}"
+        f"      before training: validation loss {before.loss:.3f}, target perplexity {before.perplexity:,.1f}"
     )
     del initial
     t_train = time.perf_counter()
@@ -144,30 +160,46 @@ def _run(args: argparse.Namespace) -> int:
             f"training stopped early ({result.stopped_by}); resume with lmlab pretrain --resume {out}"
         )
     trained = load_model(result.final_dir)
-    after = evaluate(trained, data, cfg.objective, **ev)
+    after = evaluate(trained)
     _say(
-        f"      after training:  validation loss {after['loss']:.3f}, target perplexity {after['perplexity']:,.1f}"
+        f"      after training:  validation loss {after.loss:.3f}, target perplexity {after.perplexity:,.1f}"
     )
 
     _say("[3/4] quantize: NF4 (block 64, double quant) and LLM.int8() (threshold 6.0)")
-    rows = [("float32, untrained", before, model_nbytes(trained), None)]
-    rows.append(("float32, trained", after, model_nbytes(trained), None))
+    rows = [("float32, untrained", before, None, model_nbytes(trained), None)]
+    rows.append(("float32, trained", after, None, model_nbytes(trained), None))
     for name, config in (("NF4 + double quant", NF4Config(double_quant=True)), ("LLM.int8()", Int8Config())):
         model = load_model(result.final_dir)
         report = quantize_(model, config)
-        res = evaluate(model, data, cfg.objective, **ev)
-        rows.append((name, res, model_nbytes(model), report))
+        res = evaluate(model)
+        kl = damage(trained, model)
+        rows.append((name, res, kl, model_nbytes(model), report))
         _say(
-            f"      {name}: validation loss {res['loss']:.3f}, {report.bits_per_param:.3f} bits per quantized weight"
+            f"      {name}: validation loss {res.loss:.3f}, KL to float {kl.kl_mean:.5f}, "
+            f"{report.bits_per_param:.3f} bits per quantized weight"
         )
 
     _say("[4/4] summary")
-    _say(f"      {'model':<22} {'val loss':>9} {'target ppl':>11} {'weights':>10} {'bits/param*':>12}")
-    for name, res, nbytes, report in rows:
+    _say(
+        f"      {'model':<20} {'val loss':>8} {'target ppl':>10} {'bits/byte':>9} {'KL':>8} {'top-1':>6} "
+        f"{'weights':>10} {'bits/param*':>11}"
+    )
+    for name, res, kl, nbytes, report in rows:
         bits = f"{report.bits_per_param:.3f}" if report is not None else "32"
+        kl_s, top1 = (f"{kl.kl_mean:.5f}", f"{kl.top1_agreement:.3f}") if kl is not None else ("", "")
         _say(
-            f"      {name:<22} {res['loss']:>9.3f} {res['perplexity']:>11,.1f} {nbytes / 2**20:>8.2f} MB {bits:>12}"
+            f"      {name:<20} {res.loss:>8.3f} {res.perplexity:>10,.1f} {res.bits_per_byte:>9.3f} {kl_s:>8} "
+            f"{top1:>6} {nbytes / 2**20:>7.2f} MB {bits:>11}"
         )
+    floor = compression_bits_per_byte("\n\n".join(val.docs).encode("utf-8"))
+    _say(
+        "      bits/byte: the span targets' NLL over the UTF-8 bytes of the rows' text; the floor a model must beat "
+        f"on the same text: gzip {floor['gzip']:.3f}, bz2 {floor['bz2']:.3f}, xz {floor['xz']:.3f} (of the whole text)"
+    )
+    _say(
+        "      KL, top-1: mean KL(float || quantized) of the next-token distributions and the share of positions "
+        "whose top token agrees, on the same corruptions"
+    )
     _say(
         "      * of the quantized linear layers, code tables included; embeddings and the output head stay in float"
     )
@@ -177,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         f"total {time.perf_counter() - t0:.0f} s"
     )
     _say(f"      run directory: {out} (final model: {result.final_dir}; metrics: {out / 'metrics.csv'})")
-    if after["loss"] >= before["loss"]:
+    if after.loss >= before.loss:
         print("lmlab quickstart: warning: validation loss did not improve", file=sys.stderr)
         return 1
     return 0

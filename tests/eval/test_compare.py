@@ -1,4 +1,4 @@
-"""lmlab.eval.compare: llama.cpp's quantization-damage statistics of a candidate against its base."""
+"""lmlab.eval.compare (lmlab.eval.damage): llama.cpp's quantization-damage statistics of a candidate against its base."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.eval.compare import _Tally, check_same_tokenizer, compare, distribution_stats
+from lmlab.eval.damage import _Tally, check_same_tokenizer, compare, distribution_stats
 
 # ------------------------------------------------------------------------------- distribution_stats
 
@@ -189,8 +189,8 @@ def int8_result(tiny_model, eval_tokenizer, text, quantized_gpt):
 
 def test_base_perplexity_is_perplexity(tiny_model, eval_tokenizer, text, quantized_gpt, int8_result):
     """The same scored tokens as perplexity(): the base's figures are its, to rounding of the sums."""
-    from lmlab.eval.compare import _compare_batches
-    from lmlab.eval.perplexity import perplexity, windowed_text
+    from lmlab.eval.causal import perplexity, windowed_text
+    from lmlab.eval.damage import _compare_batches
 
     p = perplexity(tiny_model("gpt2"), eval_tokenizer, text, **KW)
     q = perplexity(quantized_gpt["int8"], eval_tokenizer, text, **KW)

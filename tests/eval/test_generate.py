@@ -1,4 +1,4 @@
-"""lmlab.eval.generate and ``lmlab generate``: T5 sentinel filling (golden), prompt framing, greedy
+"""lmlab.eval.generate (lmlab.eval.sampling) and ``lmlab generate``: T5 sentinel filling (golden), prompt framing, greedy
 decoding against a hand-written argmax loop, seeded sampling, and the command on float, NF4 and
 foreign (Qwen2) models, with its one-line errors."""
 
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from lmlab_cli_harness import assert_one_line_error, run_lmlab  # noqa: E402
 
 from lmlab.cli import main  # noqa: E402
-from lmlab.eval.generate import _decode, fill_sentinels, generate, prompt_ids, sentinel_spans  # noqa: E402
 from lmlab.eval.load import load_for_eval  # noqa: E402
+from lmlab.eval.sampling import _decode, fill_sentinels, generate, prompt_ids, sentinel_spans  # noqa: E402
 
 PROMPT = "Call me Ishmael."
 

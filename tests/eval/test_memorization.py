@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.eval.memorization import (
+from lmlab.eval.extraction import (
     SplitMemorization,
     _seq2seq_inputs,
     greedy_continuations,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmlab.errors import LmlabError
-from lmlab.eval.perplexity import (
+from lmlab.eval.causal import (
     Window,
     default_max_length,
     perplexity,

@@ -28,7 +28,7 @@ def test_rows_are_written_and_a_resume_keeps_those_up_to_its_step(tmp_path):
 def test_what_a_crash_leaves_is_skipped(tmp_path):
     path = tmp_path / "metrics.csv"
     header = ",".join(METRIC_FIELDS)
-    good = lambda step: f"{step},1.5,,0.1,,4,,,"  # noqa: E731
+    good = lambda step: ",".join([str(step), "1.5", "", "0.1", "", "4"] + [""] * (len(METRIC_FIELDS) - 6))  # noqa: E731
     path.write_bytes(
         "\n".join(
             [header, good(1), "\x00\x00\x00", good(2), "x,1,,,,,,,", "3,1.5", good(2), good(4), "5,1.2,"]

@@ -269,7 +269,7 @@ def windowed_text(
 ) -> WindowedText:
     """What :func:`perplexity` scores, with its checks (one-line errors for a model that is not a
     causal LM, a window beyond its positions, a text shorter than a window, ids outside its vocabulary);
-    the arguments are :func:`perplexity`'s.  For scorers of the same windows (:mod:`lmlab.eval.compare`)."""
+    the arguments are :func:`perplexity`'s.  For scorers of the same windows (:mod:`lmlab.eval.damage`)."""
     _check_model(model)
     limit = _max_positions(model)
     length = int(max_length) if max_length is not None else default_max_length(model)

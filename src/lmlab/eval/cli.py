@@ -10,15 +10,15 @@ MODEL is a run's ``final/`` or ``checkpoints/step-N/``, an ``lmlab quantize`` ou
 transformers + bitsandbytes directory, or any Hugging Face model directory (:func:`lmlab.eval.load.load_for_eval`).
 What is measured follows the model's kind (its family, :func:`lmlab.models.families.scoring_family`):
 
-* causal LMs: sliding-window perplexity, bits per byte, word perplexity (:mod:`lmlab.eval.perplexity`);
+* causal LMs: sliding-window perplexity, bits per byte, word perplexity (:mod:`lmlab.eval.causal`);
 * T5 (and any encoder–decoder): the NLL of the denoising objective's targets on corruptions fixed by
   ``--seed``, per target token and per byte (:mod:`lmlab.eval.denoising`);
 * BERT / MLMs: the MLM loss at the training corruption, and with ``--pll`` the pseudo-log-likelihood;
 
 beside the floor every model must beat: gzip, bz2 and xz bits per byte of the same text
 (:func:`lmlab.eval.bytes.compression_bits_per_byte`).  ``--compare BASE`` adds llama.cpp's
-quantization-damage figures (:mod:`lmlab.eval.compare`); ``--memorization`` the extractable rate on
-the training split beside the validation split (:mod:`lmlab.eval.memorization`).
+quantization-damage figures (:mod:`lmlab.eval.damage`); ``--memorization`` the extractable rate on
+the training split beside the validation split (:mod:`lmlab.eval.extraction`).
 
 Without ``--data`` / ``--corpus``, a model inside a run directory is measured on the run's own
 prepared data (its ``config.json`` names it).
@@ -159,6 +159,9 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
         load_path_check(model_path)
         data = default_data(model_path)
     split = args.split or "val"
+    from lmlab.eval.load import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --device / --dtype before any load
     loaded = load_for_eval(model_path, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
     tok, model, kind = loaded.tokenizer, loaded.model, loaded.kind
     if args.pll and kind != ENCODER:
@@ -174,7 +177,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
         "data": _data_entry(args, data, split, text),
     }
     if kind == DECODER:
-        from lmlab.eval.perplexity import perplexity
+        from lmlab.eval.causal import perplexity
 
         res = perplexity(
             model, tok, text, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
@@ -237,7 +240,7 @@ def _data_entry(args: argparse.Namespace, data: str | None, split: str, text: An
 
 
 def _compare(args: argparse.Namespace, loaded: Any, text: Any, res: Any, progress: bool) -> dict[str, Any]:
-    from lmlab.eval.compare import check_same_tokenizer, compare
+    from lmlab.eval.damage import check_same_tokenizer, compare
     from lmlab.eval.load import load_for_eval
     from lmlab.models.families import DECODER
 
@@ -274,7 +277,7 @@ def _compare(args: argparse.Namespace, loaded: Any, text: Any, res: Any, progres
 
 def _memorization(args: argparse.Namespace, loaded: Any, data: str | None, progress: bool) -> dict[str, Any]:
     from lmlab.data import load_tokens
-    from lmlab.eval.memorization import memorization
+    from lmlab.eval.extraction import memorization
 
     if data is None:
         raise LmlabError(
@@ -301,6 +304,8 @@ def _num(x: Any, digits: int = 4) -> str:
             return str(x)
         if abs(x) >= 1e5:
             return f"{x:,.0f}"
+        if 0 < abs(x) < 0.01:
+            return f"{x:.3e}"  # KL divergences, small deltas
         return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:,.2f}"
     return str(x)
 
@@ -351,7 +356,7 @@ def format_report(r: dict[str, Any]) -> str:
                 ("targets scored", q["target_tokens"], None),
                 ("NLL per target token (nats)", q["loss"], q.get("loss_stderr")),
                 ("target perplexity", q["perplexity"], None),
-                ("bits per byte of the text", q["bits_per_byte"], None),
+                ("targets' NLL per byte (bits)", q["bits_per_byte"], None),
             ]
         )
     if "pll" in r:
@@ -383,12 +388,15 @@ def format_report(r: dict[str, Any]) -> str:
             [
                 ("mean KL(base ‖ model) (nats)", k["kl_mean"], k.get("kl_stderr")),
                 ("median KL", k.get("kl_median"), None),
+                ("95th percentile KL", k.get("kl_p95"), None),
                 ("99th percentile KL", k.get("kl_p99"), None),
                 ("max KL", k.get("kl_max"), None),
-                ("top-1 agreement", k["top1_agreement"], None),
+                ("top-1 agreement", k["top1_agreement"], k.get("top1_agreement_stderr")),
+                ("base perplexity", k["base"].get("perplexity"), None),
                 ("Δ perplexity", k.get("delta_perplexity"), None),
-                ("perplexity ratio", k.get("perplexity_ratio"), None),
+                ("ln perplexity ratio", k.get("ln_perplexity_ratio"), k.get("ln_perplexity_ratio_stderr")),
                 ("Δ bits per byte", k.get("delta_bits_per_byte"), None),
+                ("mean Δp of the correct token", k.get("mean_delta_p"), None),
                 ("RMS Δp of the correct token", k.get("rms_delta_p"), None),
             ]
         )

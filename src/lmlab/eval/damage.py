@@ -16,7 +16,7 @@ Percentiles interpolate linearly between order statistics (numpy's default, llam
 standard errors are sd/√n with the sample variance, as llama.cpp prints them (its ``± …``).
 
 Which positions are scored: for a decoder-only base, the sliding windows of
-:mod:`lmlab.eval.perplexity`, so ``compare(...).base.perplexity`` is ``perplexity(base, ...)``'s
+:mod:`lmlab.eval.causal`, so ``compare(...).base.perplexity`` is ``perplexity(base, ...)``'s
 number; for T5 and BERT, objective batches (:func:`lmlab.eval.denoising.objective_batches`, fixed
 by a seed), so both models see the same corruption.  Either way both models score the same batch
 and their fp32 logits are walked in lockstep, one chunk of rows at a time
@@ -354,10 +354,10 @@ def compare(
 ) -> CompareResult:
     """llama.cpp's quantization statistics of ``candidate`` against ``base`` on the same tokens.
 
-    ``texts_or_ids``: what :func:`lmlab.eval.perplexity.perplexity` takes (texts, an
+    ``texts_or_ids``: what :func:`lmlab.eval.causal.perplexity` takes (texts, an
     :class:`~lmlab.eval.text.EvalText`, or ids (N,) int64); or ``batches``, HF batch dicts (the
     objective batches of :func:`lmlab.eval.denoising.objective_batches` for T5 and BERT).  A decoder
-    pair without ``batches`` is scored on :mod:`lmlab.eval.perplexity`'s windows (``max_length``,
+    pair without ``batches`` is scored on :mod:`lmlab.eval.causal`'s windows (``max_length``,
     ``stride``, ``batch_size`` as there); an encoder or encoder–decoder pair without them on
     objective batches built from the text with the default objective and seed.  ``n_bytes``: the
     text's UTF-8 bytes for bits per byte (known by itself for texts and an ``EvalText``).
@@ -384,9 +384,9 @@ def _window_batches(
     model: torch.nn.Module, tokenizer: Any, texts_or_ids: Any, max_length: int | None, stride: int | None,
     batch_size: int,
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int, int]:  # fmt: skip
-    """:func:`lmlab.eval.perplexity.perplexity`'s window batches of the text (cut on the CPU), their
-    number, and the text's bytes (:func:`~lmlab.eval.perplexity.windowed_text` checks them)."""
-    from lmlab.eval.perplexity import windowed_text
+    """:func:`lmlab.eval.causal.perplexity`'s window batches of the text (cut on the CPU), their
+    number, and the text's bytes (:func:`~lmlab.eval.causal.windowed_text` checks them)."""
+    from lmlab.eval.causal import windowed_text
 
     w = windowed_text(model, tokenizer, texts_or_ids, max_length=max_length, stride=stride)
     return w.batches(batch_size), -(-len(w.plan) // int(batch_size)), w.bytes

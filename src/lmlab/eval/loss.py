@@ -100,7 +100,9 @@ def evaluate(
     start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
     # fp32 on CPU unless asked: quantized and float models are then compared on the same arithmetic.
     prec = resolve_precision(precision or ("auto" if dev.type == "cuda" else "fp32"), dev)
-    s, n = eval_pass(LossHead(model, start_id), loader, dev, ddp.Dist(device=dev), prec)
+    # The head takes the model's mode, so eval_pass gives the model back in the mode it came in.
+    head = LossHead(model, start_id).train(model.training)
+    s, n = eval_pass(head, loader, dev, ddp.Dist(device=dev), prec)
     loss = s / max(n, 1)
     return {
         "loss": loss,

@@ -9,7 +9,7 @@ scored rows in chunks of at most ``chunk_rows`` × V logits; any other model (an
 ``transformers`` architecture, a quantized output head) goes through its own forward and its
 logits are indexed.  :func:`token_nll` is ``F.cross_entropy(..., reduction="none")`` on those
 logits; :func:`iter_logits` hands out the fp32 logits themselves (for the KL divergence of
-:mod:`lmlab.eval.compare`).  ``impl="reference"`` is the plain path (the model's forward, whole
+:mod:`lmlab.eval.damage`).  ``impl="reference"`` is the plain path (the model's forward, whole
 logits) that the fast one is tested against.
 
 Which family scores a model is :func:`lmlab.models.families.scoring_family`'s answer, so a new
