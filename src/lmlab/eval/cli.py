@@ -115,17 +115,19 @@ def run_dir_of(model: Path) -> Path | None:
     return None
 
 
-def default_data(model: Path) -> str:
-    """The first prepared directory of the run MODEL belongs to; a one-line error when there is none."""
+def default_data(model: Path, base: Path | None = None) -> str:
+    """The first prepared directory of the run MODEL (else the ``--compare`` BASE) belongs to; a
+    one-line error when there is none."""
     from lmlab.train.config import read_run_config
 
-    run = run_dir_of(model.resolve())
-    data = read_run_config(run).get("data") if run is not None else None
-    if isinstance(data, str):
-        data = [data]
-    if not data or not Path(data[0]).is_dir():
-        raise LmlabError(f"give --data DIR or --corpus PATH: the text to measure {model} on")
-    return str(data[0])
+    for m in (model, base):
+        run = run_dir_of(m.resolve()) if m is not None and m.exists() else None
+        data = read_run_config(run).get("data") if run is not None else None
+        if isinstance(data, str):
+            data = [data]
+        if data and Path(data[0]).is_dir():
+            return str(data[0])
+    raise LmlabError(f"give --data DIR or --corpus PATH: the text to measure {model} on")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -157,7 +159,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     data = args.data
     if not data and not args.corpus:
         load_path_check(model_path)
-        data = default_data(model_path)
+        data = default_data(model_path, Path(args.compare) if args.compare else None)
     split = args.split or "val"
     from lmlab.eval.load import resolve_device, resolve_dtype
 
@@ -175,6 +177,12 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
         "lmlab_version": __version__,
         "model": _model_entry(loaded),
         "data": _data_entry(args, data, split, text),
+        "settings": {
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+        },
     }
     if kind == DECODER:
         from lmlab.eval.causal import perplexity
