@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.eval.scoring import _chunk_rows, iter_scored_logits, scored, to_model
+from lmlab.eval.scoring import default_chunk_rows, iter_scored_logits, scored, to_model
 from lmlab.models.families import DECODER, scoring_family
 
 __all__ = ["CompareResult", "ModelScore", "check_same_tokenizer", "compare", "distribution_stats"]
@@ -334,8 +334,8 @@ def _compare_batches(
 
 def _default_rows(s: Any) -> int:
     if s.logits is not None:
-        return _chunk_rows(s.logits.device, s.logits.shape[-1])
-    return _chunk_rows(s.hidden.device, s.head.weight.shape[0])
+        return default_chunk_rows(s.logits.device, s.logits.shape[-1])
+    return default_chunk_rows(s.hidden.device, s.head.weight.shape[0])
 
 
 def compare(
@@ -400,9 +400,9 @@ def _objective_batches(
     from lmlab.eval import denoising
     from lmlab.eval.bytes import token_byte_lengths
 
-    ids = denoising._stream(tokenizer, texts_or_ids)
-    denoising._check_vocab(ids, model)
-    length = int(seq_len or denoising._default_length(model))
+    ids = denoising.token_stream(tokenizer, texts_or_ids)
+    denoising.check_vocab(ids, model)
+    length = int(seq_len or denoising.default_length(model))
     objective = denoising.default_objective(model)
     table = token_byte_lengths(tokenizer)
     out, n_bytes = [], 0

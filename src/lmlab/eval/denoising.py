@@ -61,7 +61,7 @@ _KIND_OBJECTIVE = {ENCODER_DECODER: "span", ENCODER: "bert"}
 # ------------------------------------------------------------------------------------------ shared helpers
 
 
-def _stream(tokenizer: Any, texts_or_ids: Any) -> np.ndarray:
+def token_stream(tokenizer: Any, texts_or_ids: Any) -> np.ndarray:
     """The token stream (N,) int64 of ``texts_or_ids``: ids as given (np array, tensor, list of ints),
     an :class:`~lmlab.eval.text.EvalText`'s ids, or text (a str, a list of documents) encoded by
     :func:`lmlab.eval.text.load_eval_text` (each document framed as ``lmlab prepare`` frames it)."""
@@ -84,7 +84,7 @@ def _stream(tokenizer: Any, texts_or_ids: Any) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def _check_vocab(ids: np.ndarray, model: torch.nn.Module) -> None:
+def check_vocab(ids: np.ndarray, model: torch.nn.Module) -> None:
     emb = model.get_input_embeddings()
     V = int(getattr(emb, "num_embeddings", 0) or model.config.vocab_size)
     lo, hi = int(ids.min()), int(ids.max())
@@ -95,7 +95,7 @@ def _check_vocab(ids: np.ndarray, model: torch.nn.Module) -> None:
         )
 
 
-def _default_length(model: torch.nn.Module) -> int:
+def default_length(model: torch.nn.Module) -> int:
     """The length the model was trained at, else ``min(512, its positions)`` (as :func:`lmlab.eval.evaluate`)."""
     trained = model_settings(getattr(model, "name_or_path", None), model.config).get("seq_len")
     return int(trained or min(512, max_positions(model) or 512))
@@ -306,9 +306,9 @@ def denoising_loss(
     obj, name = _objective_for(
         objective if objective is not None else default_objective(model), tokenizer, kind
     )
-    seq_len = int(seq_len or _default_length(model))
-    ids = _stream(tokenizer, texts_or_ids)
-    _check_vocab(ids, model)
+    seq_len = int(seq_len or default_length(model))
+    ids = token_stream(tokenizer, texts_or_ids)
+    check_vocab(ids, model)
     batches = objective_batches(
         tokenizer, ids, obj, kind, seq_len=seq_len, batch_size=batch_size, seed=seed, max_rows=max_rows
     )
@@ -442,9 +442,9 @@ def pseudo_log_likelihood(
     _check_positive("batch_size", batch_size)
     _check_positive("max_rows", max_rows, allow_none=True)
     _check_positive("max_length", max_length, allow_none=True)
-    max_length = int(max_length or _default_length(model))
-    ids = _stream(tokenizer, texts_or_ids)
-    _check_vocab(ids, model)
+    max_length = int(max_length or default_length(model))
+    ids = token_stream(tokenizer, texts_or_ids)
+    check_vocab(ids, model)
     n_rows = -(-len(ids) // max_length)
     if max_rows is not None:
         n_rows = min(n_rows, int(max_rows))
