@@ -4,6 +4,7 @@ Shared by the bad-input tables (``tests/*/test_bad_input_*.py``) and the fault t
 
     r = run_lmlab(["quantize", str(model), "--method", "nf4", "--out", str(out)])
     assert_one_line_error(r, "holds")                 # exit 2, one stderr line, no traceback
+    r = run_lmlab_here([...])                         # the same through lmlab.cli.main, in this process
     before = tree_hashes(tmp_path); ...; assert tree_hashes(tmp_path) == before
     with tmpfs(tmp_path / "small", "size=400k") as mnt: ...   # a real full disk
 """
@@ -52,6 +53,38 @@ def run_lmlab(
         check=False,
         preexec_fn=limit if fsize_limit is not None else None,
     )
+
+
+def run_lmlab_here(
+    args: list[str], *, cwd: str | os.PathLike | None = None, **_: object
+) -> subprocess.CompletedProcess:
+    """``lmlab ARGS`` in this process (``lmlab.cli.main``, the entry point the installed command calls),
+    with its output captured: the bad-input tables' many cases without paying torch's and transformers'
+    import for each one (each table keeps some cases on :func:`run_lmlab`).  An exception that escapes
+    ``main`` is written to the captured stderr as the command would print it (a traceback, exit 1)."""
+    import io
+    import traceback
+    import warnings
+
+    from lmlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = int(main(list(args)) or 0)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["lmlab", *args], code, out.getvalue(), err.getvalue())
 
 
 def error_lines(stderr: str) -> list[str]:
