@@ -119,6 +119,35 @@ def iter_scored_logits(
         yield z.to(torch.promote_types(z.dtype, torch.float32)), s.targets[lo : lo + m]
 
 
+def _vocab_major_nll(s: Scored, chunk_rows: int | None) -> torch.Tensor:
+    """The NLLs of a split model's scored rows with each chunk's logits held vocabulary-major, (V, m):
+    on CPUs in fp32 MKL forms ``W·hᵀ`` faster than ``h·Wᵀ`` (the head's inner dimension is only d),
+    and the log-sum-exp runs in place on it.  Measured on 2 cores (d, V: ms per 512 rows, head and
+    loss): (128, 8192) 22-26 against 44 for row-major chunks of 512 and ``F.cross_entropy``;
+    (384, 8192) 103-110 against 144; (768, 50257) 533 against 747.  The best chunk grows with d."""
+    h, W, b, y = s.hidden, s.head.weight, s.head.bias, s.targets
+    m = int(chunk_rows or max(32, min(512, h.shape[-1] // 2)))
+    parts = []
+    for lo in range(0, h.shape[0], m):
+        hc, yc = h[lo : lo + m], y[lo : lo + m]
+        zt = torch.mm(W, hc.t()) if b is None else torch.addmm(b[:, None], W, hc.t())  # (V, m)
+        picked = zt.gather(0, yc[None])[0]
+        zmax = zt.amax(dim=0, keepdim=True)
+        total = zt.sub_(zmax).exp_().sum(dim=0)
+        parts.append((zmax[0] + total.log() - picked).double())
+    return torch.cat(parts)
+
+
+def _vocab_major_applies(s: Scored) -> bool:
+    return (
+        s.hidden is not None
+        and s.hidden.device.type == "cpu"
+        and s.hidden.dtype in (torch.float32, torch.float64)
+        and s.head.weight.dtype == s.hidden.dtype
+        and len(s) > 0
+    )
+
+
 @torch.no_grad()
 def token_nll(
     model: torch.nn.Module,
@@ -128,10 +157,14 @@ def token_nll(
     impl: str = "auto",
 ) -> torch.Tensor:
     """Negative log-likelihood (nats) of each scored target, (rows,) float64, row-major over (B, T):
-    ``F.cross_entropy(logits, targets, reduction="none")`` without forming the unscored logits."""
+    ``F.cross_entropy(logits, targets, reduction="none")`` without forming the unscored logits (fp32
+    and fp64 on CPUs: vocabulary-major chunks, :func:`_vocab_major_nll`)."""
+    s = scored(model, batch, impl=impl)
+    if _vocab_major_applies(s):
+        return _vocab_major_nll(s, chunk_rows)
     parts = [
         F.cross_entropy(z, y, reduction="none").double()
-        for z, y in iter_logits(model, batch, chunk_rows=chunk_rows, impl=impl)
+        for z, y in iter_scored_logits(s, chunk_rows=chunk_rows)
     ]
     if not parts:
         return torch.zeros(0, dtype=torch.float64, device=batch["labels"].device)
