@@ -188,7 +188,8 @@ def int8_result(tiny_model, eval_tokenizer, text, quantized_gpt):
 
 
 def test_base_perplexity_is_perplexity(tiny_model, eval_tokenizer, text, quantized_gpt, int8_result):
-    """The same scored tokens as perplexity(): the base's figures are its, to rounding of the sums."""
+    """The same scored tokens as perplexity(): the base's figures are its, to fp32 rounding (perplexity
+    forms each chunk's logits vocabulary-major, compare row-major: another GEMM blocking)."""
     from lmlab.eval.causal import perplexity, windowed_text
     from lmlab.eval.damage import _compare_batches
 
@@ -196,9 +197,9 @@ def test_base_perplexity_is_perplexity(tiny_model, eval_tokenizer, text, quantiz
     q = perplexity(quantized_gpt["int8"], eval_tokenizer, text, **KW)
     r = int8_result
     assert r.positions == p.tokens and r.n_bytes == p.bytes
-    assert r.base.perplexity == pytest.approx(p.perplexity, rel=1e-9)
-    assert r.candidate.perplexity == pytest.approx(q.perplexity, rel=1e-9)
-    assert r.base.bits_per_byte == pytest.approx(p.bits_per_byte, rel=1e-9)
+    assert r.base.perplexity == pytest.approx(p.perplexity, rel=1e-6)
+    assert r.candidate.perplexity == pytest.approx(q.perplexity, rel=1e-6)
+    assert r.base.bits_per_byte == pytest.approx(p.bits_per_byte, rel=1e-6)
     assert r.delta_perplexity == pytest.approx(q.perplexity - p.perplexity, rel=1e-6, abs=1e-9)
     # Walked in chunks of 5 rows (in lockstep on both models) it is the same comparison, to the fp32
     # rounding of the logits (another GEMM blocking): ~1e-9 nats of KL per position here.
@@ -253,7 +254,7 @@ def test_denoising_pairs_on_objective_batches(family, given, tiny_model, eval_to
     else:
         r = compare(m, noisy, eval_tokenizer, ids, max_length=32, batch_size=8)
     d = denoising_loss(m, eval_tokenizer, ids, objective=objective, seq_len=32, batch_size=8)
-    assert r.positions == d.target_tokens and r.base.mean_nll == pytest.approx(d.loss, rel=1e-9)
+    assert r.positions == d.target_tokens and r.base.mean_nll == pytest.approx(d.loss, rel=1e-6)
     assert r.n_bytes == (None if given else d.bytes)
     assert 0 < r.kl_mean < 0.05 and r.top1_agreement > 0.5
 
