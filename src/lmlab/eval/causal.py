@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.eval.scoring import model_device, token_nll
+from lmlab.eval.scoring import eval_mode, exp_or_inf, model_device, token_nll
 from lmlab.eval.text import EvalText, causal_stream, load_eval_text
 from lmlab.objectives.base import IGNORE_INDEX
 
@@ -167,10 +167,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 709.0 else math.inf
-
-
 def _result(
     nll_sum: float, m2: float, tokens: int, n_bytes: int, n_words: int, documents: int, length: int, stride: int,
     windows: int,
@@ -185,12 +181,12 @@ def _result(
         words=n_words,
         documents=documents,
         mean_nll=mean,
-        perplexity=_exp(mean),
+        perplexity=exp_or_inf(mean),
         bits_per_byte=per_byte,
-        byte_perplexity=_exp(nll_sum / n_bytes) if n_bytes > 0 else None,
-        word_perplexity=_exp(nll_sum / n_words) if n_words > 0 else None,
+        byte_perplexity=exp_or_inf(nll_sum / n_bytes) if n_bytes > 0 else None,
+        word_perplexity=exp_or_inf(nll_sum / n_words) if n_words > 0 else None,
         nll_stderr=stderr,
-        perplexity_stderr=None if stderr is None else _exp(mean) * stderr,
+        perplexity_stderr=None if stderr is None else exp_or_inf(mean) * stderr,
         bits_per_byte_stderr=None
         if stderr is None or n_bytes <= 0
         else stderr * tokens / n_bytes / math.log(2),
@@ -335,26 +331,24 @@ def perplexity(
     count, total_nll, mean, m2 = 0, zero, zero, zero
     from lmlab.progress import progress_bar
 
-    was_training = model.training
-    model.eval()  # dropout off: a score, not a training step
-    try:
-        with progress_bar(total=len(w.plan), desc="perplexity", unit="window", disable=not progress) as bar:
-            for batch in window_batches(stream, w.plan, batch_size, w.pad_id):
-                nll = token_nll(model, batch, impl=impl)  # (rows,) float64
-                k = int(nll.shape[0])
-                if k == 0:
-                    continue
-                sb = nll.sum()
-                mb = sb / k
-                total = count + k
-                delta = mb - mean
-                m2 = m2 + ((nll - mb) ** 2).sum() + delta**2 * (count * k / total)
-                mean = mean + delta * (k / total)
-                total_nll = total_nll + sb
-                count = total
-                bar.update(int(batch["input_ids"].shape[0]))
-    finally:
-        model.train(was_training)
+    with (
+        eval_mode(model),
+        progress_bar(total=len(w.plan), desc="perplexity", unit="window", disable=not progress) as bar,
+    ):
+        for batch in window_batches(stream, w.plan, batch_size, w.pad_id):
+            nll = token_nll(model, batch, impl=impl)  # (rows,) float64
+            k = int(nll.shape[0])
+            if k == 0:
+                continue
+            sb = nll.sum()
+            mb = sb / k
+            total = count + k
+            delta = mb - mean
+            m2 = m2 + ((nll - mb) ** 2).sum() + delta**2 * (count * k / total)
+            mean = mean + delta * (k / total)
+            total_nll = total_nll + sb
+            count = total
+            bar.update(int(batch["input_ids"].shape[0]))
     if count != w.ids.size - 1:  # every position but the first, by construction of the plan
         raise RuntimeError(f"perplexity scored {count} tokens of {w.ids.size - 1}")
     return _result(

@@ -28,7 +28,6 @@ Run: ``lmlab eval QUANTIZED_DIR --compare BASE_DIR --corpus wiki.test.raw`` (or 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.eval.scoring import default_chunk_rows, iter_scored_logits, scored, to_model
+from lmlab.eval.scoring import default_chunk_rows, eval_mode, exp_or_inf, iter_scored_logits, scored, to_model
 from lmlab.models.families import DECODER, scoring_family
 
 __all__ = ["CompareResult", "ModelScore", "check_same_tokenizer", "compare", "distribution_stats"]
@@ -152,10 +151,6 @@ def check_same_tokenizer(
         )
 
 
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 709.0 else math.inf
-
-
 def _stderr(values: np.ndarray) -> float | None:
     """sd/√n with the sample variance; ``None`` for fewer than two values."""
     n = values.size
@@ -215,7 +210,7 @@ class _Tally:
         scores = []
         for s in (sums["nll_base"], sums["nll_cand"]):
             bpb = s / n_bytes / math.log(2) if n_bytes else None
-            scores.append(ModelScore(mean_nll=s / n, perplexity=_exp(s / n), bits_per_byte=bpb))
+            scores.append(ModelScore(mean_nll=s / n, perplexity=exp_or_inf(s / n), bits_per_byte=bpb))
         base, cand = scores
         ln_ratio = cand.mean_nll - base.mean_nll
         return CompareResult(
@@ -233,7 +228,7 @@ class _Tally:
             base=base,
             candidate=cand,
             delta_perplexity=cand.perplexity - base.perplexity,
-            perplexity_ratio=_exp(ln_ratio),
+            perplexity_ratio=exp_or_inf(ln_ratio),
             ln_perplexity_ratio=ln_ratio,
             ln_perplexity_ratio_stderr=_stderr(d_nll),
             delta_bits_per_byte=(
@@ -270,18 +265,6 @@ def _check_pair(base: torch.nn.Module, candidate: torch.nn.Module) -> str:
     return kb
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
-    was = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, t in zip(models, was, strict=True):
-            m.train(t)
-
-
 @torch.no_grad()
 def _compare_batches(
     base: torch.nn.Module,
@@ -301,7 +284,7 @@ def _compare_batches(
     _check_pair(base, candidate)
     tally = _Tally()
     with (
-        _eval_mode(base, candidate),
+        eval_mode(base, candidate),
         progress_bar(total=total, desc="compare", unit="batch", disable=not progress) as bar,
     ):
         for batch in batches:

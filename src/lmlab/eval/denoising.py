@@ -27,7 +27,6 @@ projection (a BERT copy projects one row).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.eval.scoring import eval_mode, exp_or_inf
 from lmlab.models.families import DECODER, ENCODER, ENCODER_DECODER, scoring_family
 from lmlab.models.presets import max_positions
 from lmlab.objectives.base import IGNORE_INDEX, special_ids_of
@@ -122,29 +122,10 @@ def _stderr(total: float, sumsq: float, n: int) -> float:
     return math.sqrt(var / n)
 
 
-def _exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return float("inf")
-
-
 def _progress(total: int, desc: str, on: bool):
     from lmlab.progress import progress_bar
 
     return progress_bar(total=total, desc=desc, unit="batch", disable=not on)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """``model`` in eval mode (no dropout: a score is deterministic), each module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
@@ -319,7 +300,7 @@ def denoising_loss(
     rows = raw_tokens = n_bytes = 0
     R = int(obj.raw_length(seq_len))
     n_rows = min(len(ids) // R, max_rows or len(ids))
-    with _eval_mode(model), _progress(-(-n_rows // batch_size), "denoising", progress) as bar:
+    with eval_mode(model), _progress(-(-n_rows // batch_size), "denoising", progress) as bar:
         for batch, raw in batches:
             nll = token_nll(model, to_model(batch, model))
             acc += torch.stack([nll.sum(), (nll * nll).sum(), nll.new_tensor(nll.numel())])
@@ -341,7 +322,7 @@ def denoising_loss(
         bytes=n_bytes,
         nll_sum=total,
         loss=loss,
-        perplexity=_exp(loss),
+        perplexity=exp_or_inf(loss),
         loss_stderr=_stderr(total, sumsq, n),
         bits_per_byte=total / n_bytes / math.log(2) if n_bytes else float("nan"),
     )
@@ -464,7 +445,7 @@ def pseudo_log_likelihood(
         pad_id=ids_of.pad_id,
         batch_size=int(batch_size),
     )
-    with _eval_mode(model), _progress(-(-n_copies // batch_size), "pseudo-log-likelihood", progress) as bar:
+    with eval_mode(model), _progress(-(-n_copies // batch_size), "pseudo-log-likelihood", progress) as bar:
         for batch in batches:
             nll = token_nll(model, to_model(batch, model))
             acc += torch.stack([nll.sum(), (nll * nll).sum(), nll.new_tensor(nll.numel())])
@@ -479,7 +460,7 @@ def pseudo_log_likelihood(
         max_length=max_length,
         bytes=n_bytes,
         mean_nll=mean,
-        pseudo_perplexity=_exp(mean),
+        pseudo_perplexity=exp_or_inf(mean),
         nll_stderr=_stderr(total, sumsq, n),
         bits_per_byte=total / n_bytes / math.log(2) if n_bytes else float("nan"),
     )

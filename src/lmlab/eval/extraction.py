@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.eval.scoring import eval_mode
 from lmlab.impl import check_impl
 from lmlab.models.families import DECODER, ENCODER, ENCODER_DECODER, scoring_family
 from lmlab.models.presets import max_positions
@@ -155,17 +156,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off for the block (greedy decoding is deterministic), the caller's mode restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _seq2seq_inputs(
     prefixes: torch.Tensor, sentinel_id: int | None, eos_id: int | None, start_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +229,7 @@ def greedy_continuations(
     if eos_id is None:
         eos_id = getattr(model.config, "eos_token_id", None)
     step = 1 if impl == "reference" else batch_size
-    with _eval_mode(model), _quiet_generation():
+    with eval_mode(model), _quiet_generation():
         for lo in range(0, n, step):
             p = prefixes[lo : lo + step].to(dev)
             if kind == ENCODER_DECODER:

@@ -18,6 +18,8 @@ family needs nothing here.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,16 @@ from lmlab.models.families import DECODER, scoring_family
 from lmlab.models.families.base import fast_routing
 from lmlab.objectives.base import IGNORE_INDEX
 
-__all__ = ["Scored", "aligned_labels", "iter_logits", "scored", "start_id", "token_nll"]
+__all__ = [
+    "Scored",
+    "aligned_labels",
+    "eval_mode",
+    "exp_or_inf",
+    "iter_logits",
+    "scored",
+    "start_id",
+    "token_nll",
+]
 
 # Elements of one chunk of logits: 4 Mi (16 MiB of fp32) on CPUs, 64 Mi on GPUs.
 _CPU_CHUNK_ELEMENTS = 1 << 22
@@ -180,3 +191,22 @@ def to_model(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """The batch's tensors on the model's device."""
     dev = model_device(model)
     return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """``models`` in eval mode for the block (no dropout: a score is deterministic), every module's own
+    mode restored after, as the caller had it."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def exp_or_inf(x: float) -> float:
+    """``exp(x)``, or ``inf`` where it would overflow (the perplexity of a model that knows nothing)."""
+    return math.exp(x) if x < 709.0 else math.inf
