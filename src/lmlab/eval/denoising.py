@@ -255,7 +255,7 @@ class DenoisingResult:
     loss: float
     perplexity: float
     loss_stderr: float
-    bits_per_byte: float
+    bits_per_byte: float | None  # None for rows whose text has no bytes (only special tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,7 +324,7 @@ def denoising_loss(
         loss=loss,
         perplexity=exp_or_inf(loss),
         loss_stderr=_stderr(total, sumsq, n),
-        bits_per_byte=total / n_bytes / math.log(2) if n_bytes else float("nan"),
+        bits_per_byte=total / n_bytes / math.log(2) if n_bytes else None,
     )
 
 
@@ -391,7 +391,7 @@ class PLLResult:
     mean_nll: float
     pseudo_perplexity: float
     nll_stderr: float
-    bits_per_byte: float
+    bits_per_byte: float | None  # None for rows whose text has no bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -462,5 +462,5 @@ def pseudo_log_likelihood(
         mean_nll=mean,
         pseudo_perplexity=exp_or_inf(mean),
         nll_stderr=_stderr(total, sumsq, n),
-        bits_per_byte=total / n_bytes / math.log(2) if n_bytes else float("nan"),
+        bits_per_byte=total / n_bytes / math.log(2) if n_bytes else None,
     )

@@ -54,10 +54,10 @@ class GenericFamily:
         return decoder_inputs(model, batch)
 
     def splits(self, model: nn.Module) -> bool:
+        """Never: lmlab does not know this architecture's body/head split, so every caller (the fused
+        loss, :mod:`lmlab.eval.scoring`) takes the model's own forward and has no ``hidden_and_head``
+        to ask for."""
         return False
-
-    def hidden_and_head(self, model: nn.Module, kw: dict[str, Any], keep: torch.Tensor, impl: str = "auto"):
-        raise NotImplementedError(f"{self.model_type} models are scored through their own forward")
 
 
 def kind_of_config(config: Any) -> str:
