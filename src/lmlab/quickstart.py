@@ -99,6 +99,10 @@ def _run(args: argparse.Namespace) -> int:
                 f"{out} already holds a run; pass --fresh to replace it, or choose another --out"
             )
         _remove_earlier_quickstart(out)
+    # Refused before any work (pretrain would refuse it too, but only after prepare and an evaluation).
+    from lmlab.io import check_output_dir
+
+    check_output_dir(out, "run", inputs=[args.data] if args.data else [])
 
     _say("[1/4] prepare: corpus -> tokenizer -> token shards")
     if args.data:
