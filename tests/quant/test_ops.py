@@ -13,6 +13,7 @@ from lmlab.quant import Linear4bit, Linear8bit, blockwise, dequantize_4bit, int8
 from lmlab.quant.functional import decoded_absmax
 from lmlab.quant.int8 import int8_linear_reference, int8_vectorwise, int_mm_reference, row_codes
 from lmlab.quant.kernels import cpu, int8_cpu
+from lmlab.quant.kernels import cuda as cuda_kernels
 
 lmlab_ops = torch.ops.lmlab
 
@@ -45,6 +46,25 @@ def test_opcheck_linear_4bit_with_its_input_gradient(dtype):
     bias = torch.randn(6).to(dtype)
     torch.library.opcheck(lmlab_ops.linear_4bit, (x, packed, absmax, "nf4", 32, [6, 40], bias))
     torch.library.opcheck(lmlab_ops.linear_4bit, (x, packed, absmax, "nf4", 32, [6, 40], None))
+
+
+def test_opcheck_the_double_quantized_forms():
+    """The decoding ops take double-quantized scales as stored (a device kernel decodes them inside)."""
+    w = _weight((6, 64), torch.float32)
+    q = quantize_4bit(w, "nf4", 32, double_quant=True)
+    nested = (q.offset, q.nested_absmax, q.nested_code, 256)
+    torch.library.opcheck(lmlab_ops.quantize_blockwise_8bit, (torch.randn(300), q.nested_code, 256))
+    torch.library.opcheck(
+        lmlab_ops.dequantize_4bit, (q.packed, q.absmax, "nf4", 32, [6, 64], torch.float32, *nested)
+    )
+    out = torch.empty(6, 64)
+    torch.library.opcheck(lmlab_ops.dequantize_4bit_out, (q.packed, q.absmax, "nf4", 32, out, *nested))
+    lmlab_ops.dequantize_4bit_out(q.packed, q.absmax, "nf4", 32, out, *nested)
+    assert torch.equal(out, dequantize_4bit(q, impl="reference"))
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.library.opcheck(lmlab_ops.linear_4bit, (x, q.packed, q.absmax, "nf4", 32, [6, 64], None, *nested))
+    y = lmlab_ops.linear_4bit(x, q.packed, q.absmax, "nf4", 32, [6, 64], None, *nested)
+    assert torch.equal(y, x @ dequantize_4bit(q, impl="reference").t())
 
 
 def test_opcheck_int8_ops():
@@ -195,14 +215,17 @@ def test_cuda_kernels_dispatch_and_equal_the_reference():
     torch.library.opcheck(lmlab_ops.int8_mm, (a.cuda(), b.cuda()))
     x = torch.randn(32, 64)
     got = int8_matmul(x.cuda(), b.cuda(), b_scale.cuda(), impl="fast").cpu()
-    assert torch.equal(got, int8_matmul(x, b, b_scale, impl="reference"))
-    # no CUDA kernel for the 4-bit ops yet: "auto" runs their reference body there
+    torch.testing.assert_close(got, int8_matmul(x, b, b_scale, impl="reference"), rtol=1e-6, atol=1e-6)
+    # the 4-bit ops: Triton kernels where triton is installed, else their reference body ("auto")
     w = _weight((5, 30), torch.float32)
     packed, absmax = lmlab_ops.quantize_4bit(w.cuda(), "nf4", 64)
     ref_packed, ref_absmax = blockwise.quantize_4bit_reference(w, "nf4", 64)
     assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
-    with pytest.raises(LmlabError, match="no quantize_4bit kernel for cuda"):
-        quantize_4bit(w.cuda(), impl="fast")
+    if cuda_kernels.kernel_available("quantize_4bit"):
+        assert torch.equal(quantize_4bit(w.cuda(), impl="fast").packed.cpu(), ref_packed)
+    else:
+        with pytest.raises(LmlabError, match="no quantize_4bit kernel for cuda"):
+            quantize_4bit(w.cuda(), impl="fast")
 
 
 def _int64_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

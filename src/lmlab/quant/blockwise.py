@@ -155,3 +155,17 @@ def dequantize_blockwise_8bit(
     n = codes.numel()
     block = torch.arange(n, device=codes.device) // block_size
     return code[codes.reshape(-1).long()] * absmax[block]
+
+
+def decode_scales(
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
+) -> torch.Tensor:
+    """The ``(blocks,) float32`` block scales: ``absmax`` itself, or its double-quantized codes decoded
+    (``nested_code[absmax] * nested_absmax[block] + offset``)."""
+    if nested_absmax is None:
+        return absmax.float()
+    return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_block_size) + offset.float()

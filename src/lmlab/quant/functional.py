@@ -17,14 +17,15 @@ from lmlab.errors import LmlabError
 from lmlab.impl import check_impl, use_fast
 from lmlab.quant import ops
 from lmlab.quant.blockwise import (
+    decode_scales,
     dequantize_4bit_reference,
-    dequantize_blockwise_8bit,
     quantize_4bit_reference,
     quantize_blockwise_8bit,
 )
 from lmlab.quant.codebooks import codebook, dynamic_map
 from lmlab.quant.formats import NESTED_BLOCK_SIZE, check_block_size, check_float_dtype, check_quant_type
 from lmlab.quant.int8 import Int8LinearReference, check_int8_matmul_args
+from lmlab.quant.kernels import cuda as cuda_kernels
 from lmlab.quant.kernels.cpu import all_finite
 from lmlab.quant.state import FLOAT_DTYPES, Quantized4bit
 
@@ -35,7 +36,7 @@ def use_kernel(impl: str, op: str, device: torch.device, what: str) -> bool:
     ``"auto"`` always calls the op: it dispatches to the kernel registered for the device, else to
     its reference body."""
     devices = ops.FAST_DEVICES[op]
-    applies = device.type in devices
+    applies = device.type in devices and (device.type != "cuda" or cuda_kernels.kernel_available(op))
     if check_impl(impl, what) == "auto":
         return True  # the op dispatches: its kernel where one is registered, else the reference
     return use_fast(impl, applies, what, f"no {op} kernel for {device.type}; kernels: {', '.join(devices)}")
@@ -61,17 +62,7 @@ def _raise_not_finite(w: torch.Tensor, name: str) -> None:
     raise LmlabError(f"{name} contains {kind} (first at index {list(index)}); cannot quantize it")
 
 
-def decoded_absmax(
-    absmax: torch.Tensor,
-    offset: torch.Tensor | None = None,
-    nested_absmax: torch.Tensor | None = None,
-    nested_code: torch.Tensor | None = None,
-    nested_block_size: int = NESTED_BLOCK_SIZE,
-) -> torch.Tensor:
-    """The ``(blocks,) float32`` block scales: ``absmax`` itself, or its double-quantized codes decoded."""
-    if nested_absmax is None:
-        return absmax.float()
-    return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_block_size) + offset.float()
+decoded_absmax = decode_scales  # the name the layers and tests know
 
 
 def _decoded_absmax(q: Quantized4bit) -> torch.Tensor:
@@ -111,7 +102,10 @@ def quantize_4bit(
         # then, so that ordinary weights keep bitsandbytes' float32 mean bit for bit.
         offset = absmax.double().mean().float()
     nested_code = dynamic_map(w.device)
-    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCK_SIZE)
+    if use_kernel(impl, "quantize_4bit", w.device, "quantize_4bit"):
+        codes, nested_absmax = ops.quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCK_SIZE)
+    else:
+        codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCK_SIZE)
     return Quantized4bit(
         packed,
         codes,
@@ -146,14 +140,18 @@ def dequantize_4bit(
     n = q.numel
     if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous()):
         raise LmlabError(f"dequantize_4bit: out must be a contiguous {dtype} tensor of {n} elements")
-    absmax = _decoded_absmax(q)
     if not use_kernel(impl, "dequantize_4bit", q.device, "dequantize_4bit"):
+        absmax = _decoded_absmax(q)
         result = dequantize_4bit_reference(q.packed, absmax, q.quant_type, q.block_size, q.shape, dtype)
         return result if out is None else out.view(q.shape).copy_(result)
+    # The stored scales: a device kernel decodes double-quantized ones itself.
+    nested = (q.offset, q.nested_absmax, q.nested_code, q.nested_block_size)
     if out is None:
-        return ops.dequantize_4bit(q.packed, absmax, q.quant_type, q.block_size, list(q.shape), dtype)
+        return ops.dequantize_4bit(
+            q.packed, q.absmax, q.quant_type, q.block_size, list(q.shape), dtype, *nested
+        )
     out = out.view(q.shape)
-    ops.dequantize_4bit_out(q.packed, absmax, q.quant_type, q.block_size, out)
+    ops.dequantize_4bit_out(q.packed, q.absmax, q.quant_type, q.block_size, out, *nested)
     return out
 
 

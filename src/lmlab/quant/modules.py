@@ -197,20 +197,28 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.float32)
-        absmax = decoded_absmax(
-            self.weight_absmax,
+        bias = None if self.bias is None else self.bias.to(dtype)
+        shape = [self.out_features, self.in_features]
+        # The scales as stored: a device kernel decodes double-quantized ones inside.
+        nested = (
             self.weight_offset,
             self.weight_nested_absmax,
             self.weight_nested_quant_map,
             self.nested_block_size,
         )
-        bias = None if self.bias is None else self.bias.to(dtype)
-        shape = [self.out_features, self.in_features]
         if use_kernel(self.impl, "dequantize_4bit", self.weight.device, "Linear4bit"):
             y = ops.linear_4bit(
-                x.to(dtype), self.weight, absmax, self.quant_type, self.block_size, shape, bias
+                x.to(dtype),
+                self.weight,
+                self.weight_absmax,
+                self.quant_type,
+                self.block_size,
+                shape,
+                bias,
+                *nested,
             )
         else:  # (out, in), a constant for autograd
+            absmax = decoded_absmax(self.weight_absmax, *nested)
             w = dequantize_4bit_reference(self.weight, absmax, self.quant_type, self.block_size, shape, dtype)
             y = F.linear(x.to(dtype), w, bias)
         return y.to(x.dtype)

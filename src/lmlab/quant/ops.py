@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.quant import blockwise
+from lmlab.quant.formats import NESTED_BLOCK_SIZE
 from lmlab.quant.int8 import int8_dequantize, int8_linear_reference, int_mm_reference
 from lmlab.quant.kernels import cpu, cuda, int8_cpu
 
@@ -69,6 +70,28 @@ def _(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, 
     return packed, w.new_empty(((n + block_size - 1) // block_size,), dtype=torch.float32)
 
 
+@torch.library.custom_op("lmlab::quantize_blockwise_8bit", mutates_args=())
+def quantize_blockwise_8bit(
+    x: torch.Tensor, code: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Double quantization's step: ``x (n,) float32`` against the sorted 256-entry ``code`` ->
+    ``(codes (n,) uint8, absmax (blocks,) float32)``, bitsandbytes' grid lookup included."""
+    return blockwise.quantize_blockwise_8bit(x, code, block_size)
+
+
+@quantize_blockwise_8bit.register_fake
+def _(x, code, block_size):
+    n = x.numel()
+    return x.new_empty((n,), dtype=torch.uint8), x.new_empty(
+        ((n + block_size - 1) // block_size,), dtype=torch.float32
+    )
+
+
+# The decoding ops take the block scales as stored: ``absmax`` (blocks,) float32, or, double-quantized,
+# its uint8 codes with ``offset``, ``nested_absmax`` and ``nested_code`` (decoded inside a device
+# kernel; in torch before a kernel that takes plain scales).
+
+
 @torch.library.custom_op("lmlab::dequantize_4bit", mutates_args=())
 def dequantize_4bit(
     packed: torch.Tensor,
@@ -77,34 +100,104 @@ def dequantize_4bit(
     block_size: int,
     shape: Sequence[int],
     dtype: torch.dtype,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> torch.Tensor:
-    """``packed`` codes and *decoded* ``absmax (blocks,) float32`` -> a ``shape`` tensor of ``dtype``."""
-    return blockwise.dequantize_4bit_reference(packed, absmax, quant_type, block_size, tuple(shape), dtype)
+    """``packed`` codes and their block scales -> a ``shape`` tensor of ``dtype``."""
+    scales = blockwise.decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
+    return blockwise.dequantize_4bit_reference(packed, scales, quant_type, block_size, tuple(shape), dtype)
 
 
 @dequantize_4bit.register_fake
-def _(packed, absmax, quant_type, block_size, shape, dtype):
+def _(
+    packed,
+    absmax,
+    quant_type,
+    block_size,
+    shape,
+    dtype,
+    offset=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_block_size=NESTED_BLOCK_SIZE,
+):
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
 @torch.library.custom_op("lmlab::dequantize_4bit_out", mutates_args=("out",))
 def dequantize_4bit_out(
-    packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, block_size: int, out: torch.Tensor
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    out: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> None:
     """:func:`dequantize_4bit` written into ``out`` (contiguous; its shape and dtype say what to decode)."""
+    scales = blockwise.decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
     out.copy_(
-        blockwise.dequantize_4bit_reference(packed, absmax, quant_type, block_size, out.shape, out.dtype)
+        blockwise.dequantize_4bit_reference(packed, scales, quant_type, block_size, out.shape, out.dtype)
     )
 
 
 @dequantize_4bit_out.register_fake
-def _(packed, absmax, quant_type, block_size, out):
+def _(
+    packed,
+    absmax,
+    quant_type,
+    block_size,
+    out,
+    offset=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_block_size=NESTED_BLOCK_SIZE,
+):
     return None
 
 
+def _cpu_dequantize_4bit(
+    packed,
+    absmax,
+    quant_type,
+    block_size,
+    shape,
+    dtype,
+    offset=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_block_size=NESTED_BLOCK_SIZE,
+):
+    scales = blockwise.decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
+    return cpu.dequantize_4bit(packed, scales, quant_type, block_size, shape, dtype)
+
+
+def _cpu_dequantize_4bit_out(
+    packed,
+    absmax,
+    quant_type,
+    block_size,
+    out,
+    offset=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_block_size=NESTED_BLOCK_SIZE,
+):
+    scales = blockwise.decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
+    cpu.dequantize_4bit_into(packed, scales, quant_type, block_size, out)
+
+
 _register_kernel("quantize_4bit", "cpu", cpu.quantize_4bit)
-_register_kernel("dequantize_4bit", "cpu", cpu.dequantize_4bit)
-_register_kernel("dequantize_4bit_out", "cpu", cpu.dequantize_4bit_into)
+_register_kernel("dequantize_4bit", "cpu", _cpu_dequantize_4bit)
+_register_kernel("dequantize_4bit_out", "cpu", _cpu_dequantize_4bit_out)
+_register_kernel("quantize_4bit", "cuda", cuda.quantize_4bit)
+_register_kernel("quantize_blockwise_8bit", "cuda", cuda.quantize_blockwise_8bit)
+_register_kernel("dequantize_4bit", "cuda", cuda.dequantize_4bit)
+_register_kernel("dequantize_4bit_out", "cuda", cuda.dequantize_4bit_out)
 
 
 @torch.library.custom_op("lmlab::linear_4bit", mutates_args=())
@@ -116,27 +209,83 @@ def linear_4bit(
     block_size: int,
     shape: Sequence[int],
     bias: torch.Tensor | None,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> torch.Tensor:
     """``x (..., in) @ W.T + bias`` with ``W (out, in)`` decoded to ``x.dtype`` (QLoRA's frozen layer)."""
-    w = dequantize_4bit(packed, absmax, quant_type, block_size, shape, x.dtype)  # (out, in)
+    w = dequantize_4bit(
+        packed,
+        absmax,
+        quant_type,
+        block_size,
+        shape,
+        x.dtype,
+        offset,
+        nested_absmax,
+        nested_code,
+        nested_block_size,
+    )  # (out, in)
     return F.linear(x, w, bias)
 
 
 @linear_4bit.register_fake
-def _(x, packed, absmax, quant_type, block_size, shape, bias):
+def _(
+    x,
+    packed,
+    absmax,
+    quant_type,
+    block_size,
+    shape,
+    bias,
+    offset=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_block_size=NESTED_BLOCK_SIZE,
+):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+_register_kernel("linear_4bit", "cuda", cuda.linear_4bit)
+
+
 def _linear_4bit_setup(ctx, inputs, output) -> None:
-    _, packed, absmax, ctx.quant_type, ctx.block_size, ctx.shape, _ = inputs
-    ctx.save_for_backward(packed, absmax)
+    (
+        _,
+        packed,
+        absmax,
+        ctx.quant_type,
+        ctx.block_size,
+        ctx.shape,
+        _,
+        offset,
+        nested_absmax,
+        nested_code,
+        ctx.nested_block_size,
+    ) = inputs
+    ctx.nested = nested_absmax is not None
+    ctx.save_for_backward(packed, absmax, *((offset, nested_absmax, nested_code) if ctx.nested else ()))
 
 
 def _linear_4bit_backward(ctx, grad_out):
     # Only the input gradient: the 4-bit weight and its bias are frozen (adapters train beside them).
-    packed, absmax = ctx.saved_tensors
-    w = dequantize_4bit(packed, absmax, ctx.quant_type, ctx.block_size, ctx.shape, grad_out.dtype)
-    return grad_out @ w, None, None, None, None, None, None
+    packed, absmax, *nested = ctx.saved_tensors
+    w = (
+        dequantize_4bit(
+            packed,
+            absmax,
+            ctx.quant_type,
+            ctx.block_size,
+            ctx.shape,
+            grad_out.dtype,
+            *nested,
+            ctx.nested_block_size,
+        )
+        if nested
+        else dequantize_4bit(packed, absmax, ctx.quant_type, ctx.block_size, ctx.shape, grad_out.dtype)
+    )
+    return grad_out @ w, *([None] * 10)
 
 
 torch.library.register_autograd("lmlab::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup)
@@ -171,6 +320,7 @@ def _(x, w_q, w_scale, threshold):
 
 
 _register_kernel("int8_linear", "cpu", int8_cpu.int8_linear)
+_register_kernel("int8_linear", "cuda", cuda.int8_linear)
 
 
 def _int8_linear_setup(ctx, inputs, output) -> None:

@@ -1,0 +1,507 @@
+"""Triton kernels of the 4-bit ops (NF4 / FP4 / int4 in bitsandbytes' layout): the ``"cuda"``
+implementations of ``lmlab::quantize_4bit``, ``lmlab::dequantize_4bit`` and ``lmlab::linear_4bit``.
+
+Dettmers et al. 2023, QLoRA §3 (blockwise NormalFloat, double quantization): the weight ``W (N, K)``
+is flattened row-major and cut into blocks of ``block_size``; code ``c`` of element ``i`` decodes to
+``code[c] * absmax[i // block_size]``, two codes per byte, the first in the high nibble. With double
+quantization ``absmax`` is itself 8-bit codes: ``absmax[b] = nested_code[a[b]] * nested_absmax[b //
+256] + offset``. Every kernel here reads and writes exactly that layout, so a checkpoint written on one
+device (or by bitsandbytes) loads on any other, and decodes the nested scales *inside* the kernel.
+
+* :func:`quantize_4bit` — one program per group of blocks: absmax, scale (``x * (1 / absmax)`` for
+  full blocks, ``x / absmax`` for the trailing partial one, both correctly rounded as bitsandbytes
+  and the reference compute them), nearest code by counting the codebook midpoints below the value
+  (ties to the lower code), two codes packed per byte. Bit-identical to
+  :func:`lmlab.quant.blockwise.quantize_4bit_reference`. A NaN in a block makes its absmax NaN
+  (the caller's finiteness check reads it), as ``max`` propagates it in the reference.
+* :func:`quantize_blockwise_8bit` — the double-quantization step (bitsandbytes' dynamic map over
+  blocks of 256 scales, with its 65536-point lookup grid), bit-identical to
+  :func:`lmlab.quant.blockwise.quantize_blockwise_8bit`.
+* :func:`dequantize_4bit` — one element per lane, the byte read twice (its two nibbles), the
+  block scale gathered (decoded from the nested codes when double-quantized). Bit-identical to the
+  reference (``code * absmax`` in float32, then one rounding to the output dtype).
+* :func:`linear_4bit` — ``x @ W.T + bias`` with three paths:
+
+  - ``"gemv"`` (M == 1): several output rows per program, a loop over K reading the packed codes
+    and the (nested) scales once; each block's dot product is summed *before* it is multiplied by
+    its scale (one multiply per block, not per weight); the dequantized weight never exists.
+  - ``"tiled"`` (any M; the default for 2 <= M <= 16): the codes decoded and scaled in registers
+    into the ``tl.dot`` operand tile (tensor cores), again without materialising the weight.
+  - ``"dequant"`` (the default for M > 16): :func:`dequantize_4bit` into one temporary of
+    ``x.dtype`` and cuBLAS through ``F.linear`` — at M = 4096 the product is compute-bound, the
+    extra write and read of the weight are ~6% of the GEMM, and cuBLAS is faster than a Triton GEMM.
+
+  The gemv and tiled paths need ``K`` to be a multiple of ``block_size`` (every row starts a new
+  block, as for every transformer shape); otherwise ``"auto"`` takes ``"dequant"``.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the tests do so in CI); autotuning
+then has a single configuration, since choosing among several needs a driver. Rounding to nearest
+even without libdevice (which the interpreter lacks): ``(v + 1.5 * 2**23) - 1.5 * 2**23``. Launches
+pass ``enable_fp_fusion=False`` wherever a product is followed by a sum that must round as torch's
+separate operations do.
+
+Speed goals and their measurement: ``bench/gpu_quant.py`` (GPU only). Importing this module imports
+triton and defines the kernels; it probes no device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from lmlab.quant.codebooks import _sorted_tables, codebook
+from lmlab.quant.formats import NESTED_BLOCK_SIZE
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@functools.cache
+def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(code (16,) f32, midpoints (15,) f32 sorted, order (16,) int32)`` on ``device``, cached."""
+    midpoints, order, _ = _sorted_tables(quant_type, device)
+    return codebook(quant_type, device).float().contiguous(), midpoints.contiguous(), order.to(torch.int32)
+
+
+@functools.cache
+def _lut_8bit_int32(device: torch.device, code_key: tuple[float, ...]) -> torch.Tensor:
+    from lmlab.quant.blockwise import _lut_8bit
+
+    code = torch.tensor(code_key, dtype=torch.float32, device=device)
+    return _lut_8bit(code).to(torch.int32)
+
+
+def _configs(**choices: list) -> list[triton.Config]:
+    """Every combination of ``choices`` (``num_warps`` included) on a GPU; the first under the interpreter."""
+    keys = list(choices)
+    combos = [{}]
+    for key in keys:
+        combos = [{**c, key: v} for c in combos for v in choices[key]]
+    if INTERPRET:
+        combos = combos[:1]
+    return [
+        triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c.get("num_warps", 4))
+        for c in combos
+    ]
+
+
+# ---------------------------------------------------------------------------------- scales
+
+
+@triton.jit
+def _block_scale(
+    absmax_ptr, blk, mask, offset_ptr, nested_absmax_ptr, nested_code_ptr, NESTED_BS, NESTED: tl.constexpr
+):
+    """The float32 scales of blocks ``blk`` (0 where not ``mask``): stored, or decoded from their
+    8-bit codes (double quantization) as ``nested_code[c] * nested_absmax[blk // 256] + offset``."""
+    if NESTED:
+        c = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + c) * tl.load(
+            nested_absmax_ptr + blk // NESTED_BS, mask=mask, other=0.0
+        )
+        return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+def _nested_args(
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The kernel's ``(offset, nested_absmax, nested_code, NESTED)``; dummies (``absmax``) when plain."""
+    if nested_absmax is None:
+        return absmax, absmax, absmax, False
+    return offset.float().reshape(1), nested_absmax.float(), nested_code.float(), True
+
+
+# ---------------------------------------------------------------------------------- quantize
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    w_ptr, packed_ptr, absmax_ptr, mid_ptr, order_ptr, n, n_blocks, ROWS: tl.constexpr, BS: tl.constexpr
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+    half = tl.arange(0, BS // 2)
+    even = blk[:, None] * BS + 2 * half[None, :]  # (ROWS, BS/2) flat indices of the high nibbles
+    x_hi = tl.load(w_ptr + even, mask=even < n, other=0.0).to(tl.float32)
+    x_lo = tl.load(w_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
+    absmax = tl.maximum(tl.max(tl.abs(x_hi), axis=1), tl.max(tl.abs(x_lo), axis=1))
+    nans = tl.sum((x_hi != x_hi).to(tl.int32), axis=1) + tl.sum((x_lo != x_lo).to(tl.int32), axis=1)
+    absmax = tl.where(nans > 0, float("nan"), absmax)  # tl.max may drop NaN; the reference's max keeps it
+    tl.store(absmax_ptr + blk, absmax, mask=blk < n_blocks)
+    safe = tl.maximum(absmax, tl.full((), 1e-38, tl.float32))[
+        :, None
+    ]  # an all-zero block scales to zeros, never 0 / 0
+    full = (blk[:, None] + 1) * BS <= n  # bitsandbytes divides the trailing partial block instead
+    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    s_hi = tl.where(full, x_hi * inv, tl.math.div_rn(x_hi, safe))
+    s_lo = tl.where(full, x_lo * inv, tl.math.div_rn(x_lo, safe))
+    slot_hi = tl.zeros(s_hi.shape, tl.int32)
+    slot_lo = tl.zeros(s_lo.shape, tl.int32)
+    for i in tl.static_range(15):  # sorted slot = number of midpoints strictly below the value
+        mid = tl.load(mid_ptr + i)
+        slot_hi += (s_hi > mid).to(tl.int32)
+        slot_lo += (s_lo > mid).to(tl.int32)
+    byte = (tl.load(order_ptr + slot_hi) << 4) | tl.load(order_ptr + slot_lo)
+    at = blk[:, None] * (BS // 2) + half[None, :]
+    tl.store(packed_ptr + at, byte.to(tl.uint8), mask=at < (n + 1) // 2)
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (any shape, float) -> ``(packed ((n+1)//2, 1) uint8, absmax (blocks,) float32)``."""
+    flat = w.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
+    if n == 0:
+        return packed, absmax
+    _, midpoints, order = _tables(quant_type, w.device)
+    rows = max(1, 2048 // block_size)
+    grid = (triton.cdiv(n_blocks, rows),)
+    _quantize_4bit_kernel[grid](
+        flat, packed, absmax, midpoints, order, n, n_blocks, ROWS=rows, BS=block_size, num_warps=4
+    )
+    return packed, absmax
+
+
+@triton.jit
+def _quantize_8bit_kernel(x_ptr, codes_ptr, absmax_ptr, lut_ptr, n, n_blocks, BS: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
+    i = blk * BS + tl.arange(0, BS)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=0)
+    tl.store(absmax_ptr + blk, absmax)
+    inverse = tl.where(absmax == 0, 0.0, tl.math.div_rn(1.0, tl.where(absmax == 0, 1.0, absmax)))
+    scaled = tl.minimum(tl.maximum(x * inverse, -1.0), 1.0)
+    scaled = tl.where(scaled != scaled, 0.0, scaled)  # 0 * inf: a zero, as in the reference
+    grid = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(tl.int32)  # truncation, as .long() does
+    codes = tl.where(absmax == 0, 0, tl.load(lut_ptr + grid))
+    tl.store(codes_ptr + i, codes.to(tl.uint8), mask=i < n)
+
+
+def quantize_blockwise_8bit(
+    x: torch.Tensor, code: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The double-quantization step: ``x (n,) float32`` -> ``(codes (n,) uint8, absmax (blocks,) f32)``."""
+    flat = x.reshape(-1).float().contiguous()
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    if n:
+        lut = _lut_8bit_int32(x.device, tuple(code.float().cpu().tolist()))
+        _quantize_8bit_kernel[(n_blocks,)](
+            flat, codes, absmax, lut, n, n_blocks, BS=block_size, num_warps=4, enable_fp_fusion=False
+        )
+    return codes, absmax
+
+
+# ---------------------------------------------------------------------------------- dequantize
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    block_size,
+    offset_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    NESTED_BS,
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    byte = tl.load(packed_ptr + i // 2, mask=inside, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - (i & 1)) * 4).to(tl.int32)) & 15  # the high nibble is the even element
+    scale = _block_scale(
+        absmax_ptr, i // block_size, inside, offset_ptr, nested_absmax_ptr, nested_code_ptr, NESTED_BS, NESTED
+    )
+    value = tl.load(code_ptr + nibble) * scale
+    tl.store(out_ptr + i, value.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    *,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode to a ``shape`` tensor of ``dtype`` (into ``out``, contiguous, when given).
+
+    ``absmax``: the decoded ``(blocks,) float32`` scales, or with ``nested_absmax`` / ``nested_code``
+    / ``offset`` their 8-bit codes, decoded inside the kernel."""
+    n = math.prod(shape)
+    if out is None:
+        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    if n == 0:
+        return out
+    offset, nested_absmax, nested_code, nested = _nested_args(absmax, offset, nested_absmax, nested_code)
+    code, _, _ = _tables(quant_type, packed.device)
+    block = 1024
+    _dequantize_4bit_kernel[(triton.cdiv(n, block),)](
+        packed,
+        absmax,
+        code,
+        out,
+        n,
+        block_size,
+        offset,
+        nested_absmax,
+        nested_code,
+        nested_block_size,
+        NESTED=nested,
+        BLOCK=block,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- linear: M == 1
+
+
+@triton.autotune(configs=_configs(BLOCK_N=[8, 16, 32, 4], num_warps=[4, 2, 8]), key=["N", "K", "BS"])
+@triton.jit
+def _gemv_4bit_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K,
+    offset_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    NESTED_BS,
+    BS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows
+    row_ok = rows < N
+    half = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    blocks_per_row = K // BS
+    for k0 in range(0, K, BLOCK_K):
+        k_even = k0 + 2 * half  # (BLOCK_K/2,): the high-nibble columns of this step
+        k_ok = k_even < K
+        x_hi = tl.load(x_ptr + k_even, mask=k_ok, other=0.0).to(tl.float32)
+        x_lo = tl.load(x_ptr + k_even + 1, mask=k_ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & k_ok[None, :]
+        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (k_even // 2)[None, :], mask=ok, other=0)
+        byte = byte.to(tl.int32)
+        w_hi = tl.load(code_ptr + (byte >> 4))
+        w_lo = tl.load(code_ptr + (byte & 15))
+        part = w_hi * x_hi[None, :] + w_lo * x_lo[None, :]  # (BLOCK_N, BLOCK_K/2)
+        # Sum each quantization block, then scale it once.
+        per_block = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // BS, BS // 2)), axis=2)
+        kb = k0 // BS + tl.arange(0, BLOCK_K // BS)
+        kb_ok = kb < blocks_per_row
+        blk = rows[:, None] * blocks_per_row + kb[None, :]
+        bok = row_ok[:, None] & kb_ok[None, :]
+        scale = _block_scale(
+            absmax_ptr, blk, bok, offset_ptr, nested_absmax_ptr, nested_code_ptr, NESTED_BS, NESTED
+        )
+        acc += tl.sum(tl.where(bok, per_block * scale, 0.0), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------- linear: tiles
+
+
+@triton.autotune(
+    configs=_configs(BLOCK_M=[16, 64, 128], BLOCK_N=[64, 128, 32], BLOCK_K=[64, 128], num_warps=[4, 8]),
+    key=["M_BUCKET", "N", "K", "BS"],
+)
+@triton.jit
+def _tiled_4bit_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    offset_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    NESTED_BS,
+    BS: tl.constexpr,
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_even = k0 + 2 * half
+        k_ok = k_even < K
+        okn = (rn < N)[:, None] & k_ok[None, :]
+        byte = tl.load(packed_ptr + rn[:, None] * (K // 2) + (k_even // 2)[None, :], mask=okn, other=0)
+        byte = byte.to(tl.int32)
+        # One scale per (row, element): blocks may be shorter than the K step.
+        blk = (rn[:, None] * K + k_even[None, :]) // BS
+        scale = _block_scale(
+            absmax_ptr, blk, okn, offset_ptr, nested_absmax_ptr, nested_code_ptr, NESTED_BS, NESTED
+        )
+        w_hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(x_ptr.dtype.element_ty)
+        w_lo = (tl.load(code_ptr + (byte & 15)) * scale).to(x_ptr.dtype.element_ty)
+        w = tl.interleave(w_hi, w_lo)  # (BLOCK_N, BLOCK_K): the weight tile in natural column order
+        kk = k0 + tl.arange(0, BLOCK_K)
+        okm = (rm < M)[:, None] & (kk < K)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=okm, other=0.0)
+        if UPCAST:  # the interpreter's tl.dot cannot take bfloat16: the same values in float32
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:  # noqa: SIM108 (a constexpr branch: float32 operands without tf32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+PATHS = ("auto", "gemv", "tiled", "dequant")
+
+
+def choose_path(m: int, k: int, block_size: int) -> str:
+    """The path ``linear_4bit(path="auto")`` takes for ``m`` rows of ``k`` features."""
+    if k % block_size or m > 16:
+        return "dequant"
+    return "gemv" if m == 1 else "tiled"
+
+
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    shape: Sequence[int],
+    bias: torch.Tensor | None,
+    *,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
+    path: str = "auto",
+) -> torch.Tensor:
+    """``x (..., K) @ W.T + bias`` in ``x.dtype`` with ``W (N, K)`` 4-bit (see the module docstring)."""
+    if path not in PATHS:
+        raise ValueError(f"linear_4bit: path must be one of {', '.join(PATHS)}, got {path!r}")
+    n_out, k = shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    if path == "auto":
+        path = choose_path(m, k, block_size)
+    if path != "dequant" and k % block_size:
+        raise ValueError(
+            f"linear_4bit: path {path!r} needs in_features ({k}) to be a multiple of {block_size}"
+        )
+    if path == "dequant" or m == 0:
+        w = dequantize_4bit(
+            packed,
+            absmax,
+            quant_type,
+            block_size,
+            shape,
+            x.dtype,
+            offset=offset,
+            nested_absmax=nested_absmax,
+            nested_code=nested_code,
+            nested_block_size=nested_block_size,
+        )
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    x2d = x2d.contiguous()
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    offset, nested_absmax, nested_code, nested = _nested_args(absmax, offset, nested_absmax, nested_code)
+    code, _, _ = _tables(quant_type, x.device)
+    bias_arg = bias if bias is not None else out
+    common = (offset, nested_absmax, nested_code, nested_block_size)
+    if path == "gemv":
+        for row in range(m):  # the gemv path is for one row; more rows loop (tests, or path forced)
+            _gemv_4bit_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](
+                x2d[row],
+                packed,
+                absmax,
+                code,
+                bias_arg,
+                out[row],
+                n_out,
+                k,
+                *common,
+                BS=block_size,
+                BLOCK_K=max(256, block_size),
+                NESTED=nested,
+                HAS_BIAS=bias is not None,
+            )
+    else:
+        bucket = 16 if m <= 16 else (128 if m <= 128 else 1024)
+        _tiled_4bit_kernel[
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))
+        ](
+            x2d,
+            packed,
+            absmax,
+            code,
+            bias_arg,
+            out,
+            m,
+            n_out,
+            k,
+            bucket,
+            *common,
+            BS=block_size,
+            NESTED=nested,
+            HAS_BIAS=bias is not None,
+            IEEE=x.dtype == torch.float32,
+            UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        )
+    return out.reshape(*lead, n_out)
