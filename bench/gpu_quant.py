@@ -115,6 +115,8 @@ FIELDS = [
     "pct_copy",
     "vs_dense",
     "vs_bnb",
+    "graph_vs_dense",
+    "graph_vs_bnb",
     "limit_us",
     "vs_limit",
     "err",
@@ -492,7 +494,7 @@ def measure_row(ctx: Bench, spec: Spec, layers: dict, xs: dict, refs: References
     row = new_row("linear", n, k, m, spec.impl, spec.x)
     layer = layers.get(spec.layer)
     if layer is None:
-        row["note"] = f"n/a: bitsandbytes not importable ({ctx.bnb_error})"
+        row["note"] = "n/a: bitsandbytes not importable (see the header)"
         return row
     if isinstance(layer, Exception):
         row["note"] = f"n/a: {spec.layer} not built: {short(layer)}"
@@ -537,7 +539,7 @@ def fmt(value: float | None, spec: str, width: int) -> str:
     return f"{value:>{width}{spec}}"
 
 
-LINEAR_HEAD = f"{'impl':<25}{'x':<6}{'us':>10}{'TB/s':>7}{'TFLOP/s':>9}{'%copy':>7}{'t/dense':>9}{'t/bnb':>7}{'err':>9}  note"
+LINEAR_HEAD = f"{'impl':<25}{'x':<6}{'us':>10}{'TB/s':>7}{'TFLOP/s':>9}{'%copy':>7}{'t/dense':>9}{'t/bnb':>8}{'err':>9}  note"
 
 
 def print_linear_row(row: dict) -> None:
@@ -547,7 +549,7 @@ def print_linear_row(row: dict) -> None:
     line += fmt(row["tbps"] if small else None, ".2f", 7)
     line += fmt(None if small else row["tflops"], ".1f", 9)
     line += fmt(row["pct_copy"] if small else None, ".0f", 7)
-    line += fmt(row["vs_dense"], ".2f", 9) + fmt(row["vs_bnb"], ".2f", 7) + fmt(row["err"], ".1e", 9)
+    line += fmt(row["vs_dense"], ".2f", 9) + fmt(row["vs_bnb"], ".2f", 8) + fmt(row["err"], ".1e", 9)
     print(f"{line}  {row['note']}".rstrip())
 
 
