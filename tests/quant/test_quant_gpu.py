@@ -1,5 +1,7 @@
-"""The same ops on a CUDA device: results equal the CPU's (the GPU kernels are a later issue; this
-checks that the torch ops stay device-agnostic). Skipped without CUDA."""
+"""The quantization API on a CUDA device: the Triton kernels (where triton is installed, else the
+references) give the CPU's results, at transformer shapes, through torch.compile, and bit for bit
+bitsandbytes' 4-bit layout on the same GPU. Skipped without CUDA (the kernels themselves are
+checked on CPU under Triton's interpreter in tests/quant/kernels)."""
 
 from __future__ import annotations
 
@@ -81,3 +83,46 @@ def test_layers_and_models_move_to_cuda(tmp_path):
         save_quantized(qmodel, tmp_path / config.method, config)
         loaded = load_quantized(tmp_path / config.method, device="cuda")
         assert torch.equal(logits(loaded, ids), out)
+
+
+def _nf4_layer(out_features, in_features, double_quant=True, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(in_features, out_features, dtype=torch.float32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.02)
+    return Linear4bit.from_linear(lin.to(dtype).cuda(), "nf4", 64, double_quant=double_quant)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 4096])
+def test_linear4bit_at_transformer_shapes_matches_its_dequantized_product(m):
+    layer = _nf4_layer(4096, 4096)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    w = layer.dequantized_weight(torch.float32)
+    ref = x.float() @ w.t() + layer.bias.float()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 4096)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_the_4bit_layout_is_bitsandbytes_on_the_same_gpu():
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = (torch.randn(1024, 4096, device="cuda") * 0.05).to(torch.bfloat16)
+    for quant_type in ("nf4", "fp4"):
+        ours = quantize_4bit(w, quant_type, 64, double_quant=True)
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+        assert torch.equal(ours.packed.reshape(-1), packed.reshape(-1))
+        theirs = F.dequantize_4bit(packed, state, quant_type=quant_type)
+        mine = dequantize_4bit(ours, torch.bfloat16)
+        # the nested scales' float32 mean may round differently on the GPU (see the test above)
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2, atol=1e-4)
+
+
+def test_torch_compile_fullgraph_runs_through_the_kernels():
+    lin = torch.nn.Linear(512, 256).cuda()
+    x = torch.randn(4, 512, device="cuda")
+    for layer in (Linear4bit.from_linear(lin, double_quant=True), Linear8bit.from_linear(lin)):
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+        xg = x.clone().requires_grad_(True)
+        compiled(xg).sum().backward()
+        assert xg.grad is not None and torch.isfinite(xg.grad).all()

@@ -238,3 +238,17 @@ def test_lmlab_on_cpu_loads_no_kernel_module_and_touches_no_device():
         "assert not loaded, loaded; assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_tile_configs_are_pruned_by_the_number_of_rows(k, triton_device):
+    import triton
+
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": kk}, num_warps=w) for m, n, kk, w in k._TILES
+    ]
+    small = k._prune_tiles(configs, {"M_BUCKET": 16})
+    large = k._prune_tiles(configs, {"M_BUCKET": 1024})
+    assert small and all(c.kwargs["BLOCK_M"] == 16 for c in small)
+    assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
+    assert len(small) + len(large) == len(configs)
+    assert k._prune_tiles(configs[:1], {"M_BUCKET": 1024}) == configs[:1]  # never none left

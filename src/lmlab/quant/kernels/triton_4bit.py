@@ -342,9 +342,36 @@ def _gemv_4bit_kernel(
 # ---------------------------------------------------------------------------------- linear: tiles
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): 16-row tiles for the small-M path, bigger ones where the
+# path is forced for large M (bench/gpu_quant.py times it against dequantize + cuBLAS).
+_TILES = [
+    (16, 64, 128, 4),
+    (16, 32, 128, 4),
+    (16, 64, 256, 4),
+    (16, 128, 128, 4),
+    (16, 32, 256, 2),
+    (64, 64, 64, 4),
+    (128, 64, 64, 4),
+    (128, 128, 64, 8),
+]
+
+
+def _tile_configs() -> list[triton.Config]:
+    tiles = _TILES[:1] if INTERPRET else _TILES
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in tiles]
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """16-row tiles for up to 16 rows, bigger ones beyond (the interpreter's single config stays)."""
+    small = named_args["M_BUCKET"] <= 16
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small]
+    return kept or configs
+
+
 @triton.autotune(
-    configs=_configs(BLOCK_M=[16, 64, 128], BLOCK_N=[64, 128, 32], BLOCK_K=[64, 128], num_warps=[4, 8]),
+    configs=_tile_configs(),
     key=["M_BUCKET", "N", "K", "BS"],
+    prune_configs_by={"early_config_prune": _prune_tiles},
 )
 @triton.jit
 def _tiled_4bit_kernel(
