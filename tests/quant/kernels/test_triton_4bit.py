@@ -130,7 +130,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 @pytest.mark.parametrize(
-    ("path", "m"), [("gemv", 1), ("tiled", 1), ("tiled", 5), ("tiled", 16), ("dequant", 20)]
+    ("path", "m"), [("gemv", 1), ("gemv", 3), ("tiled", 1), ("tiled", 5), ("tiled", 16), ("dequant", 20)]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])

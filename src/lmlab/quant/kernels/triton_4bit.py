@@ -310,6 +310,8 @@ def _gemv_4bit_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows
     row_ok = rows < N
+    x_ptr += tl.program_id(1).to(tl.int64) * K  # one input row per program of axis 1
+    out_ptr += tl.program_id(1).to(tl.int64) * N
     half = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     blocks_per_row = K // BS
@@ -493,22 +495,22 @@ def linear_4bit(
     bias_arg = bias if bias is not None else out
     common = (offset, nested_absmax, nested_code, nested_block_size)
     if path == "gemv":
-        for row in range(m):  # the gemv path is for one row; more rows loop (tests, or path forced)
-            _gemv_4bit_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](
-                x2d[row],
-                packed,
-                absmax,
-                code,
-                bias_arg,
-                out[row],
-                n_out,
-                k,
-                *common,
-                BS=block_size,
-                BLOCK_K=max(256, block_size),
-                NESTED=nested,
-                HAS_BIAS=bias is not None,
-            )
+        # A GEMV per input row (axis 1 of the grid): meant for M = 1, where it reads the weight once.
+        _gemv_4bit_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), m)](
+            x2d,
+            packed,
+            absmax,
+            code,
+            bias_arg,
+            out,
+            n_out,
+            k,
+            *common,
+            BS=block_size,
+            BLOCK_K=max(256, block_size),
+            NESTED=nested,
+            HAS_BIAS=bias is not None,
+        )
     else:
         bucket = 16 if m <= 16 else (128 if m <= 128 else 1024)
         _tiled_4bit_kernel[
