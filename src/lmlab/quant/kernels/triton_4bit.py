@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from lmlab.quant.blockwise import _lut_8bit
 from lmlab.quant.codebooks import _sorted_tables, codebook
 from lmlab.quant.formats import NESTED_BLOCK_SIZE
 
@@ -68,14 +69,6 @@ def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.
     """``(code (16,) f32, midpoints (15,) f32 sorted, order (16,) int32)`` on ``device``, cached."""
     midpoints, order, _ = _sorted_tables(quant_type, device)
     return codebook(quant_type, device).float().contiguous(), midpoints.contiguous(), order.to(torch.int32)
-
-
-@functools.cache
-def _lut_8bit_int32(device: torch.device, code_key: tuple[float, ...]) -> torch.Tensor:
-    from lmlab.quant.blockwise import _lut_8bit
-
-    code = torch.tensor(code_key, dtype=torch.float32, device=device)
-    return _lut_8bit(code).to(torch.int32)
 
 
 def _configs(**choices: list) -> list[triton.Config]:
@@ -203,7 +196,7 @@ def quantize_blockwise_8bit(
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n:
-        lut = _lut_8bit_int32(x.device, tuple(code.float().cpu().tolist()))
+        lut = _lut_8bit(code.float()).to(torch.int32)  # on the device: no copy back, no sync
         _quantize_8bit_kernel[(n_blocks,)](
             flat, codes, absmax, lut, n, n_blocks, BS=block_size, num_warps=4, enable_fp_fusion=False
         )
