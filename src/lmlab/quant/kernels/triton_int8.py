@@ -15,14 +15,18 @@ the outlier part may differ in float32 summation order.
 
 Two paths:
 
-* **Small M** (``M <= 16``, decoding): no host synchronisation. One program sweeps ``x`` once
-  (``_prepass_kernel``): the column-outlier mask and the row scales. The GEMV kernel
-  (``_gemv_kernel``, ``BLOCK_N`` output rows per program, a loop over ``K``) reads the int8 weight
-  once, quantizes the ``x`` tile on the fly (the rows padded to 16 for ``tl.dot``), accumulates the
-  int8 part in int32 and, only in ``K`` tiles that hold an outlier column, the outlier part in float32
-  (``x``'s outlier columns times the int8 weight dequantized, ``w * (w_scale / 127)``, as in the
-  reference's ``add_outlier_product``),
-  and writes ``x.dtype`` with the scale epilogue fused.
+* **Small M** (``M <= 16``, decoding): no host synchronisation, two launches. One program sweeps
+  ``x`` twice (``_prepass_kernel``; ``M`` is small, and every column's outlier bits are complete in a
+  tile that holds all the rows): the row scales, then the int8 codes ``(M, K)`` with the outlier
+  columns zeroed and the column bits. The GEMV kernel (``_gemv_kernel``, ``BLOCK_N`` output rows of
+  ``W`` per program, a loop over ``K``) then only streams the int8 weight once beside the codes into
+  an int8 MMA (the rows padded to 16 for ``tl.dot``), exact in int32; in ``K`` tiles holding an
+  outlier column (a scalar branch: the others pay nothing) it adds ``x``'s outlier columns times the
+  dequantized weight, ``w * (w_scale / 127)`` as in the reference's ``add_outlier_product``, in
+  float32, 32 columns at a time; the scale epilogue is fused into the store in ``x.dtype``.
+  Quantizing ``x`` once instead of in every program keeps the hot loop to loads and MMAs (at
+  ``M = 1`` a per-program quantization of the padded 16-row tile would cost more issue slots than
+  the weight's bandwidth leaves).
 * **Large M**: a column-flag kernel (per-column "holds a value beyond the threshold" / "holds a NaN"
   bits combined with ``atomic_or``: order-free, deterministic), a row-quantization kernel writing the
   int8 codes ``(M, K)`` with the outlier columns zeroed and the row scales, the outlier column
@@ -35,7 +39,10 @@ Layout: the weight stays ``(N, K)`` row-major, i.e. the GEMM's ``B`` operand is 
 reason ``torch._int_mm`` is fastest with a column-major weight), and the layout bitsandbytes and
 :func:`lmlab.quant.int8.quantize_int8_weight` store, so no copy of the weight is ever made.
 
-On the GPU the GEMM and GEMV tile sizes are autotuned per shape bucket; under Triton's interpreter
+Compiled for sm_90 without a GPU (``triton.compile`` to a cubin with the bundled ``ptxas``), no
+kernel spills registers except the two widest GEMM tiles with the outlier addend (autotuning weighs
+them); the GEMM lowers to ``wgmma`` int8 for ``BLOCK_M >= 64``, the GEMV to ``mma.sync`` s8. None of
+it has been timed on a GPU. On the GPU the GEMM and GEMV tile sizes are autotuned per shape bucket; under Triton's interpreter
 (``TRITON_INTERPRET=1``, CPU tensors, the tests) exactly one configuration is used, because
 autotuning needs a driver. Nothing here probes hardware at import; the module imports triton, and
 is itself imported only lazily by the op registration. The int32 accumulation is exact while
@@ -167,7 +174,7 @@ def _column_flags_kernel(
     ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk
     x = tl.load(ptrs, mask=(rows < M)[:, None] & kmask[None, :], other=0.0).to(tl.float32)
     flags = _column_flags(x, threshold)
-    tl.atomic_or(flags_ptr + cols, flags, mask=kmask & (flags != 0))
+    tl.atomic_or(flags_ptr + cols, flags, mask=kmask & (flags != 0), sem="relaxed")  # read after the kernel
 
 
 @triton.jit
@@ -215,7 +222,9 @@ def _quantize_rows_kernel(
         tl.store(codes_rows + cols[None, :], q.to(tl.int8), mask=mask)
 
 
-@triton.autotune(configs=_configs(_GEMM_TILES, (64, 64, 64)), key=["M_BUCKET", "N", "K", "DEQUANT"])
+@triton.autotune(
+    configs=_configs(_GEMM_TILES, (64, 64, 64)), key=["M_BUCKET", "N", "K", "DEQUANT", "HAS_ADDEND"]
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _int8_gemm_kernel(
@@ -292,6 +301,7 @@ def _int8_gemm_kernel(
 def _prepass_kernel(
     x_ptr,
     flags_ptr,
+    codes_ptr,
     scale_ptr,
     M,
     K,
@@ -302,7 +312,9 @@ def _prepass_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program, all ``M <= BLOCK_M`` rows: each column's outlier bits are complete in its tile."""
+    """One program, all ``M <= BLOCK_M`` rows, two sweeps: the row scales, then the codes ``(M, K)``
+    int8 and the column bits. Each column's outlier bits are complete in its tile (every row is
+    there), so no sweep waits for another program."""
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -313,16 +325,63 @@ def _prepass_kernel(
         ptrs = x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk
         x = tl.load(ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         if HAS_FLAGS:
+            x = tl.where((_column_flags(x, threshold) != 1)[None, :], x, 0.0)
+        amax, nan = _row_stats_update(x, amax, nan)
+    scale = _row_scale(amax, nan)
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    factor = _row_factor(scale)
+    any_tiny = tl.max((factor == float("inf")).to(tl.int32), axis=0) > 0
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        kmask = cols < K
+        mask = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_FLAGS:
             flags = _column_flags(x, threshold)
             tl.store(flags_ptr + cols, flags, mask=kmask)
             x = tl.where((flags != 1)[None, :], x, 0.0)
-        amax, nan = _row_stats_update(x, amax, nan)
-    tl.store(scale_ptr + rows, _row_scale(amax, nan), mask=rmask)
+        q = _quantize_tile(x, scale, factor, any_tiny)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
 
 
-@triton.autotune(configs=_configs(_GEMV_TILES, (16, 64, 128)), key=["N", "K"])
+@triton.jit
+def _outlier_tile(
+    x_ptr,
+    flags_ptr,
+    w_ptr,
+    acc,
+    w_dequant,
+    rows,
+    rmask,
+    cols,
+    nmask,
+    k0,
+    K,
+    stride_xm,
+    stride_xk,
+    BLOCK_K: tl.constexpr,
+    OUTLIER_K: tl.constexpr,
+):
+    """``acc + x[:, outliers] @ W_dequant[cols, outliers].T`` over the tile ``k0 : k0 + BLOCK_K``, in
+    float32 (``ieee``), ``OUTLIER_K`` columns at a time reloaded from cache: a float32 ``tl.dot``
+    holds both operands in registers, and a whole ``BLOCK_K`` tile of them spilled on sm_90."""
+    for j in range(0, BLOCK_K, OUTLIER_K):
+        sub = k0 + j + tl.arange(0, OUTLIER_K)
+        outlier = (tl.load(flags_ptr + sub, mask=sub < K, other=0) == 1) & (sub < K)
+        if tl.max(outlier.to(tl.int32), axis=0) > 0:
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + sub[None, :] * stride_xk
+            x = tl.load(x_ptrs, mask=rmask[:, None] & outlier[None, :], other=0.0).to(tl.float32)
+            w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * K + sub[:, None]  # (OUTLIER_K, BLOCK_N)
+            w = tl.load(w_ptrs, mask=outlier[:, None] & nmask[None, :], other=0)
+            acc = tl.dot(x, w.to(tl.float32) * w_dequant[None, :], acc, input_precision="ieee")
+    return acc
+
+
+@triton.autotune(configs=_configs(_GEMV_TILES, (16, 64, 128)), key=["N", "K", "HAS_FLAGS"])
 @triton.jit
 def _gemv_kernel(
+    codes_ptr,
     x_ptr,
     flags_ptr,
     scale_ptr,
@@ -339,38 +398,49 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    OUTLIER_K: tl.constexpr = 32,
 ):
-    """``BLOCK_N`` output columns of ``x (M <= 16, K) @ W.T``, the weight ``(N, K)`` int8 read once."""
+    """``BLOCK_N`` output columns of ``x (M <= 16, K) @ W.T``: the int8 weight ``(N, K)`` is read once,
+    beside the activation codes of the prepass (the rows padded to 16 for the int8 MMA)."""
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < N
-    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-    factor = _row_factor(scale)
-    any_tiny = tl.max((factor == float("inf")).to(tl.int32), axis=0) > 0
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    q_ptrs = codes_ptr + rows[:, None] * K + ks[None, :]  # (BLOCK_M, BLOCK_K)
     w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * K + ks[:, None]  # (BLOCK_K, BLOCK_N), K contiguous
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     ws = tl.load(ws_ptr + cols, mask=nmask, other=0.0)
-    # The outlier columns' weights, dequantized as the reference does: w * (w_scale / 127).
-    w_dequant = tl.math.div_rn(ws, tl.full(ws.shape, 127.0, tl.float32))[None, :]
+    w_dequant = tl.math.div_rn(ws, tl.full(ws.shape, 127.0, tl.float32))  # the reference's w_scale / 127
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + ks) < K
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0)
-        x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        q = tl.load(q_ptrs, mask=rmask[:, None] & kmask[None, :], other=0)
+        acc = tl.dot(q, w, acc, out_dtype=tl.int32)
         if HAS_FLAGS:
             outlier = tl.load(flags_ptr + k0 + ks, mask=kmask, other=0) == 1
             if tl.max(outlier.to(tl.int32), axis=0) > 0:  # only tiles holding an outlier column pay
-                x_out = tl.where(outlier[None, :], x, 0.0)
-                acc_out = tl.dot(x_out, w.to(tl.float32) * w_dequant, acc_out, input_precision="ieee")
-                x = tl.where(outlier[None, :], 0.0, x)
-        q = _quantize_tile(x, scale, factor, any_tiny)
-        acc = tl.dot(q.to(tl.int8), w, acc, out_dtype=tl.int32)
-        x_ptrs += BLOCK_K * stride_xk
+                acc_out = _outlier_tile(
+                    x_ptr,
+                    flags_ptr,
+                    w_ptr,
+                    acc_out,
+                    w_dequant,
+                    rows,
+                    rmask,
+                    cols,
+                    nmask,
+                    k0,
+                    K,
+                    stride_xm,
+                    stride_xk,
+                    BLOCK_K,
+                    OUTLIER_K,
+                )
+        q_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    out = acc.to(tl.float32) * scale[:, None]
+    out = acc.to(tl.float32) * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
     out = out * (ws * inv_scale_sq)[None, :]
     if HAS_FLAGS:
         out = out + acc_out
@@ -491,11 +561,16 @@ def _linear_small(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, t
     m, k = x2d.shape
     n = w_q.shape[0]
     has_flags = threshold > 0
+    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2d.device)
-    flags = torch.empty(k, dtype=torch.int32, device=x2d.device) if has_flags else scale
+    flags = torch.empty(k, dtype=torch.int32, device=x2d.device) if has_flags else scale  # unread without
+    block_m = triton.next_power_of_2(m)
+    # One program: tiles of up to 8192 elements (32 per thread at 8 warps); M = 1, K <= 8192 is one tile.
+    block_k = 128 if _INTERPRET else min(triton.next_power_of_2(k), 8192 // block_m)
     _prepass_kernel[(1,)](
         x2d,
         flags,
+        codes,
         scale,
         m,
         k,
@@ -503,15 +578,17 @@ def _linear_small(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, t
         x2d.stride(1),
         float(threshold),
         HAS_FLAGS=has_flags,
-        BLOCK_M=SMALL_M,
-        BLOCK_K=128 if _INTERPRET else 512,
-        num_warps=4,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        num_warps=8,
+        enable_fp_fusion=False,
     )
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
     _gemv_kernel[grid](
+        codes,
         x2d,
         flags,
         scale,
