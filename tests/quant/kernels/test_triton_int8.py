@@ -159,8 +159,24 @@ def test_int8_linear_matches_the_reference(triton_device, dtype, m, k, n, thresh
     _assert_like_reference(got.cpu(), ref, exact=threshold <= 0)
 
 
-@pytest.mark.parametrize("m", [3, 20])  # the GEMV path and the GEMM path
-def test_zero_nan_and_tiny_rows(triton_device, m):
+@pytest.mark.parametrize(
+    ("m", "k", "n", "dtype"), [(1, 200, 100, torch.bfloat16), (16, 64, 100, torch.float16)]
+)
+@pytest.mark.parametrize("threshold", [THRESHOLD, 0.0])
+def test_gemv_parallel_prepass_matches_the_reference(triton_device, monkeypatch, m, k, n, dtype, threshold):
+    monkeypatch.setattr(triton_int8, "ONE_PROGRAM_PREPASS", 0)
+    x = _activations(m, k, "cpu", dtype)
+    w_q, w_scale = _weight(n, k, "cpu")
+    got = triton_int8.int8_linear(
+        x.to(triton_device), w_q.to(triton_device), w_scale.to(triton_device), threshold
+    )
+    _assert_like_reference(got.cpu(), int8_linear_reference(x, w_q, w_scale, threshold), exact=threshold <= 0)
+
+
+@pytest.mark.parametrize(("m", "route"), [(3, "one-program"), (3, "parallel"), (20, "gemm")])
+def test_zero_nan_and_tiny_rows(triton_device, monkeypatch, m, route):
+    if route == "parallel":
+        monkeypatch.setattr(triton_int8, "ONE_PROGRAM_PREPASS", 0)
     k, n = 64, 48
     x = _activations(m, k, "cpu")
     x[1] = 0.0

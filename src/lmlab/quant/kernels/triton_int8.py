@@ -15,10 +15,13 @@ the outlier part may differ in float32 summation order.
 
 Two paths:
 
-* **Small M** (``M <= 16``, decoding): no host synchronisation, two launches. One program sweeps
-  ``x`` twice (``_prepass_kernel``; ``M`` is small, and every column's outlier bits are complete in a
-  tile that holds all the rows): the row scales, then the int8 codes ``(M, K)`` with the outlier
-  columns zeroed and the column bits. The GEMV kernel (``_gemv_kernel``, ``BLOCK_N`` output rows of
+* **Small M** (``M <= 16``, decoding): no host synchronisation. When ``x`` is at most two tiles
+  (``M * K <= 16384``: ``M = 1`` up to ``K = 16384``) one program sweeps it twice
+  (``_prepass_kernel``; every column's outlier bits are complete in a tile that holds all the
+  rows): the row scales, then the int8 codes ``(M, K)`` with the outlier columns zeroed and the
+  column bits -- two launches in all. A bigger ``x`` would make that one program's sweep a chain of
+  memory round trips, so the column-bit and row-quantization kernels of the large-M path do it in
+  parallel (one program a row; four launches with the zero fill, still no synchronisation). The GEMV kernel (``_gemv_kernel``, ``BLOCK_N`` output rows of
   ``W`` per program, a loop over ``K``) then only streams the int8 weight once beside the codes into
   an int8 MMA (the rows padded to 16 for ``tl.dot``), exact in int32; in ``K`` tiles holding an
   outlier column (a scalar branch: the others pay nothing) it adds ``x``'s outlier columns times the
@@ -58,6 +61,10 @@ import triton.language as tl
 INT8_SCALE = 127.0
 INV_SCALE_SQ = 1.0 / (INT8_SCALE * INT8_SCALE)  # rounded to float32 at launch, as torch rounds the scalar
 SMALL_M = 16  # at most this many rows: the GEMV path (tl.dot pads the rows to 16)
+# GEMV prepass: tiles of up to PREPASS_TILE elements (32 per thread at 8 warps; no spills on sm_90);
+# up to ONE_PROGRAM_PREPASS elements of x (two tiles a sweep) one program does it all, in one launch.
+PREPASS_TILE = 8192
+ONE_PROGRAM_PREPASS = 2 * PREPASS_TILE
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)  # a setting, not a hardware probe
 
@@ -460,7 +467,7 @@ def _flags(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     """``(K,) int32`` column bits of ``x2d`` (bit 0: some ``|x| >= threshold``; bit 1: a NaN)."""
     m, k = x2d.shape
     flags = torch.zeros(k, dtype=torch.int32, device=x2d.device)
-    block_m, block_k = (64, 64) if _INTERPRET else (64, 128)
+    block_m, block_k = (64, 64) if _INTERPRET else (min(64, max(16, triton.next_power_of_2(m))), 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     _column_flags_kernel[grid](
         x2d, flags, m, k, x2d.stride(0), x2d.stride(1), float(threshold), BLOCK_M=block_m, BLOCK_K=block_k
@@ -468,11 +475,19 @@ def _flags(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     return flags
 
 
-def _quantize(x2d: torch.Tensor, flags: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(
+    x2d: torch.Tensor, flags: torch.Tensor | None, per_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_row``: one program per row, whole rows per tile where they fit (the few rows of a GEMV)."""
     m, k = x2d.shape
     codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2d.device)
-    block_m, block_k = (64, 128) if _INTERPRET else (4, 1024)
+    if _INTERPRET:
+        block_m, block_k, warps = (1 if per_row else 64), 128, 4
+    elif per_row:
+        block_m, block_k, warps = 1, min(triton.next_power_of_2(k), PREPASS_TILE), 8
+    else:
+        block_m, block_k, warps = 4, 1024, 4
     _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
         x2d,
         flags if flags is not None else scale,  # unread without flags
@@ -485,7 +500,7 @@ def _quantize(x2d: torch.Tensor, flags: torch.Tensor | None) -> tuple[torch.Tens
         HAS_FLAGS=flags is not None,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=warps,
         enable_fp_fusion=False,
     )
     return codes, scale
@@ -501,7 +516,8 @@ def quantize_rows(x2d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, to
     m, k = x2d.shape
     if m == 0 or k == 0:
         codes = torch.zeros((m, k), dtype=torch.int8, device=x2d.device)
-        return codes, torch.zeros(m, device=x2d.device), torch.zeros(k, dtype=torch.bool, device=x2d.device)
+        scale = torch.zeros(m, dtype=torch.float32, device=x2d.device)
+        return codes, scale, torch.zeros(k, dtype=torch.bool, device=x2d.device)
     flags = _flags(x2d, threshold) if threshold > 0 else None
     codes, scale = _quantize(x2d, flags)
     outlier = flags == 1 if flags is not None else torch.zeros(k, dtype=torch.bool, device=x2d.device)
@@ -561,28 +577,14 @@ def _linear_small(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, t
     m, k = x2d.shape
     n = w_q.shape[0]
     has_flags = threshold > 0
-    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x2d.device)
-    flags = torch.empty(k, dtype=torch.int32, device=x2d.device) if has_flags else scale  # unread without
-    block_m = triton.next_power_of_2(m)
-    # One program: tiles of up to 8192 elements (32 per thread at 8 warps); M = 1, K <= 8192 is one tile.
-    block_k = 128 if _INTERPRET else min(triton.next_power_of_2(k), 8192 // block_m)
-    _prepass_kernel[(1,)](
-        x2d,
-        flags,
-        codes,
-        scale,
-        m,
-        k,
-        x2d.stride(0),
-        x2d.stride(1),
-        float(threshold),
-        HAS_FLAGS=has_flags,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        num_warps=8,
-        enable_fp_fusion=False,
-    )
+    if m * k <= ONE_PROGRAM_PREPASS:
+        codes, scale, flags = _prepass(x2d, threshold)
+    else:
+        # One program would sweep too many tiles one after the other (each a memory round trip):
+        # the column bits and the codes of every row in parallel instead (two more launches, no sync).
+        flags = _flags(x2d, threshold) if has_flags else None
+        codes, scale = _quantize(x2d, flags, per_row=True)
+        flags = flags if has_flags else scale  # unread without flags
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
@@ -605,6 +607,34 @@ def _linear_small(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, t
         enable_fp_fusion=False,
     )
     return out
+
+
+def _prepass(x2d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and column bits of a few rows from one program (one launch)."""
+    m, k = x2d.shape
+    has_flags = threshold > 0
+    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2d.device)
+    flags = torch.empty(k, dtype=torch.int32, device=x2d.device) if has_flags else scale  # unread without
+    block_m = triton.next_power_of_2(m)
+    block_k = 128 if _INTERPRET else min(triton.next_power_of_2(k), PREPASS_TILE // block_m)
+    _prepass_kernel[(1,)](
+        x2d,
+        flags,
+        codes,
+        scale,
+        m,
+        k,
+        x2d.stride(0),
+        x2d.stride(1),
+        float(threshold),
+        HAS_FLAGS=has_flags,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        num_warps=8,
+        enable_fp_fusion=False,
+    )
+    return codes, scale, flags
 
 
 def _linear_large(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float, out):
