@@ -229,8 +229,19 @@ def _quantize_rows_kernel(
         tl.store(codes_rows + cols[None, :], q.to(tl.int8), mask=mask)
 
 
+def _prune_gemm_configs(configs: list, nargs: dict, **kwargs) -> list:
+    """With the float32 addend the epilogue holds two accumulator-sized tiles: tiles of more than 64
+    accumulator elements per thread spilled there on sm_90 (offline compile), so they are not tried."""
+    if not (kwargs.get("HAS_ADDEND") or nargs.get("HAS_ADDEND")):
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+    return kept or configs
+
+
 @triton.autotune(
-    configs=_configs(_GEMM_TILES, (64, 64, 64)), key=["M_BUCKET", "N", "K", "DEQUANT", "HAS_ADDEND"]
+    configs=_configs(_GEMM_TILES, (64, 64, 64)),
+    key=["M_BUCKET", "N", "K", "DEQUANT", "HAS_ADDEND"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
