@@ -24,7 +24,10 @@ device (or by bitsandbytes) loads on any other, and decodes the nested scales *i
 
   - ``"gemv"`` (M == 1): several output rows per program, a loop over K reading the packed codes
     and the (nested) scales once; each block's dot product is summed *before* it is multiplied by
-    its scale (one multiply per block, not per weight); the dequantized weight never exists.
+    its scale (one multiply per block, not per weight); the dequantized weight never exists. The
+    step is laid out as (rows, blocks, half a block) so that the per-block sums stay inside a thread
+    group, and ``x`` is loaded in that layout (L1 serves the repeats) rather than exchanged through
+    shared memory: compiled offline for sm_90, the loop has no barrier and 8 shuffles, no spills.
   - ``"tiled"`` (any M; the default for 2 <= M <= 16): the codes decoded and scaled in registers
     into the ``tl.dot`` operand tile (tensor cores), again without materialising the weight.
   - ``"dequant"`` (the default for M > 16): :func:`dequantize_4bit` into one temporary of
@@ -280,7 +283,35 @@ def dequantize_4bit(
 # ---------------------------------------------------------------------------------- linear: M == 1
 
 
-@triton.autotune(configs=_configs(BLOCK_N=[8, 16, 32, 4], num_warps=[4, 2, 8]), key=["N", "K", "BS"])
+# (BLOCK_N, BLOCK_K, num_warps). A GEMV is bound by the bytes each SM has in flight: wide K steps keep
+# more loads outstanding per thread, more rows per program more threads; the autotuner picks per shape.
+_GEMV_TILES = [
+    (8, 256, 2),
+    (8, 512, 4),
+    (16, 512, 4),
+    (16, 1024, 8),
+    (4, 1024, 4),
+    (8, 1024, 4),
+    (32, 256, 4),
+    (16, 256, 2),
+]
+
+
+def _gemv_configs() -> list[triton.Config]:
+    tiles = _GEMV_TILES[:1] if INTERPRET else _GEMV_TILES
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in tiles]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """K steps of whole quantization blocks (a block bigger than a step takes the step of one block)."""
+    bs = kwargs.get("BS", named_args.get("BS"))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= bs]
+    return kept or [triton.Config({"BLOCK_N": 8, "BLOCK_K": bs}, num_warps=4)]
+
+
+@triton.autotune(
+    configs=_gemv_configs(), key=["N", "K", "BS"], prune_configs_by={"early_config_prune": _prune_gemv}
+)
 @triton.jit
 def _gemv_4bit_kernel(
     x_ptr,
@@ -296,39 +327,43 @@ def _gemv_4bit_kernel(
     nested_code_ptr,
     NESTED_BS,
     BS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows
     row_ok = rows < N
     x_ptr += tl.program_id(1).to(tl.int64) * K  # one input row per program of axis 1
     out_ptr += tl.program_id(1).to(tl.int64) * N
-    half = tl.arange(0, BLOCK_K // 2)
+    # The step's K range as (blocks, half a block): byte j of block b holds columns 2j, 2j + 1 of it,
+    # so each block's products are summed along the last axis without moving data between threads.
+    STEP: tl.constexpr = BLOCK_K if BLOCK_K >= BS else BS  # whole blocks per step
+    nb = tl.arange(0, STEP // BS)
+    j = tl.arange(0, BS // 2)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     blocks_per_row = K // BS
-    for k0 in range(0, K, BLOCK_K):
-        k_even = k0 + 2 * half  # (BLOCK_K/2,): the high-nibble columns of this step
-        k_ok = k_even < K
-        x_hi = tl.load(x_ptr + k_even, mask=k_ok, other=0.0).to(tl.float32)
-        x_lo = tl.load(x_ptr + k_even + 1, mask=k_ok, other=0.0).to(tl.float32)
-        ok = row_ok[:, None] & k_ok[None, :]
-        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (k_even // 2)[None, :], mask=ok, other=0)
+    for k0 in range(0, K, STEP):
+        kb = k0 // BS + nb  # (NB,) block index within the row
+        kb_ok = kb < blocks_per_row
+        at = kb[:, None] * (BS // 2) + j[None, :]  # (NB, BS/2) byte index within the row
+        ok = row_ok[:, None, None] & kb_ok[None, :, None]
+        # x in the weight tile's own (broadcast) layout: L1 serves the repeats, no exchange via shared memory
+        x_at = 2 * at[None, :, :] + 0 * rows[:, None, None]
+        x_hi = tl.load(x_ptr + x_at, mask=ok, other=0.0).to(tl.float32)
+        x_lo = tl.load(x_ptr + x_at + 1, mask=ok, other=0.0).to(tl.float32)
+        byte = tl.load(packed_ptr + rows[:, None, None] * (K // 2) + at[None, :, :], mask=ok, other=0)
         byte = byte.to(tl.int32)
         w_hi = tl.load(code_ptr + (byte >> 4))
         w_lo = tl.load(code_ptr + (byte & 15))
-        part = w_hi * x_hi[None, :] + w_lo * x_lo[None, :]  # (BLOCK_N, BLOCK_K/2)
         # Sum each quantization block, then scale it once.
-        per_block = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // BS, BS // 2)), axis=2)
-        kb = k0 // BS + tl.arange(0, BLOCK_K // BS)
-        kb_ok = kb < blocks_per_row
-        blk = rows[:, None] * blocks_per_row + kb[None, :]
+        per_block = tl.sum(w_hi * x_hi + w_lo * x_lo, axis=2)  # (BLOCK_N, NB)
         bok = row_ok[:, None] & kb_ok[None, :]
+        blk = rows[:, None] * blocks_per_row + kb[None, :]
         scale = _block_scale(
             absmax_ptr, blk, bok, offset_ptr, nested_absmax_ptr, nested_code_ptr, NESTED_BS, NESTED
         )
-        acc += tl.sum(tl.where(bok, per_block * scale, 0.0), axis=1)
+        acc += tl.sum(per_block * scale, axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -500,7 +535,6 @@ def linear_4bit(
             k,
             *common,
             BS=block_size,
-            BLOCK_K=max(256, block_size),
             NESTED=nested,
             HAS_BIAS=bias is not None,
         )
