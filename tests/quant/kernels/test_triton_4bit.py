@@ -264,8 +264,10 @@ def test_gemv_steps_are_pruned_to_whole_blocks(k, triton_device):
     assert only.kwargs["BLOCK_K"] == 4096
 
 
-@pytest.mark.parametrize("block_size", [512, 1024])
-def test_gemv_with_blocks_longer_than_its_step(k, triton_device, block_size):
+@pytest.mark.parametrize(
+    ("path", "block_size"), [("gemv", 512), ("gemv", 1024), ("tiled", 256), ("tiled", 1024)]
+)
+def test_fused_paths_with_blocks_longer_than_a_step(k, triton_device, path, block_size):
     args, nested, ref = _linear_case(triton_device, 1, 24, 2048, torch.float32, True, block_size=block_size)
-    y = k.linear_4bit(*args, **nested, path="gemv")
+    y = k.linear_4bit(*args, **nested, path=path)
     assert (y.cpu().double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
