@@ -336,7 +336,7 @@ def _signature(jit, spec: Spec, variant: Variant, consts: dict, heuristics: list
 
 
 def _usage(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
-    """``(registers, spill stack bytes)`` per thread, from ``cuobjdump -res-usage``."""
+    """``(registers, stack frame bytes)`` per thread, from ``cuobjdump -res-usage``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -348,6 +348,27 @@ def _usage(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
     if not regs or not stack:
         raise CheckError(f"cuobjdump -res-usage printed no REG / STACK: {text[:200]!r}")
     return max(regs), max(stack)
+
+
+def _spills(ptx: str, ptxas: str) -> int:
+    """Spill-store bytes per thread from ``ptxas -v`` on the kernel's PTX. (A stack frame alone is not
+    a spill: a kernel can keep a few bytes of stack with 0 bytes spilled.)"""
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    if target is None:
+        raise CheckError("the PTX names no .target")
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run(
+            [ptxas, f"-arch={target.group(1)}", "-v", f.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    stores = [int(v) for v in re.findall(r"(\d+) bytes spill stores", out)]
+    if not stores:
+        raise CheckError(f"ptxas -v printed no spill line: {out[:200]!r}")
+    return max(stores)
 
 
 def compile_one(job: Job, arch: int, cuobjdump: str) -> dict:
@@ -374,6 +395,7 @@ def compile_one(job: Job, arch: int, cuobjdump: str) -> dict:
     return {
         "regs": regs,
         "stack": stack,
+        "spill": _spills(ptx, os.path.join(os.path.dirname(cuobjdump), "ptxas")),
         "seconds": seconds,
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
@@ -433,7 +455,8 @@ HEADER = """\
 lmlab Triton compile check for {target}: every kernel lowered to PTX and assembled by the ptxas
 bundled with triton {version}, no GPU needed. Why: the interpreter (TRITON_INTERPRET=1, the CPU tests)
 runs a kernel's Python body but never compiles it, so a kernel can pass every interpreter test and still
-fail to compile, or spill registers (STACK > 0: slow local-memory traffic), on a GPU. mma / wgmma: tensor
+fail to compile, or spill registers (ptxas -v spill stores > 0: slow local-memory traffic; a small stack
+frame alone is not a spill), on a GPU. mma / wgmma: tensor
 core instructions in the PTX. Exit 1 on any failure or spill. Mode: {mode}."""
 
 
@@ -453,8 +476,8 @@ def _tools():
 def _line(job: Job, rec: dict) -> str:
     name = f"{job.spec.module}.{job.spec.name}"
     return (
-        f"{name:36s} {job.variant.label:28s} {job.label:44s} regs {rec['regs']:>3d} spill {rec['stack']:>5d} "
-        f"{rec['seconds']:5.1f}s mma {rec['mma']:>3d} wgmma {rec['wgmma']:>3d}"
+        f"{name:36s} {job.variant.label:28s} {job.label:44s} regs {rec['regs']:>3d} spill {rec['spill']:>5d} "
+        f"stack {rec['stack']:>5d} {rec['seconds']:5.1f}s mma {rec['mma']:>3d} wgmma {rec['wgmma']:>3d}"
     )
 
 
@@ -490,8 +513,8 @@ def run(quick: bool, arch: int, kernel: str | None) -> int:
                 problems.append(f"{where}: compile failed ({type(e).__name__}: {first[:160]})")
                 continue
             print(_line(job, rec), flush=True)
-            if rec["stack"] > 0:
-                problems.append(f"{where}: spills {rec['stack']} bytes per thread")
+            if rec["spill"] > 0:
+                problems.append(f"{where}: spills {rec['spill']} bytes per thread")
     print(f"{count} compiles in {time.perf_counter() - t0:.1f}s")
     if problems:
         print(f"FAIL: {len(problems)} problem(s):")

@@ -151,6 +151,7 @@ def test_auto_picks_a_path_by_rows_and_block_alignment(k, triton_device):
         "dequant",
     ]
     assert k.choose_path(1, 100, 64) == "dequant"  # rows would not start a block
+    assert [k.choose_path(m, 4096, 64, torch.float32) for m in (1, 2)] == ["gemv", "dequant"]
     args, nested, ref = _linear_case(triton_device, 3, 40, 100, torch.float32, False, block_size=32)
     y = k.linear_4bit(*args, **nested)  # 100 % 32 != 0: the dequant path, still right
     assert (y.cpu().double() - ref).abs().max().item() < 1e-4
@@ -252,6 +253,8 @@ def test_tile_configs_are_pruned_by_the_number_of_rows(k, triton_device):
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
     assert len(small) + len(large) == len(configs)
     assert k._prune_tiles(configs[:1], {"M_BUCKET": 1024}) == configs[:1]  # never none left
+    (ieee,) = k._prune_tiles(configs, {"M_BUCKET": 16}, IEEE=True)  # float32 without tf32: the small tile
+    assert (ieee.kwargs["BLOCK_M"], ieee.kwargs["BLOCK_N"], ieee.kwargs["BLOCK_K"]) == k._IEEE_TILE[:3]
 
 
 def test_gemv_steps_are_pruned_to_whole_blocks(k, triton_device):

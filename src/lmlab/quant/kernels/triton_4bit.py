@@ -381,7 +381,7 @@ def _gemv_4bit_kernel(
 _TILES = [
     (16, 64, 128, 4),
     (16, 32, 128, 4),
-    (16, 64, 256, 4),
+    (16, 64, 256, 8),
     (16, 128, 128, 4),
     (16, 32, 256, 4),
     (64, 64, 64, 4),
@@ -395,8 +395,17 @@ def _tile_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in tiles]
 
 
+# float32 operands without tf32 (a forced path: "auto" sends them to "dequant") lower to FMAs, not
+# tensor cores; only this small tile of them fits in registers on sm_90.
+_IEEE_TILE = (16, 16, 64, 4)
+
+
 def _prune_tiles(configs, named_args, **kwargs):
-    """16-row tiles for up to 16 rows, bigger ones beyond (the interpreter's single config stays)."""
+    """16-row tiles for up to 16 rows, bigger ones beyond, the small one for float32 (the
+    interpreter's single config stays)."""
+    if kwargs.get("IEEE"):
+        m, n, k, w = _IEEE_TILE
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)]
     small = named_args["M_BUCKET"] <= 16
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small]
     return kept or configs
@@ -490,11 +499,16 @@ def _tiled_4bit_kernel(
 PATHS = ("auto", "gemv", "tiled", "dequant")
 
 
-def choose_path(m: int, k: int, block_size: int) -> str:
-    """The path ``linear_4bit(path="auto")`` takes for ``m`` rows of ``k`` features."""
+def choose_path(m: int, k: int, block_size: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The path ``linear_4bit(path="auto")`` takes for ``m`` rows of ``k`` features of ``dtype``.
+
+    float32 rows beyond one take ``"dequant"``: a float32 ``tl.dot`` (no tf32) has no tensor-core
+    form, and every tile of it spills registers on sm_90 (``bench/triton_compile_check.py``)."""
     if k % block_size or m > 16:
         return "dequant"
-    return "gemv" if m == 1 else "tiled"
+    if m == 1:
+        return "gemv"
+    return "dequant" if dtype == torch.float32 else "tiled"
 
 
 def linear_4bit(
@@ -520,7 +534,7 @@ def linear_4bit(
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     if path == "auto":
-        path = choose_path(m, k, block_size)
+        path = choose_path(m, k, block_size, x.dtype)
     if path != "dequant" and k % block_size:
         raise ValueError(
             f"linear_4bit: path {path!r} needs in_features ({k}) to be a multiple of {block_size}"

@@ -94,7 +94,7 @@ _GEMM_TILES = [
 ]
 # BLOCK_M is fixed at 16 by the launcher; the configs vary the weight tile (BLOCK_N x BLOCK_K int8).
 _GEMV_TILES = [
-    (16, 16, 512, 4, 4),
+    (16, 16, 512, 8, 4),
     (16, 32, 256, 4, 4),
     (16, 32, 512, 4, 3),
     (16, 64, 256, 4, 4),
