@@ -5,28 +5,39 @@ output shapes (so ``torch.compile`` traces a quantized model as one op per layer
 loop), the plain PyTorch reference as its default implementation (every device, CI), and device
 kernels registered beside it:
 
-==========================  ==========================================  =========================
-op                          default (reference)                         device kernels
-==========================  ==========================================  =========================
-``lmlab::quantize_4bit``    :func:`blockwise.quantize_4bit_reference`   cpu: compiled C, else
-                                                                        chunked torch
-``lmlab::dequantize_4bit``  :func:`blockwise.dequantize_4bit_reference` cpu (same)
-``lmlab::dequantize_4bit_out``  the same, written into ``out``          cpu (same)
-``lmlab::linear_4bit``      ``x @ dequantize_4bit(W).T + b``, with the  (its dequantize_4bit
-                            input gradient (QLoRA trains through it)    dispatches)
-``lmlab::int8_mm``          :func:`int8.int_mm_reference` (float64)     cpu: exact float32 GEMM
-                                                                        (or ``_int_mm``); cuda:
-                                                                        ``torch._int_mm``
-``lmlab::int8_linear``      :func:`int8.int8_linear_reference`, with    cpu: fused, float32 codes
-                            the input gradient                          (bit-identical); cuda: its
-                                                                        int8_mm dispatches
-==========================  ==========================================  =========================
+==============================  ======================================  ===========================
+op                              default (reference)                     device kernels
+==============================  ======================================  ===========================
+``lmlab::quantize_4bit``        :func:`blockwise.quantize_4bit_         cpu: compiled C, else
+                                reference`                              chunked torch; cuda: Triton
+``lmlab::quantize_blockwise_    :func:`blockwise.quantize_blockwise_    cuda: Triton
+8bit`` (double quantization)    8bit`
+``lmlab::dequantize_4bit``      :func:`blockwise.dequantize_4bit_       cpu (as above); cuda: Triton
+                                reference`
+``lmlab::dequantize_4bit_out``  the same, written into ``out``          cpu, cuda (the same)
+``lmlab::linear_4bit``          ``x @ dequantize_4bit(W).T + b``, with  cpu: its dequantize_4bit
+                                the input gradient (QLoRA trains        dispatches; cuda: Triton
+                                through it)                             (fused GEMV / tiles)
+``lmlab::int8_mm``              :func:`int8.int_mm_reference`           cpu: exact float32 GEMM
+                                (float64)                               (or ``_int_mm``); cuda:
+                                                                        Triton (``_int_mm``
+                                                                        without triton)
+``lmlab::int8_linear``          :func:`int8.int8_linear_reference`,     cpu: fused, float32 codes
+                                with the input gradient                 (bit-identical); cuda:
+                                                                        Triton
+==============================  ======================================  ===========================
 
-A CUDA / Triton kernel for an op is a function in :mod:`lmlab.quant.kernels.cuda` and one
-``_register_kernel(op, "cuda", fn)`` line below (which also makes ``impl="fast"`` apply there). The public verbs (:mod:`lmlab.quant.functional`,
-:mod:`lmlab.quant.modules`) validate their arguments and call these ops; with ``impl="reference"``
-they call the reference functions directly instead. Importing this module defines the ops; it
-probes no hardware.
+The decoding ops (``dequantize_4bit``, ``dequantize_4bit_out``, ``linear_4bit``) take the block scales
+as stored: ``absmax`` (blocks,) float32, or for double quantization its uint8 codes with ``offset``,
+``nested_absmax``, ``nested_code`` and ``nested_block_size``, which the Triton kernels decode inside
+and the CPU kernels (which take plain scales) decode in torch first.
+
+A CUDA kernel for an op is a function in :mod:`lmlab.quant.kernels.cuda` (it imports its Triton module
+on first use, and falls back to the reference without triton) and one ``_register_kernel(op, "cuda",
+fn)`` line below (which also makes ``impl="fast"`` apply there, where triton is installed). The public
+verbs (:mod:`lmlab.quant.functional`, :mod:`lmlab.quant.modules`) validate their arguments and call these
+ops; with ``impl="reference"`` they call the reference functions directly instead. Importing this module
+defines the ops; it probes no hardware and imports no triton.
 """
 
 from __future__ import annotations
