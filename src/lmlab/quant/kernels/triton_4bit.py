@@ -68,28 +68,12 @@ from lmlab.quant.formats import NESTED_BLOCK_SIZE
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
 
 @functools.cache
 def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(code (16,) f32, midpoints (15,) f32 sorted, order (16,) int32)`` on ``device``, cached."""
     midpoints, order, _ = _sorted_tables(quant_type, device)
     return codebook(quant_type, device).float().contiguous(), midpoints.contiguous(), order.to(torch.int32)
-
-
-def _configs(**choices: list) -> list[triton.Config]:
-    """Every combination of ``choices`` (``num_warps`` included) on a GPU; the first under the interpreter."""
-    keys = list(choices)
-    combos = [{}]
-    for key in keys:
-        combos = [{**c, key: v} for c in combos for v in choices[key]]
-    if INTERPRET:
-        combos = combos[:1]
-    return [
-        triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c.get("num_warps", 4))
-        for c in combos
-    ]
 
 
 # ---------------------------------------------------------------------------------- scales
@@ -314,7 +298,10 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=_gemv_configs(), key=["N", "K", "BS"], prune_configs_by={"early_config_prune": _prune_gemv}
+    configs=_gemv_configs(),
+    key=["N", "K", "BS"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
+    cache_results=True,  # the choice per shape persists in Triton's cache: tuned once per machine
 )
 @triton.jit
 def _gemv_4bit_kernel(
@@ -415,6 +402,7 @@ def _prune_tiles(configs, named_args, **kwargs):
     configs=_tile_configs(),
     key=["M_BUCKET", "N", "K", "BS"],
     prune_configs_by={"early_config_prune": _prune_tiles},
+    cache_results=True,
 )
 @triton.jit
 def _tiled_4bit_kernel(

@@ -242,6 +242,7 @@ def _prune_gemm_configs(configs: list, nargs: dict, **kwargs) -> list:
     configs=_configs(_GEMM_TILES, (64, 64, 64)),
     key=["M_BUCKET", "N", "K", "DEQUANT", "HAS_ADDEND"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    cache_results=True,  # the choice per shape persists in Triton's cache: tuned once per machine
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -396,7 +397,9 @@ def _outlier_tile(
     return acc
 
 
-@triton.autotune(configs=_configs(_GEMV_TILES, (16, 64, 128)), key=["N", "K", "HAS_FLAGS"])
+@triton.autotune(
+    configs=_configs(_GEMV_TILES, (16, 64, 128)), key=["N", "K", "HAS_FLAGS"], cache_results=True
+)
 @triton.jit
 def _gemv_kernel(
     codes_ptr,
