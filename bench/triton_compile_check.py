@@ -174,6 +174,7 @@ SPECS = (
             Variant("fp32 bs64", {"w_ptr": "*fp32"}, {"BS": 64, "ROWS": 32}),
         ),
         (Launch({}),),
+        fp_fusion=False,
     ),
     Spec(
         "triton_4bit",
@@ -202,6 +203,7 @@ SPECS = (
         "_column_flags_kernel",
         (Variant("bf16"), Variant("fp16", _x("*fp16")), Variant("fp32", _x("*fp32"))),
         (Launch({"BLOCK_M": 64, "BLOCK_K": 128}), Launch({"BLOCK_M": 16, "BLOCK_K": 128})),
+        fp_fusion=False,
     ),
     Spec(
         "triton_int8",
@@ -350,6 +352,16 @@ def _usage(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
     return max(regs), max(stack)
 
 
+def _ptxas(arch: int, cuobjdump: str) -> str:
+    """The ptxas Triton itself assembles ``sm_<arch>`` with (Triton 3.9 picks ``ptxas-blackwell`` for
+    sm_90 and newer, whose PTX the legacy ``ptxas`` rejects); the bundled ``ptxas`` before that."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return os.path.join(os.path.dirname(cuobjdump), "ptxas")
+    return get_ptxas(arch).path
+
+
 def _spills(ptx: str, ptxas: str) -> int:
     """Spill-store bytes per thread from ``ptxas -v`` on the kernel's PTX. (A stack frame alone is not
     a spill: a kernel can keep a few bytes of stack with 0 bytes spilled.)"""
@@ -395,7 +407,7 @@ def compile_one(job: Job, arch: int, cuobjdump: str) -> dict:
     return {
         "regs": regs,
         "stack": stack,
-        "spill": _spills(ptx, os.path.join(os.path.dirname(cuobjdump), "ptxas")),
+        "spill": _spills(ptx, _ptxas(arch, cuobjdump)),
         "seconds": seconds,
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),

@@ -274,3 +274,27 @@ def test_fused_paths_with_blocks_longer_than_a_step(k, triton_device, path, bloc
     args, nested, ref = _linear_case(triton_device, 1, 24, 2048, torch.float32, True, block_size=block_size)
     y = k.linear_4bit(*args, **nested, path=path)
     assert (y.cpu().double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+def test_every_launch_says_whether_it_fuses_multiply_adds():
+    """Triton 3.9 warns on a launch that leaves ``enable_fp_fusion`` to the default (which changes in
+    3.10), and the bit-exact kernels must not fuse: every launch in both modules passes it."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    for name in ("triton_4bit", "triton_int8"):
+        source = Path(importlib.util.find_spec(f"lmlab.quant.kernels.{name}").origin).read_text()
+        launches = [
+            node
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Subscript)
+            and getattr(node.func.value, "id", "").endswith("_kernel")
+        ]
+        assert launches, name
+        for call in launches:
+            keywords = {k.arg for k in call.keywords}
+            assert "enable_fp_fusion" in keywords, (
+                f"{name}: {call.func.value.id} launched at line {call.lineno}"
+            )

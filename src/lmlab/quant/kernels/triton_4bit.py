@@ -45,7 +45,8 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the tests do s
 then has a single configuration, since choosing among several needs a driver. Rounding to nearest
 even without libdevice (which the interpreter lacks): ``(v + 1.5 * 2**23) - 1.5 * 2**23``. Launches
 pass ``enable_fp_fusion=False`` wherever a product is followed by a sum that must round as torch's
-separate operations do.
+separate operations do, and ``True`` for the matmuls (every launch says which: Triton 3.9 warns when
+a launch leaves it to the default, which changes in 3.10).
 
 Speed goals and their measurement: ``bench/gpu_quant.py`` (GPU only). Importing this module imports
 triton and defines the kernels; it probes no device.
@@ -157,7 +158,17 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[to
     rows = max(1, 2048 // block_size)
     grid = (triton.cdiv(n_blocks, rows),)
     _quantize_4bit_kernel[grid](
-        flat, packed, absmax, midpoints, order, n, n_blocks, ROWS=rows, BS=block_size, num_warps=4
+        flat,
+        packed,
+        absmax,
+        midpoints,
+        order,
+        n,
+        n_blocks,
+        ROWS=rows,
+        BS=block_size,
+        num_warps=4,
+        enable_fp_fusion=False,
     )
     return packed, absmax
 
@@ -562,6 +573,7 @@ def linear_4bit(
             BS=block_size,
             NESTED=nested,
             HAS_BIAS=bias is not None,
+            enable_fp_fusion=True,  # multiply-adds fused: a product, not a bit-exact decode
         )
     else:
         bucket = 16 if m <= 16 else (128 if m <= 128 else 1024)
@@ -584,5 +596,6 @@ def linear_4bit(
             HAS_BIAS=bias is not None,
             IEEE=x.dtype == torch.float32,
             UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+            enable_fp_fusion=True,
         )
     return out.reshape(*lead, n_out)

@@ -484,7 +484,16 @@ def _flags(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     block_m, block_k = (64, 64) if _INTERPRET else (min(64, max(16, triton.next_power_of_2(m))), 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     _column_flags_kernel[grid](
-        x2d, flags, m, k, x2d.stride(0), x2d.stride(1), float(threshold), BLOCK_M=block_m, BLOCK_K=block_k
+        x2d,
+        flags,
+        m,
+        k,
+        x2d.stride(0),
+        x2d.stride(1),
+        float(threshold),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        enable_fp_fusion=False,
     )
     return flags
 
