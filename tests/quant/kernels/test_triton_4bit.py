@@ -130,7 +130,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 @pytest.mark.parametrize(
-    ("path", "m"), [("gemv", 1), ("gemv", 3), ("tiled", 1), ("tiled", 5), ("tiled", 16), ("dequant", 20)]
+    ("path", "m"), [("gemv", 1), ("tiled", 1), ("tiled", 5), ("tiled", 16), ("dequant", 20)]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -140,6 +140,12 @@ def test_every_linear_path_matches_the_dequantized_product(k, triton_device, pat
     assert y.shape == (m, 96) and y.dtype == dtype
     scale = ref.abs().max().item()
     assert (y.cpu().double() - ref).abs().max().item() <= TOL[dtype] * scale
+
+
+def test_a_forced_gemv_takes_one_input_row_per_program(k, triton_device):
+    args, nested, ref = _linear_case(triton_device, 3, 40, 256, torch.float32, True)
+    y = k.linear_4bit(*args, **nested, path="gemv")
+    assert (y.cpu().double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
 def test_auto_picks_a_path_by_rows_and_block_alignment(k, triton_device):
