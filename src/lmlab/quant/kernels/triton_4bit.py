@@ -28,22 +28,24 @@ device (or by bitsandbytes) loads on any other, and decodes the nested scales *i
     step is laid out as (rows, blocks, half a block) so that the per-block sums stay inside a thread
     group, and ``x`` is loaded in that layout (L1 serves the repeats) rather than exchanged through
     shared memory: compiled offline for sm_90, the loop has no barrier and 8 shuffles, no spills.
-  - ``"tiled"`` (any M; the default for 2 <= M <= 16): the codes decoded and scaled in registers
+  - ``"tiled"`` (any M; the default for 2 <= M <= 16 in bf16 / fp16, float32 taking ``"dequant"``,
+    which has a tensor-core GEMM where a float32 ``tl.dot`` has none): the codes decoded and scaled in registers
     into ``tl.dot`` operand tiles (tensor cores), again without materialising the weight. The high
     and low nibbles stay two tiles that meet ``x``'s even and odd columns (two products of half the
     depth) instead of being interleaved, and each (row, block) scale is loaded once per step: the
     offline sm_90 compile of every configuration then has no spills (interleaving and per-element
     scales spilled 100-3300 bytes a thread).
   - ``"dequant"`` (the default for M > 16): :func:`dequantize_4bit` into one temporary of
-    ``x.dtype`` and cuBLAS through ``F.linear`` — at M = 4096 the product is compute-bound, the
-    extra write and read of the weight are ~6% of the GEMM, and cuBLAS is faster than a Triton GEMM.
+    ``x.dtype`` and cuBLAS through ``F.linear``: at M = 4096 the product is compute-bound and the
+    extra write and read of the weight come to ~6% of the GEMM by the byte count. That is a choice by
+    reasoning, not yet by measurement: ``bench/gpu_quant.py`` times ``path="tiled"`` beside it.
 
   The gemv and tiled paths need ``K`` to be a multiple of ``block_size`` (every row starts a new
   block, as for every transformer shape); otherwise ``"auto"`` takes ``"dequant"``.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the tests do so in CI); autotuning
-then has a single configuration, since choosing among several needs a driver. Rounding to nearest
-even without libdevice (which the interpreter lacks): ``(v + 1.5 * 2**23) - 1.5 * 2**23``. Launches
+then has a single configuration, since choosing among several needs a driver, and bfloat16 ``tl.dot``
+operands are multiplied as the same values in float32 (the interpreter's bfloat16 product is wrong). Launches
 pass ``enable_fp_fusion=False`` wherever a product is followed by a sum that must round as torch's
 separate operations do, and ``True`` for the matmuls (every launch says which: Triton 3.9 warns when
 a launch leaves it to the default, which changes in 3.10).
