@@ -169,3 +169,21 @@ def decode_scales(
     if nested_absmax is None:
         return absmax.float()
     return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_block_size) + offset.float()
+
+
+def dequantize_4bit_stored(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    block_size: int,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+    offset: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit_reference` from the scales as stored (double-quantized ones decoded
+    first): the reference body of the decoding ops, on every device."""
+    scales = decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
+    return dequantize_4bit_reference(packed, scales, quant_type, block_size, tuple(shape), dtype)

@@ -117,8 +117,18 @@ def dequantize_4bit(
     nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> torch.Tensor:
     """``packed`` codes and their block scales -> a ``shape`` tensor of ``dtype``."""
-    scales = blockwise.decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
-    return blockwise.dequantize_4bit_reference(packed, scales, quant_type, block_size, tuple(shape), dtype)
+    return blockwise.dequantize_4bit_stored(
+        packed,
+        absmax,
+        quant_type,
+        block_size,
+        shape,
+        dtype,
+        offset,
+        nested_absmax,
+        nested_code,
+        nested_block_size,
+    )
 
 
 @dequantize_4bit.register_fake
@@ -150,9 +160,11 @@ def dequantize_4bit_out(
     nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> None:
     """:func:`dequantize_4bit` written into ``out`` (contiguous; its shape and dtype say what to decode)."""
-    scales = blockwise.decode_scales(absmax, offset, nested_absmax, nested_code, nested_block_size)
+    nested = (offset, nested_absmax, nested_code, nested_block_size)
     out.copy_(
-        blockwise.dequantize_4bit_reference(packed, scales, quant_type, block_size, out.shape, out.dtype)
+        blockwise.dequantize_4bit_stored(
+            packed, absmax, quant_type, block_size, out.shape, out.dtype, *nested
+        )
     )
 
 

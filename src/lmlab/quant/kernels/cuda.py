@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 
 from lmlab.quant import blockwise
+from lmlab.quant.formats import NESTED_BLOCK_SIZE
 from lmlab.quant.int8 import int8_linear_reference, int_mm_reference
 
 
@@ -46,6 +47,16 @@ def kernel_available(op: str) -> bool:
     if op == "int8_mm":
         return True  # torch._int_mm at least
     return (triton_int8() if op.startswith("int8") else triton_4bit()) is not None
+
+
+def _nested(offset, nested_absmax, nested_code, nested_block_size) -> dict:
+    """The double-quantization arguments, by name (the Triton launchers take them as keywords)."""
+    return {
+        "offset": offset,
+        "nested_absmax": nested_absmax,
+        "nested_code": nested_code,
+        "nested_block_size": nested_block_size,
+    }
 
 
 def quantize_4bit(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,18 +85,15 @@ def dequantize_4bit(
     offset: torch.Tensor | None = None,
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
-    nested_block_size: int = 256,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> torch.Tensor:
-    nested = {"offset": offset, "nested_absmax": nested_absmax, "nested_code": nested_code}
+    nested = _nested(offset, nested_absmax, nested_code, nested_block_size)
     k = triton_4bit()
     if k is None:
-        absmax = blockwise.decode_scales(absmax, nested_block_size=nested_block_size, **nested)
-        return blockwise.dequantize_4bit_reference(
-            packed, absmax, quant_type, block_size, tuple(shape), dtype
+        return blockwise.dequantize_4bit_stored(
+            packed, absmax, quant_type, block_size, shape, dtype, **nested
         )
-    return k.dequantize_4bit(
-        packed, absmax, quant_type, block_size, shape, dtype, nested_block_size=nested_block_size, **nested
-    )
+    return k.dequantize_4bit(packed, absmax, quant_type, block_size, shape, dtype, **nested)
 
 
 def dequantize_4bit_out(
@@ -97,28 +105,18 @@ def dequantize_4bit_out(
     offset: torch.Tensor | None = None,
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
-    nested_block_size: int = 256,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> None:
-    nested = {"offset": offset, "nested_absmax": nested_absmax, "nested_code": nested_code}
+    nested = _nested(offset, nested_absmax, nested_code, nested_block_size)
     k = triton_4bit()
     if k is None:
-        absmax = blockwise.decode_scales(absmax, nested_block_size=nested_block_size, **nested)
-        ref = blockwise.dequantize_4bit_reference(
-            packed, absmax, quant_type, block_size, out.shape, out.dtype
+        out.copy_(
+            blockwise.dequantize_4bit_stored(
+                packed, absmax, quant_type, block_size, out.shape, out.dtype, **nested
+            )
         )
-        out.copy_(ref)
-        return
-    k.dequantize_4bit(
-        packed,
-        absmax,
-        quant_type,
-        block_size,
-        out.shape,
-        out.dtype,
-        nested_block_size=nested_block_size,
-        out=out,
-        **nested,
-    )
+    else:
+        k.dequantize_4bit(packed, absmax, quant_type, block_size, out.shape, out.dtype, **nested, out=out)
 
 
 def linear_4bit(
@@ -132,16 +130,14 @@ def linear_4bit(
     offset: torch.Tensor | None = None,
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
-    nested_block_size: int = 256,
+    nested_block_size: int = NESTED_BLOCK_SIZE,
 ) -> torch.Tensor:
-    nested = {"offset": offset, "nested_absmax": nested_absmax, "nested_code": nested_code}
+    nested = _nested(offset, nested_absmax, nested_code, nested_block_size)
     k = triton_4bit()
     if k is None:
-        w = dequantize_4bit(packed, absmax, quant_type, block_size, shape, x.dtype, **nested)
+        w = blockwise.dequantize_4bit_stored(packed, absmax, quant_type, block_size, shape, x.dtype, **nested)
         return torch.nn.functional.linear(x, w, bias)
-    return k.linear_4bit(
-        x, packed, absmax, quant_type, block_size, shape, bias, nested_block_size=nested_block_size, **nested
-    )
+    return k.linear_4bit(x, packed, absmax, quant_type, block_size, shape, bias, **nested)
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
