@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from lmlab_cli_harness import assert_one_line_error, run_lmlab
+from lmlab_cli_harness import assert_one_line_error, run_lmlab, run_lmlab_here
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +51,12 @@ def test_quickstart_trains_quantizes_and_summarises(tmp_path):
     # A second quickstart on the same directory refuses rather than replace the run.
     again = run_lmlab(args)
     assert_one_line_error(again, "already holds a run", "--fresh")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--steps", "-1"), ("--batch-size", "0"), ("--seq-len", "0")])
+def test_a_bad_number_is_refused_before_prepare(tmp_path, flag, value):
+    out = tmp_path / "qs"
+    r = run_lmlab_here(["quickstart", "--out", str(out), flag, value, "--no-progress"])
+    assert_one_line_error(r, flag, "must be positive")
+    assert "[1/4] prepare" not in r.stdout  # no corpus prepared, no cache written for a typo
+    assert not out.exists()

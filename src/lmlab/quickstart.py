@@ -19,6 +19,7 @@ Every stage is a library call that a user can make on their own (``lmlab.data.pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -104,20 +105,9 @@ def _run(args: argparse.Namespace) -> int:
 
     check_output_dir(out, "run", inputs=[args.data] if args.data else [])
 
-    _say("[1/4] prepare: corpus -> tokenizer -> token shards")
-    if args.data:
-        data = Path(args.data)
-        meta = load_meta(data)
-    else:
-        data = ensure_default_data(progress=progress, cache=env_cache_dir())
-        meta = load_meta(data)
-    _say(
-        f"      {data}: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens, "
-        f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']['type']})"
-    )
-
+    # Every number is checked (PretrainConfig validates on construction) before prepare runs.
     cfg = PretrainConfig(
-        data=[str(data)],
+        data=[args.data or "default corpus"],  # the prepared directory is filled in below
         out=str(out),
         objective=DEFAULTS["objective"],
         model=DEFAULTS["model"],
@@ -133,6 +123,19 @@ def _run(args: argparse.Namespace) -> int:
         device="cpu" if not torch.cuda.is_available() else None,
         onednn=runtime.current_onednn_policy(),
     )
+    _say("[1/4] prepare: corpus -> tokenizer -> token shards")
+    if args.data:
+        data = Path(args.data)
+        meta = load_meta(data)
+    else:
+        data = ensure_default_data(progress=progress, cache=env_cache_dir())
+        meta = load_meta(data)
+    _say(
+        f"      {data}: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens, "
+        f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']['type']})"
+    )
+
+    cfg = dataclasses.replace(cfg, data=[str(data)])
     initial = build_model(cfg.model, meta["vocab_size"], meta["special_ids"], seed=cfg.seed)
     n_params = sum(p.numel() for p in initial.parameters())
     # Every model is scored on the same validation rows and the same corruptions (seed 1234).
